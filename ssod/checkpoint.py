@@ -1,0 +1,129 @@
+"""Atomic checkpoints: the newest *complete* checkpoint always wins.
+
+A checkpoint is one file ``<dir>/step-00001234.pt`` holding only tensors, numbers,
+strings and containers of them, loaded back with ``torch.load(weights_only=True)`` so a
+checkpoint can never run code. It is written to a hidden temp file in the same
+directory, flushed and fsync'ed, then renamed into place (atomic on POSIX); a process
+killed mid-write leaves only a temp file, which is ignored and cleaned up. Older
+checkpoints are deleted only after the new one is complete. A full disk is a clear error
+and the previous checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which file and why."""
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``directory`` as (step, path), oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step``; keep the newest ``keep``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, step)
+    temp = directory / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        with open(temp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+        _fsync_dir(directory)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        previous = list_checkpoints(directory)
+        kept = previous[-1][1] if previous else "none"
+        reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}; last complete checkpoint: {kept}") from error
+    for _, old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    for stale in directory.glob(".step-*.tmp-*"):
+        if stale != temp:
+            stale.unlink(missing_ok=True)
+    return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) onto the CPU."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
+
+
+def find_resume_checkpoint(resume: Optional[str], directory: Path) -> Optional[Path]:
+    """``resume``: None/'' (start fresh), 'auto' (newest complete checkpoint, if any) or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(directory)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"train.resume={resume}: no complete checkpoint in that directory")
+        return found[-1][1]
+    if not path.is_file():
+        raise CheckpointError(f"train.resume={resume}: no such checkpoint file")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in a form ``weights_only`` loading accepts."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,205 @@
+"""Typed configuration: dataclass schemas registered with Hydra's ConfigStore.
+
+The YAML groups under ``conf/`` (``data/``, ``model/``, ``method/``, ``train/``,
+``tracking/``, ``tune/``, ``experiment/``) fill these schemas; a key that is not in a
+schema, or a value of the wrong type, fails when the config is composed.
+
+``compose(overrides)`` gives the same config ``ssod.train`` gets from the command line;
+tests and ``ssod.tune`` use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class SyntheticConfig:
+    """Recipe of the built-in synthetic dataset (see ``ssod.data.synthetic``)."""
+
+    seed: int = 0
+    num_train: int = 1200
+    num_val: int = 200
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split and loaded.
+
+    ``name: synthetic`` generates the built-in dataset into ``cache_dir`` and splits its
+    train set at ``fold``/``percent``. ``name: coco`` reads the json files given here;
+    ``unlabeled_json`` may be empty for a supervised run. Relative paths are taken from
+    the project directory (where the command was started).
+    """
+
+    name: str = "synthetic"
+    train_json: str = ""
+    train_images: str = ""
+    unlabeled_json: str = ""
+    unlabeled_images: str = ""
+    val_json: str = ""
+    val_images: str = ""
+    percent: float = 10.0
+    fold: int = 1
+    split_seed: int = 0
+    split_reference_offset: Optional[int] = None
+    cache_dir: Optional[str] = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    keep_images_without_annotations: bool = True
+    train_min_sizes: list[int] = field(default_factory=lambda: [400, 1200])
+    train_max_size: int = 1333
+    test_size: int = 800
+    test_max_size: int = 1333
+    num_workers: int = 2
+    max_bad_image_fraction: float = 0.01
+    val_max_images: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    """torchvision Faster R-CNN (see ``ssod.models.detector.build_detector``)."""
+
+    arch: str = "resnet50_fpn"
+    weights_backbone: Optional[str] = None
+    trainable_backbone_layers: int = 3
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 1000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+
+
+@dataclass
+class MethodConfig:
+    """The training method and its reference hyper-parameters (METHOD.md)."""
+
+    name: str = "supervised"
+    unsup_weight: float = 0.0
+    ema_momentum: float = 0.999
+    ema_include_buffers: bool = False
+    ema_freeze_after_first_lr_step: bool = False
+    pseudo_label_initial_score_thr: float = 0.5
+    rpn_pseudo_threshold: float = 0.5
+    cls_pseudo_threshold: float = 0.5
+    background_weighting: bool = True
+    reg_uncertainty_thr: Optional[float] = None
+    reg_jitter_times: int = 10
+    reg_jitter_scale: float = 0.06
+    polish: bool = False
+    rf_cls_thr: float = 0.9
+    det_score_thr: float = 0.9
+    rf_vote_frac: float = 0.06
+    reg_samples: int = 150
+    reg_scale: float = 0.2
+    cls_samples: list[int] = field(default_factory=lambda: [50, 50])
+    cls_scales: list[float] = field(default_factory=lambda: [0.06, 0.2])
+    cls_pos_iou: float = 0.7
+    polish_box_weight: float = 1.0
+    polish_cls_weight: float = 1.0
+    polish_ema_momentum: float = 0.99
+    polish_ema_warmup: int = 100
+
+
+@dataclass
+class TrainConfig:
+    """Iteration-based schedule, batching, intervals and checkpointing."""
+
+    iterations: int = 180000
+    batch_labeled: int = 1
+    batch_unlabeled: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    lr_steps: list[int] = field(default_factory=lambda: [120000, 160000])
+    lr_gamma: float = 0.1
+    mixed_precision: str = "no"
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 4000
+    ckpt_every: int = 4000
+    keep_checkpoints: int = 2
+    output_dir: str = "outputs/${train.run_name}"
+    run_name: str = "${method.name}-${data.name}"
+    resume: Optional[str] = None
+    max_consecutive_nonfinite: int = 5
+    num_vis_images: int = 4
+    cpu: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. ``uri`` empty means ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<project>/mlflow.db``."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "ssod"
+    parent_run_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    log_checkpoint_artifact: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    method: MethodConfig = MISSING
+    train: TrainConfig = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: Any = None
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML files can name them in their defaults lists."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    store.store(group="data", name="data_schema", node=DataConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="method", name="method_schema", node=MethodConfig)
+    store.store(group="train", name="train_schema", node=TrainConfig)
+
+
+register_configs()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, outside ``@hydra.main``.
+
+    Example: ``compose(["experiment=synthetic", "train.iterations=10"])``.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"train.lr": 0.01, ...}`` with interpolations resolved."""
+    node = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,122 @@
+"""Build the labeled, unlabeled and validation datasets from the data config.
+
+``build_data(cfg.data, project_dir)`` is the only place that reads the data config. It
+resolves the files (generating the synthetic dataset, or the fold@percent split files,
+on first use), checks that every split shares one category map, and wraps each split
+with its view:
+
+- labeled items: ``(image [3,H,W], target in view pixels, matrix [3,3])``
+- unlabeled items: ``(weak View, strong View, hidden target in original pixels)``; the
+  hidden target is read only to measure pseudo-label quality, never to train
+- validation items: ``(image [3,H,W], matrix [3,3])``
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ssod.config import DataConfig
+from ssod.data.coco import CategoryMap, CocoDetection, load_split
+from ssod.data.splits import make_split, split_paths
+from ssod.data.synthetic import SyntheticRecipe, default_cache_dir, ensure_synthetic
+from ssod.data.transforms import EvalTransform, LabeledTransform, WeakStrongTransform
+
+
+class LabeledView:
+    def __init__(self, transform: LabeledTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, image, target, generator):
+        return self.transform(image, target, generator)
+
+
+class UnlabeledView:
+    def __init__(self, transform: WeakStrongTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, image, target, generator):
+        weak, strong = self.transform(image, generator)
+        return weak, strong, target
+
+
+class EvalView:
+    def __init__(self, transform: EvalTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, image, target, generator):
+        view, _, matrix = self.transform(image)
+        return view, matrix
+
+
+@dataclass
+class DataFiles:
+    """Resolved annotation files and image directories (``unlabeled_json`` may be None)."""
+
+    train_json: Path
+    train_images: Path
+    unlabeled_json: Optional[Path]
+    unlabeled_images: Optional[Path]
+    val_json: Path
+    val_images: Path
+
+
+@dataclass
+class DataBundle:
+    files: DataFiles
+    category_map: CategoryMap
+    labeled: CocoDetection
+    unlabeled: Optional[CocoDetection]
+    val: CocoDetection
+
+
+def _absolute(path: str, project_dir: Path) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else (project_dir / candidate)
+
+
+def resolve_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
+    """Turn the data config into concrete files, generating what is missing."""
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if cfg.name == "synthetic":
+        recipe = SyntheticRecipe(seed=cfg.synthetic.seed, num_train=cfg.synthetic.num_train, num_val=cfg.synthetic.num_val)
+        paths = ensure_synthetic(cache / "synthetic", recipe)
+        source, source_images = paths.train_json, paths.train_images
+        val_json, val_images = paths.val_json, paths.val_images
+        split_dir = paths.root / "splits"
+    else:
+        if not cfg.train_json:
+            raise ValueError("data.train_json is required for a COCO-format dataset")
+        source = _absolute(cfg.train_json, project_dir)
+        source_images = _absolute(cfg.train_images, project_dir)
+        val_json, val_images = _absolute(cfg.val_json, project_dir), _absolute(cfg.val_images, project_dir)
+        split_dir = cache / "splits" / hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
+        if cfg.unlabeled_json:
+            unlabeled_images = _absolute(cfg.unlabeled_images or cfg.train_images, project_dir)
+            return DataFiles(source, source_images, _absolute(cfg.unlabeled_json, project_dir), unlabeled_images, val_json, val_images)
+    if cfg.percent >= 100:
+        return DataFiles(source, source_images, None, None, val_json, val_images)
+    labeled, unlabeled = split_paths(source, split_dir, cfg.fold, cfg.percent)
+    if not (labeled.is_file() and unlabeled.is_file()):
+        make_split(source, split_dir, cfg.fold, cfg.percent, cfg.split_seed, cfg.split_reference_offset)
+    return DataFiles(labeled, source_images, unlabeled, source_images, val_json, val_images)
+
+
+def build_data(cfg: DataConfig, project_dir: Path, need_unlabeled: bool) -> DataBundle:
+    """Datasets for training (labeled, unlabeled if ``need_unlabeled``) and validation."""
+    files = resolve_files(cfg, project_dir)
+    labeled_view = LabeledView(LabeledTransform(cfg.train_min_sizes, cfg.train_max_size))
+    labeled = load_split(files.train_json, files.train_images, None, labeled_view, cfg.keep_images_without_annotations)
+    category_map = labeled.category_map
+    unlabeled = None
+    if need_unlabeled:
+        if files.unlabeled_json is None:
+            raise ValueError("this method needs unlabeled images: set data.percent < 100 or data.unlabeled_json")
+        weak_strong = UnlabeledView(WeakStrongTransform(cfg.train_min_sizes, cfg.train_max_size))
+        unlabeled = load_split(files.unlabeled_json, files.unlabeled_images, category_map, weak_strong)
+    val = load_split(files.val_json, files.val_images, category_map, EvalView(EvalTransform(cfg.test_size, cfg.test_max_size)))
+    if cfg.val_max_images is not None:
+        val.image_ids = val.image_ids[: cfg.val_max_images]
+    return DataBundle(files, category_map, labeled, unlabeled, val)

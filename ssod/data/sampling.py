@@ -1,0 +1,95 @@
+"""Infinite, sharded, resumable batch streams for iteration-based training.
+
+Each process draws its own shard of a fresh permutation every pass over the data
+(``torch.randperm`` seeded by ``seed`` and the pass number), so labeled and unlabeled
+streams of any length cycle forever at their own pace. Every element is
+``(dataset index, sample seed)``: the sample seed drives that sample's augmentation, so
+the stream is a pure function of ``(seed, rank, world_size, position)`` and a resumed run
+sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssod.data.coco import list_collate
+
+
+class InfiniteBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields batches ``[(index, sample_seed), ...]`` of this process's shard, forever.
+
+    ``start_batch`` skips the batches already consumed (resume). Works for any
+    ``batch_size >= 1`` and any ``world_size``, including one process.
+    """
+
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0
+    ) -> None:
+        if num_items < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = start_batch
+
+    def _stream(self) -> Iterator[tuple[int, int]]:
+        position = 0
+        epoch = 0
+        while True:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_items, generator=generator)
+            # Pad so every rank gets the same count per pass (keeps ranks in step).
+            per_rank = -(-self.num_items // self.world_size)
+            padded = order.repeat(2)[: per_rank * self.world_size]
+            for index in padded[self.rank :: self.world_size].tolist():
+                sample_seed = (self.seed * 7_919 + self.rank * 104_729 + position) % (2**31)
+                yield index, sample_seed
+                position += 1
+            epoch += 1
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        stream = self._stream()
+        batch: list[tuple[int, int]] = []
+        consumed = 0
+        for element in stream:
+            batch.append(element)
+            if len(batch) == self.batch_size:
+                if consumed >= self.start_batch:
+                    yield batch
+                consumed += 1
+                batch = []
+
+    def __len__(self) -> int:
+        # Infinite; DataLoader only needs this for len(loader), which we never ask.
+        return 2**62
+
+
+def infinite_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start_batch: int,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> Iterator:
+    """An endless iterator of ``(items, metas)`` batches from ``dataset``."""
+    sampler = InfiniteBatchSampler(len(dataset), batch_size, seed, rank, world_size, start_batch)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=list_collate,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return iter(loader)

@@ -1,0 +1,238 @@
+"""One training step and evaluation.
+
+``SemiSupervisedModel`` is the student: a Faster R-CNN and, for Polishing Teacher, the
+two polishing networks. Its ``forward`` computes every student loss in one call (one
+backbone pass over labeled and strong views together), so data-parallel training sees
+one forward per backward. The teacher is an EMA copy of the same module.
+
+Batches: labeled items are ``(image [3,H,W], target, matrix)``; unlabeled items are
+``(weak View, strong View, hidden target)``. All boxes are xyxy absolute pixels of the
+view they belong to; ``relative_matrix(weak, strong)`` carries teacher boxes into the
+student's view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from ssod.config import MethodConfig
+from ssod.data.transforms import project_boxes, relative_matrix
+from ssod.losses import _box_outputs, supervised_losses, unsupervised_losses
+from ssod.models.boxes import valid_boxes_mask
+from ssod.models.polish import Polisher
+from ssod.models.teacher import PseudoLabels, filter_detections, regression_uncertainty
+
+
+class SemiSupervisedModel(nn.Module):
+    """Detector plus optional polishing networks; ``forward`` returns the loss dict."""
+
+    def __init__(self, detector: nn.Module, polisher: Optional[Polisher] = None) -> None:
+        super().__init__()
+        self.detector = detector
+        self.polisher = polisher
+
+    def forward(
+        self,
+        labeled_images: list[Tensor],
+        labeled_targets: list[dict],
+        strong_images: list[Tensor] = (),
+        pseudo_targets: Optional[dict[str, list[dict]]] = None,
+        background_weights=None,
+        polish_inputs: Optional[dict] = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Returns (losses, detached statistics); see ``ssod.losses`` for the keys."""
+        detector = self.detector
+        images, _ = detector.transform(list(labeled_images) + list(strong_images))
+        features = detector.backbone(images.tensors)
+        count = len(labeled_images)
+        head, tail = _split(images, features, count)
+        losses = supervised_losses(detector, head[0], head[1], list(labeled_targets))
+        if strong_images:
+            losses.update(unsupervised_losses(detector, tail[0], tail[1], pseudo_targets, background_weights))
+        stats: dict[str, Tensor] = {}
+        if self.polisher is not None and polish_inputs is not None:
+            polish_losses, stats = self.polisher.losses(**polish_inputs)
+            losses.update(polish_losses)
+        return losses, stats
+
+
+def _split(images: ImageList, features: dict[str, Tensor], count: int):
+    """Split a batched ImageList and its features into the first ``count`` images and the rest."""
+    sizes = images.image_sizes
+    head = (ImageList(images.tensors[:count], sizes[:count]), {k: v[:count] for k, v in features.items()})
+    tail = (ImageList(images.tensors[count:], sizes[count:]), {k: v[count:] for k, v in features.items()})
+    return head, tail
+
+
+@dataclass
+class TeacherOutput:
+    """What the teacher saw on one batch (weak view of unlabeled images)."""
+
+    pseudo_labels: list[PseudoLabels]
+    weak_features: dict[str, Tensor]
+    weak_sizes: list[tuple[int, int]]
+    polish_inputs: Optional[dict] = None
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def teacher_forward(
+    teacher: SemiSupervisedModel,
+    labeled_images: list[Tensor],
+    labeled_targets: list[dict],
+    weak_images: list[Tensor],
+    method: MethodConfig,
+) -> TeacherOutput:
+    """Teacher pseudo labels on the weak views (and polishing-network inputs on labeled images)."""
+    detector = teacher.detector
+    train_polisher = teacher.polisher is not None
+    batch = (list(labeled_images) if train_polisher else []) + list(weak_images)
+    images, _ = detector.transform(batch)
+    features = detector.backbone(images.tensors)
+    proposals, _ = detector.rpn(images, features)
+    count = len(labeled_images) if train_polisher else 0
+    (lab_images, lab_features), (weak_list, weak_features) = _split(images, features, count)
+    detections, _ = detector.roi_heads(weak_features, proposals[count:], weak_list.image_sizes)
+    raw = filter_detections(detections, method.pseudo_label_initial_score_thr)
+    sizes = weak_list.image_sizes
+    if train_polisher:
+        polished = teacher.polisher.polish(weak_features, *map(list, zip(*raw)), sizes) if raw else []
+        pseudo = [
+            PseudoLabels(p.boxes, p.labels, p.scores, p.reg_boxes, valid_boxes_mask(p.reg_boxes), p.keep, p.cls_labels)
+            for p in polished
+        ]
+    elif method.reg_uncertainty_thr is not None:
+        boxes, labels, _ = map(list, zip(*raw))
+        spread = regression_uncertainty(detector, weak_features, boxes, labels, sizes, method.reg_jitter_times, method.reg_jitter_scale)
+        pseudo = []
+        for (b, l, s), u in zip(raw, spread):
+            keep = torch.ones_like(s, dtype=torch.bool)
+            pseudo.append(PseudoLabels(b, l, s, b, u < method.reg_uncertainty_thr, keep, l))
+    else:
+        pseudo = [PseudoLabels.unpolished(*r) for r in raw]
+    polish_inputs = None
+    if train_polisher:
+        polish_inputs = {
+            "features": lab_features,
+            "gt_boxes": [t["boxes"] for t in labeled_targets],
+            "gt_labels": [t["labels"] for t in labeled_targets],
+            "proposals": proposals[:count],
+            "image_sizes": lab_images.image_sizes,
+        }
+    return TeacherOutput(pseudo, weak_features, sizes, polish_inputs)
+
+
+def project_pseudo_labels(pseudo: list[PseudoLabels], weak_matrices, strong_matrices, strong_sizes, method: MethodConfig):
+    """Classification (for RPN and RoI) and regression targets in the student's view.
+
+    Returns ``{"rpn", "cls", "reg"}`` -> per-image ``{"boxes", "labels"}``; boxes leaving
+    the strong view, or made degenerate, are dropped.
+    """
+    rpn_targets, cls_targets, reg_targets = [], [], []
+    for labels, weak_m, strong_m, (height, width) in zip(pseudo, weak_matrices, strong_matrices, strong_sizes):
+        matrix = relative_matrix(weak_m, strong_m)
+        for out, target in (
+            (rpn_targets, labels.classification_target(method.rpn_pseudo_threshold)),
+            (cls_targets, labels.classification_target(method.cls_pseudo_threshold)),
+            (reg_targets, labels.regression_target()),
+        ):
+            boxes, keep = project_boxes(target["boxes"], matrix.to(target["boxes"].device), width, height)
+            out.append({"boxes": boxes, "labels": target["labels"][keep]})
+    return {"rpn": rpn_targets, "cls": cls_targets, "reg": reg_targets}
+
+
+def make_background_weights(teacher: SemiSupervisedModel, out: TeacherOutput, weak_matrices, strong_matrices):
+    """Closure: student proposals (strong view) -> teacher background probability per proposal."""
+
+    @torch.no_grad()
+    def background_weights(proposals: list[Tensor]) -> list[Tensor]:
+        mapped = []
+        for boxes, weak_m, strong_m, (height, width) in zip(proposals, weak_matrices, strong_matrices, out.weak_sizes):
+            matrix = relative_matrix(strong_m, weak_m).to(boxes.device)
+            mapped.append(project_boxes(boxes.detach(), matrix, width, height, min_size=0.0)[0])
+        logits, _ = _box_outputs(teacher.detector, out.weak_features, mapped, out.weak_sizes)
+        return list(logits.float().softmax(dim=1)[:, 0].split([m.shape[0] for m in mapped]))
+
+    return background_weights
+
+
+@dataclass
+class StepResult:
+    """Unweighted losses (attached), detached statistics, and the teacher's output (if any)."""
+
+    losses: dict[str, Tensor]
+    stats: dict[str, Tensor]
+    teacher: Optional[TeacherOutput] = None
+
+
+def compute_losses(
+    student: nn.Module, teacher: SemiSupervisedModel, labeled: list, unlabeled: list, method: MethodConfig
+) -> StepResult:
+    """Teacher pseudo labels, then every student loss, for one batch already on the device."""
+    images = [item[0] for item in labeled]
+    targets = [{"boxes": item[1]["boxes"], "labels": item[1]["labels"]} for item in labeled]
+    if not unlabeled:
+        losses, stats = student(images, targets)
+        return StepResult(losses, stats)
+    weak = [item[0] for item in unlabeled]
+    strong = [item[1] for item in unlabeled]
+    out = teacher_forward(teacher, images, targets, [view.image for view in weak], method)
+    weak_matrices = [view.matrix for view in weak]
+    strong_matrices = [view.matrix for view in strong]
+    strong_sizes = [tuple(view.image.shape[-2:]) for view in strong]
+    pseudo_targets = project_pseudo_labels(out.pseudo_labels, weak_matrices, strong_matrices, strong_sizes, method)
+    background = make_background_weights(teacher, out, weak_matrices, strong_matrices) if method.background_weighting else None
+    losses, stats = student(images, targets, [view.image for view in strong], pseudo_targets, background, out.polish_inputs)
+    return StepResult(losses, stats, out)
+
+
+@torch.no_grad()
+def predict(detector: nn.Module, dataset, indices: list[int], device, batch_size: int = 4, num_workers: int = 0) -> list[dict]:
+    """Detections of ``dataset[indices]`` mapped back to original-image pixels.
+
+    Returns one dict per image: ``image_id``, ``boxes`` [K, 4] xyxy, ``scores`` [K],
+    ``labels`` [K] (contiguous), all on the CPU.
+    """
+    from torch.utils.data import DataLoader
+
+    from ssod.data.coco import list_collate
+
+    was_training = detector.training
+    detector.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=list_collate)
+    results = []
+    for items, metas in loader:
+        outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
+        for (_, matrix), meta, output in zip(items, metas, outputs):
+            height, width = meta["size"]
+            inverse = torch.linalg.inv(matrix.double())
+            boxes, _ = project_boxes(output["boxes"].cpu(), inverse, width, height, min_size=0.0)
+            results.append({"image_id": meta["image_id"], "boxes": boxes, "scores": output["scores"].cpu(), "labels": output["labels"].cpu()})
+    detector.train(was_training)
+    return results
+
+
+def evaluate(detector: nn.Module, dataset, accelerator, batch_size: int = 4, num_workers: int = 0) -> Optional[dict[str, float]]:
+    """COCO bbox metrics of ``detector`` on ``dataset``, computed once on the main process.
+
+    Each process predicts its own shard; predictions are gathered as objects and evaluated
+    once. Returns the metrics on the main process and None elsewhere.
+    """
+    from ssod.evaluation import coco_evaluate
+
+    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    predictions = predict(detector, dataset, indices, accelerator.device, batch_size, num_workers)
+    gathered = accelerator.gather_for_metrics(predictions, use_gather_object=True)
+    if not accelerator.is_main_process:
+        return None
+    unique = {}
+    for prediction in gathered:
+        # A corrupt image is replaced by its neighbour in the dataset: count each id once.
+        unique.setdefault(int(prediction["image_id"]), prediction)
+    label_map = dataset.category_map.label_to_category_id
+    return coco_evaluate(dataset.coco, list(unique.values()), label_map, image_ids=dataset.image_ids)

@@ -1,0 +1,177 @@
+"""What the training loop keeps between iterations: run state, meters, signals, checkpoints."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ssod.checkpoint import rng_state, save_checkpoint
+from ssod.config import MethodConfig
+from ssod.data.coco import DatasetError
+from ssod.data.transforms import project_boxes
+from ssod.evaluation import PseudoLabelQuality
+from ssod.visualize import pseudo_label_picture
+
+
+@dataclass
+class RunState:
+    """Counters that must survive a resume (stored in every checkpoint)."""
+
+    step: int = 0
+    ema_steps: int = 0
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
+    run_id: str = ""
+    bad_files: list[str] = field(default_factory=list)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "ema_steps": self.ema_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "mlflow_run_id": self.run_id,
+            "bad_files": list(self.bad_files),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> "RunState":
+        return cls(
+            state["step"], state["ema_steps"], state["nonfinite_steps"], state["consecutive_nonfinite"],
+            state["mlflow_run_id"], list(state["bad_files"]),
+        )
+
+    def note_bad_files(self, metas: list[dict]) -> None:
+        for meta in metas:
+            for bad in meta.get("bad_files", ()):
+                if bad not in self.bad_files:
+                    self.bad_files.append(bad)
+
+
+def stop_if_too_many_bad(state: RunState, data, max_fraction: float, tracker) -> None:
+    """Corrupt images are skipped, but past ``max_fraction`` of the data the run stops."""
+    total = len(data.labeled) + (len(data.unlabeled) if data.unlabeled is not None else 0)
+    if state.bad_files and len(state.bad_files) > max_fraction * total:
+        tracker.log_text("\n".join(state.bad_files) + "\n", "bad_images.txt")
+        raise DatasetError(
+            f"{len(state.bad_files)} of {total} training images could not be read "
+            f"(more than data.max_bad_image_fraction={max_fraction}); first: {state.bad_files[0]}"
+        )
+
+
+def save_state(accelerator, directory: Path, state: RunState, student, teacher, optimizer, scheduler, keep: int) -> None:
+    """Write a checkpoint from the main process; every process waits for it."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        payload = {
+            **state.to_checkpoint(),
+            "student": accelerator.unwrap_model(student).state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        if accelerator.scaler is not None:
+            payload["scaler"] = accelerator.scaler.state_dict()
+        save_checkpoint(directory, state.step, payload, keep)
+    accelerator.wait_for_everyone()
+
+
+class Interrupts:
+    """SIGTERM / SIGINT set a flag the loop checks each step (checkpoint, then KILLED).
+
+    A second Ctrl-C raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class Meters:
+    """Interval averages of losses and statistics, and pseudo-label quality.
+
+    Values stay tensors until ``compute`` (once per log interval), so the step itself
+    does not wait for the device.
+    """
+
+    def __init__(self, method: MethodConfig, class_names: tuple[str, ...]) -> None:
+        self.method = method
+        self.class_names = class_names
+        self.quality = PseudoLabelQuality()
+        self.last_batch: Optional[dict] = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.skipped = 0
+        self.quality.reset()
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def update(self, result, total: torch.Tensor, unlabeled: list, skipped: bool) -> None:
+        if skipped:
+            self.skipped += 1
+            return
+        self._add("train/loss", total)
+        for name, value in result.losses.items():
+            self._add(f"train/{name}", value)
+        for name, value in result.stats.items():
+            self._add(name, value)
+        if result.teacher is not None:
+            self._update_quality(result.teacher.pseudo_labels, unlabeled)
+
+    def _update_quality(self, pseudo_labels, unlabeled: list) -> None:
+        """Compare pseudo labels (weak view) with the hidden ground truth projected into it."""
+        for labels, (weak, _, hidden) in zip(pseudo_labels, unlabeled):
+            height, width = weak.image.shape[-2:]
+            gt_boxes, keep = project_boxes(hidden["boxes"], weak.matrix.to(hidden["boxes"].device), width, height)
+            gt_labels = hidden["labels"][keep]
+            cls_keep = labels.cls_keep & (labels.scores > self.method.cls_pseudo_threshold)
+            self.quality.update(
+                labels.boxes, labels.labels, labels.reg_boxes, cls_keep, labels.cls_labels, gt_boxes, gt_labels, labels.scores
+            )
+            self.last_batch = {"image": weak.image, "gt": (gt_boxes, gt_labels), "pseudo": labels}
+
+    def compute(self) -> dict[str, float]:
+        scalars = {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
+        scalars["train/skipped_steps_interval"] = float(self.skipped)
+        if self.quality.compute().get("pseudo/images", 0):
+            scalars.update(self.quality.compute())
+        self.reset()
+        return scalars
+
+
+def log_pictures(tracker, last_batch: Optional[dict], class_names: tuple[str, ...], step: int, limit: int) -> None:
+    """Ground truth | raw pseudo labels | polished pseudo labels of the last unlabeled image."""
+    if last_batch is None or limit <= 0:
+        return
+    pseudo = last_batch["pseudo"]
+    cls_keep = pseudo.cls_keep
+    picture = pseudo_label_picture(
+        last_batch["image"], *last_batch["gt"], pseudo.boxes, pseudo.labels,
+        pseudo.reg_boxes[cls_keep], pseudo.cls_labels[cls_keep], class_names,
+    )
+    tracker.log_image(picture, f"pseudo_labels/step_{step:08d}.png")

@@ -1,0 +1,129 @@
+"""torchvision Faster R-CNN built from config.
+
+Architectures: ``resnet50_fpn`` (the paper's model: first stage and BatchNorm frozen),
+``resnet18_fpn`` and ``mobilenet_v3_fpn`` (small enough for a CPU). Geometry belongs to
+``ssod.data.transforms``: the model's own transform only normalises and pads, it never
+resizes, so boxes recorded with each view's 3x3 matrix stay valid inside the model.
+
+Pretrained backbone weights (``weights_backbone: IMAGENET1K_V1``) load offline from
+torchvision's cache (``$TORCH_HOME/hub/checkpoints``); a missing file is an error that
+says where to put it. Tests and synthetic runs use no weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet18_Weights, ResNet50_Weights
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FrozenBatchNorm2d
+
+from ssod.config import ModelConfig
+
+WEIGHT_ENUMS = {
+    "resnet50_fpn": ResNet50_Weights,
+    "resnet18_fpn": ResNet18_Weights,
+    "mobilenet_v3_fpn": MobileNet_V3_Large_Weights,
+}
+
+
+class PaddingOnlyTransform(GeneralizedRCNNTransform):
+    """Normalise and batch images without resizing them (the data pipeline resizes)."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def resolve_backbone_weights(arch: str, name: Optional[str]):
+    """Weights enum for ``name``, checked to be in the local torch hub cache (no download)."""
+    if not name:
+        return None
+    try:
+        weights = WEIGHT_ENUMS[arch][name]
+    except KeyError as error:
+        choices = [w.name for w in WEIGHT_ENUMS[arch]]
+        raise ValueError(f"model.weights_backbone={name!r} is not one of {choices} for {arch}") from error
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights {arch}:{name} are not in the local cache and cannot be downloaded here. "
+            f"Put the file at {cached} (download {weights.url} on a machine with internet; "
+            f"set TORCH_HOME to move the cache), or set model.weights_backbone=null."
+        )
+    return weights
+
+
+def norm_layer_for(weights) -> Callable[[int], nn.Module]:
+    """Frozen BatchNorm with pretrained statistics; GroupNorm when training from scratch.
+
+    A frozen BatchNorm without pretrained statistics is an identity, and a trainable one is
+    noisy at 1-4 images per GPU and its running buffers are not averaged into the teacher;
+    GroupNorm has neither problem.
+    """
+    if weights is not None:
+        return FrozenBatchNorm2d
+    return lambda channels: nn.GroupNorm(min(32, channels // 4), channels)
+
+
+def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
+    """Backbone with FPN and an anchor generator matching its feature levels."""
+    weights = resolve_backbone_weights(cfg.arch, cfg.weights_backbone)
+    norm = norm_layer_for(weights)
+    ratios = (0.5, 1.0, 2.0)
+    if cfg.arch in ("resnet50_fpn", "resnet18_fpn"):
+        backbone = resnet_fpn_backbone(
+            backbone_name=cfg.arch.split("_")[0],
+            weights=weights,
+            trainable_layers=cfg.trainable_backbone_layers if weights is not None else 5,
+            norm_layer=norm,
+        )
+        levels = 5
+        sizes = tuple((s,) for s in cfg.anchor_sizes[:levels])
+    elif cfg.arch == "mobilenet_v3_fpn":
+        backbone = mobilenet_backbone(
+            backbone_name="mobilenet_v3_large",
+            weights=weights,
+            fpn=True,
+            trainable_layers=cfg.trainable_backbone_layers if weights is not None else 6,
+            norm_layer=norm if weights is None else nn.BatchNorm2d,
+        )
+        levels = 3
+        sizes = (tuple(cfg.anchor_sizes),) * levels
+    else:
+        raise ValueError(f"model.arch={cfg.arch!r}: choose resnet50_fpn, resnet18_fpn or mobilenet_v3_fpn")
+    if len(sizes) != levels:
+        raise ValueError(f"model.anchor_sizes needs {levels} sizes for {cfg.arch}, got {list(cfg.anchor_sizes)}")
+    return backbone, AnchorGenerator(sizes, (ratios,) * levels)
+
+
+def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN for ``num_classes`` object classes (plus background, label 0)."""
+    backbone, anchors = build_backbone(cfg)
+    model = FasterRCNN(
+        backbone,
+        num_classes=num_classes + 1,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_positive_fraction=cfg.box_positive_fraction,
+        box_score_thresh=cfg.box_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        box_detections_per_img=cfg.box_detections_per_img,
+    )
+    model.transform = PaddingOnlyTransform(
+        min_size=1, max_size=1, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    )
+    return model
+
+

@@ -1,0 +1,185 @@
+"""The one door to MLflow.
+
+Only the main process talks to MLflow: every other process gets a disabled ``Tracker``
+whose methods do nothing, so no rank can create a stray run. Runs are driven through
+``MlflowClient`` with an explicit run id (never the global active run), so a crash
+cannot leave a run FINISHED by accident: ``end`` sets the status we mean.
+
+Default store: an absolute ``sqlite:///<project dir>/mlflow.db`` fixed at start, so
+Hydra's run directory or a ``chdir`` can never move it. ``mlflow ui
+--backend-store-uri sqlite:///mlflow.db`` from the project directory shows the runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
+_PARAM_LIMIT = 6000
+
+
+def mask_secrets(text: str) -> str:
+    """Replace the password of every ``scheme://user:password@host`` in ``text`` by ``***``."""
+    return _URI_PASSWORD.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
+
+
+def default_tracking_uri(project_dir: str | Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else an absolute SQLite file in ``project_dir``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(project_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_location_for(uri: str) -> Optional[str]:
+    """Artifacts beside a SQLite store (``<dir>/mlartifacts``); the server decides otherwise."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None
+
+
+class Tracker:
+    """A thin wrapper around one MLflow run; a no-op when ``enabled`` is False."""
+
+    def __init__(self, uri: str, experiment: str, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.uri = uri
+        self.experiment = experiment
+        self.run_id: Optional[str] = None
+        self.skip_until_step = -1
+        self.client = None
+        if enabled:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=uri)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location_for(self.uri))
+        except MlflowException:
+            # Another worker created it between our lookup and create.
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def start(self, run_name: str, tags: Mapping[str, str] = (), parent_run_id: str = "", run_id: str = "") -> str:
+        """Start a new run, or reopen ``run_id`` (resume) and skip steps it already has."""
+        if not self.enabled:
+            return ""
+        all_tags = {k: mask_secrets(str(v)) for k, v in dict(tags).items()}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_id:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.skip_until_step = self.last_logged_step()
+            for key, value in all_tags.items():
+                self.client.set_tag(run_id, key, value)
+        else:
+            run = self.client.create_run(self._experiment_id(), tags=all_tags, run_name=run_name)
+            self.run_id = run.info.run_id
+        return self.run_id
+
+    def last_logged_step(self) -> int:
+        """Largest step of any metric already in the run (-1 when none)."""
+        run = self.client.get_run(self.run_id)
+        steps = [m.step for key in run.data.metrics for m in self.client.get_metric_history(self.run_id, key)]
+        return max(steps, default=-1)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values masked, long values cut); re-logging on resume is skipped."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = set(self.client.get_run(self.run_id).data.params)
+        batch = [
+            Param(key, mask_secrets(str(value))[:_PARAM_LIMIT])
+            for key, value in params.items()
+            if key not in existing
+        ]
+        for start in range(0, len(batch), 100):
+            self.client.log_batch(self.run_id, params=batch[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log scalars as floats at ``step``; steps a resumed run already has are skipped."""
+        if not self.enabled or step <= self.skip_until_step:
+            return
+        from mlflow.entities import Metric
+
+        timestamp = _now_ms()
+        batch = []
+        for key, value in metrics.items():
+            number = float(value.item() if hasattr(value, "item") else value)
+            if math.isnan(number):
+                continue  # MLflow stores NaN, but charts and comparisons choke on it
+            batch.append(Metric(key, number, timestamp, step))
+        for start in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, mask_secrets(str(value)))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, mask_secrets(text), artifact_file)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        if self.enabled:
+            self.log_text(json.dumps(data, indent=2, sort_keys=True, default=float), artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """``image``: a PIL image or a uint8 HxWx3 array."""
+        if self.enabled:
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_dataset(self, json_path: str | Path, name: str, context: str) -> None:
+        """Record a COCO json as a run input (provenance: path and content digest)."""
+        if not self.enabled:
+            return
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        path = Path(json_path).resolve()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=digest)
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        self.client.log_inputs(self.run_id, datasets=[entity])
+
+    def end(self, status: str) -> None:
+        """Close the run as FINISHED, FAILED or KILLED."""
+        if self.enabled and self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def write_temp_text(text: str, name: str) -> Path:
+    """A text file in a fresh temp dir (for artifacts that must carry a given file name)."""
+    path = Path(tempfile.mkdtemp(prefix="ssod-")) / name
+    path.write_text(text)
+    return path

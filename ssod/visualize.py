@@ -1,0 +1,43 @@
+"""Pictures for MLflow: ground truth, raw pseudo labels and polished pseudo labels side by side."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes
+
+
+def _panel(image: Tensor, boxes: Tensor, labels: list[str], colour: str) -> Tensor:
+    canvas = (image.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()
+    if boxes.numel() == 0:
+        return canvas
+    return draw_bounding_boxes(canvas, boxes.detach().float().cpu(), labels=labels, colors=colour, width=1)
+
+
+def pseudo_label_picture(
+    image: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    raw_boxes: Tensor,
+    raw_labels: Tensor,
+    polished_boxes: Tensor,
+    polished_labels: Tensor,
+    class_names: tuple[str, ...],
+) -> Image.Image:
+    """Three panels of one weak view ``image`` [3, H, W] in 0..1; boxes xyxy in its pixels.
+
+    Left: hidden ground truth (green). Middle: raw pseudo labels (red). Right: polished
+    pseudo labels (blue: polished boxes with their polished labels).
+    """
+
+    def names(labels: Tensor) -> list[str]:
+        return [class_names[int(label) - 1] if 0 < int(label) <= len(class_names) else "?" for label in labels]
+
+    panels = [
+        _panel(image, gt_boxes, names(gt_labels), "lime"),
+        _panel(image, raw_boxes, names(raw_labels), "red"),
+        _panel(image, polished_boxes, names(polished_labels), "blue"),
+    ]
+    strip = torch.cat(panels, dim=2)
+    return Image.fromarray(strip.permute(1, 2, 0).numpy())
