@@ -27,6 +27,7 @@ def build_model(model_cfg: ModelConfig, method: MethodConfig, num_classes: int) 
             roi_pool=detector.roi_heads.box_roi_pool,
             in_channels=detector.backbone.out_channels,
             num_classes=num_classes,
+            hidden=method.polish_hidden,
             vote_frac=method.rf_vote_frac,
             box_samples=method.reg_samples,
             box_scale=method.reg_scale,

@@ -69,6 +69,8 @@ class ModelConfig:
     arch: str = "resnet50_fpn"
     weights_backbone: Optional[str] = None
     trainable_backbone_layers: int = 3
+    fpn_channels: int = 256
+    box_head_dim: int = 1024
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 1000
@@ -107,6 +109,7 @@ class MethodConfig:
     cls_samples: list[int] = field(default_factory=lambda: [50, 50])
     cls_scales: list[float] = field(default_factory=lambda: [0.06, 0.2])
     cls_pos_iou: float = 0.7
+    polish_hidden: int = 1024
     polish_box_weight: float = 1.0
     polish_cls_weight: float = 1.0
     polish_ema_momentum: float = 0.99

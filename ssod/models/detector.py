@@ -19,9 +19,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet18_Weights, ResNet50_Weights
+import torchvision
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -72,18 +76,37 @@ def norm_layer_for(weights) -> Callable[[int], nn.Module]:
     return lambda channels: nn.GroupNorm(min(32, channels // 4), channels)
 
 
+def resnet_with_fpn(name: str, weights, trainable_layers: int, norm, out_channels: int) -> BackboneWithFPN:
+    """ResNet C2-C5 into an FPN of ``out_channels`` (P2-P5 plus a max-pooled P6).
+
+    The first ``5 - trainable_layers`` stages (stem, layer1, ...) are frozen, as the
+    paper freezes the first stage of an ImageNet backbone.
+    """
+    body = getattr(torchvision.models, name)(weights=weights, norm_layer=norm)
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        stages.append("bn1")
+    for param_name, param in body.named_parameters():
+        if all(not param_name.startswith(stage) for stage in stages):
+            param.requires_grad_(False)
+    width = body.inplanes // 8
+    return BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[width, width * 2, width * 4, width * 8],
+        out_channels=out_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
 def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
     """Backbone with FPN and an anchor generator matching its feature levels."""
     weights = resolve_backbone_weights(cfg.arch, cfg.weights_backbone)
     norm = norm_layer_for(weights)
     ratios = (0.5, 1.0, 2.0)
     if cfg.arch in ("resnet50_fpn", "resnet18_fpn"):
-        backbone = resnet_fpn_backbone(
-            backbone_name=cfg.arch.split("_")[0],
-            weights=weights,
-            trainable_layers=cfg.trainable_backbone_layers if weights is not None else 5,
-            norm_layer=norm,
-        )
+        trainable = cfg.trainable_backbone_layers if weights is not None else 5
+        backbone = resnet_with_fpn(cfg.arch.split("_")[0], weights, trainable, norm, cfg.fpn_channels)
         levels = 5
         sizes = tuple((s,) for s in cfg.anchor_sizes[:levels])
     elif cfg.arch == "mobilenet_v3_fpn":
@@ -106,9 +129,12 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
 def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     """Faster R-CNN for ``num_classes`` object classes (plus background, label 0)."""
     backbone, anchors = build_backbone(cfg)
+    resolution = 7
+    box_head = TwoMLPHead(backbone.out_channels * resolution**2, cfg.box_head_dim)
     model = FasterRCNN(
         backbone,
-        num_classes=num_classes + 1,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
