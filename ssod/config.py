@@ -140,6 +140,7 @@ class TrainConfig:
     run_name: str = "${method.name}-${data.name}"
     resume: Optional[str] = None
     max_consecutive_nonfinite: int = 5
+    grad_clip_norm: Optional[float] = None
     num_vis_images: int = 4
     cpu: bool = False
     progress: bool = True

@@ -93,6 +93,19 @@ class Tracker:
             self.run_id = run.info.run_id
         return self.run_id
 
+    def find_runs(self, tags: Mapping[str, str]) -> list[str]:
+        """Ids of this experiment's runs carrying every tag in ``tags``, oldest first.
+
+        Tag values must not contain quotes (they go into an MLflow filter string).
+        """
+        if not self.enabled:
+            return []
+        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        runs = self.client.search_runs(
+            [self._experiment_id()], filter_string=query, order_by=["attributes.start_time ASC"], max_results=5000
+        )
+        return [run.info.run_id for run in runs]
+
     def last_logged_step(self) -> int:
         """Largest step of any metric already in the run (-1 when none)."""
         run = self.client.get_run(self.run_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -113,7 +114,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if not resumed:
             tracker.log_params(flatten(cfg))
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            for context, path in (("train", data.files.train_json), ("unlabeled", data.files.unlabeled_json), ("eval", data.files.val_json)):
+            unlabeled_json = data.files.unlabeled_json if data.unlabeled is not None else None  # supervised: unused
+            for context, path in (("train", data.files.train_json), ("unlabeled", unlabeled_json), ("eval", data.files.val_json)):
                 if path is not None:
                     tracker.log_dataset(path, name=Path(path).name, context=context)
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -128,6 +130,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         meters = Meters(method, data.category_map.names)
         progress = _progress(accelerator, train, state.step)
         final_metrics: dict[str, float] = {}
+        interval_start, interval_step = time.perf_counter(), state.step
 
         for step in range(state.step, train.iterations):
             labeled, labeled_meta = next(labeled_iter)
@@ -161,6 +164,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             else:
                 state.consecutive_nonfinite = 0
                 accelerator.backward(total)
+                if train.grad_clip_norm:
+                    accelerator.clip_grad_norm_(student.parameters(), train.grad_clip_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if not accelerator.optimizer_step_was_skipped:
@@ -175,7 +180,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
 
             if state.step % train.log_every == 0 or state.step == train.iterations:
                 scalars = meters.compute()
+                now = time.perf_counter()
                 scalars.update({
+                    "train/sec_per_iter": (now - interval_start) / max(state.step - interval_step, 1),
                     "train/lr": optimizer.param_groups[0]["lr"],
                     "train/nonfinite_steps": state.nonfinite_steps,
                     "train/bad_images": len(state.bad_files),
@@ -185,6 +192,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                 })
                 tracker.log_metrics(scalars, state.step)
                 final_metrics.update(scalars)
+                interval_start, interval_step = time.perf_counter(), state.step
             if state.step % train.eval_every == 0 or state.step == train.iterations:
                 metrics = _evaluate_both(accelerator, student, teacher, data.val, workers)
                 if accelerator.is_main_process:

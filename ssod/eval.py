@@ -1,0 +1,78 @@
+"""Evaluate a checkpoint on any COCO json (``ssod-eval``).
+
+Examples::
+
+    ssod-eval outputs/polish_teacher-synthetic/checkpoints/step-00000300.pt
+    ssod-eval CKPT --json val.json --images val2017/ --model teacher --score-thr 0.05
+    ssod-eval CKPT --overrides experiment=coco_partial --out metrics.json
+
+The checkpoint's own config is not stored in it: pass the same ``--overrides`` the run
+was trained with (model architecture, image size) so the weights fit. Without
+``--json`` the config's validation set is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+
+from ssod.build import build_model
+from ssod.checkpoint import find_resume_checkpoint, load_checkpoint
+from ssod.config import compose
+from ssod.data.pipeline import EvalView, resolve_files
+from ssod.data.coco import CategoryMap, load_coco, load_split
+from ssod.data.transforms import EvalTransform
+from ssod.engine import evaluate
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ssod-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a step-*.pt file, or a checkpoint directory (newest complete one)")
+    parser.add_argument("--json", help="COCO json to evaluate on (default: the config's validation json)")
+    parser.add_argument("--images", help="image directory of --json")
+    parser.add_argument("--model", choices=("teacher", "student"), default="teacher")
+    parser.add_argument("--score-thr", type=float, default=None, help="detection score threshold (default: config)")
+    parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides the run was trained with")
+    parser.add_argument("--out", help="write the metrics as JSON here")
+    parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is present")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.score_thr is not None:
+        overrides.append(f"model.box_score_thresh={args.score_thr}")
+    cfg = compose(overrides)
+    path = find_resume_checkpoint(args.checkpoint, Path(args.checkpoint))
+    state = load_checkpoint(path)
+    files = resolve_files(cfg.data, Path.cwd())
+    # The label space is the training set's: predictions map back through its categories.
+    category_map = CategoryMap.from_coco(load_coco(files.train_json))
+    json_path = Path(args.json) if args.json else files.val_json
+    images = Path(args.images) if args.images else (files.val_images if not args.json else json_path.parent)
+    view = EvalView(EvalTransform(cfg.data.test_size, cfg.data.test_max_size))
+    dataset = load_split(json_path, images, category_map, view)
+    method = OmegaConf.to_object(cfg.method)
+    model = build_model(cfg.model, method, category_map.num_classes)
+    model.load_state_dict(state[args.model])
+    accelerator = Accelerator(cpu=args.cpu)
+    detector = model.detector.to(accelerator.device)
+    metrics = evaluate(detector, dataset, accelerator, num_workers=cfg.data.num_workers)
+    if metrics is None:
+        return 0
+    metrics = {f"{args.model}/bbox_{key}": value for key, value in metrics.items()}
+    text = json.dumps({"checkpoint": str(path), "json": str(json_path), "step": state["step"], **metrics}, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""One trial: suggest values, compose the config, train, report evaluations for pruning.
+
+The trial's checkpoints live in ``<study dir>/trial-<original number>``: a trial retried
+after its worker died has a new number but the same parameters, and with
+``train.resume=auto`` it continues from the dead trial's newest checkpoint.
+
+Outcomes: a finite metric -> COMPLETE; ``optuna.TrialPruned`` raised from ``on_eval`` ->
+PRUNED (training checkpoints and stops at once); an exception, a missing or NaN metric
+-> FAIL (returns NaN, never ``sys.exit``: the worker goes on); the worker told to stop
+mid-trial (SIGTERM, Ctrl-C) -> ``TrialInterrupted`` (FAIL; the worker re-queues it).
+
+``launcher: accelerate`` runs each trial as ``accelerate launch ... -m ssod.tune trial``
+in its own process group. The child appends one JSON line per evaluation to a relay file
+that this worker tails to feed the pruner; on prune, SIGTERM or exit the worker
+terminates the child's whole group, and the child stops itself if the worker vanishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+from omegaconf import DictConfig
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from ssod.config import compose
+from ssod.tracking import mask_secrets
+from ssod.tuning.report import mark_trial_run, trial_tags
+from ssod.tuning.settings import StudySetup, override
+from ssod.tuning.space import suggest, to_overrides
+from ssod.tuning.storage import OWNER_ATTR, SURPLUS_ATTR, owner_record, process_alive, start_ticks, within_budget
+
+log = logging.getLogger(__name__)
+
+Trainer = Callable[..., dict]
+
+
+class TrialInterrupted(Exception):
+    """The worker was told to stop while this trial trained; its checkpoint is kept."""
+
+
+@dataclass
+class TrialSpec:
+    """What a trial trains: Hydra overrides plus the MLflow tags of its run."""
+
+    overrides: list[str]
+    tags: dict[str, str]
+
+    def config(self) -> DictConfig:
+        cfg = compose(self.overrides)
+        for key, value in self.tags.items():
+            cfg.tracking.tags[key] = value  # dotted tag names cannot be written as overrides
+        return cfg
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrialSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class Reporter:
+    """``on_eval`` for ``ssod.train.run``: report the metric, raise ``TrialPruned`` if told."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.last_step = 0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.last_step = step
+        value = metrics.get(self.metric)
+        if not finite(value):
+            return
+        self.trial.report(float(value), step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}: {self.metric}={value:.4g}")
+
+
+class Objective:
+    """``study.optimize(Objective(...))``: one call trains one trial."""
+
+    def __init__(self, setup: StudySetup, parent_run_id: str, stop: threading.Event, trainer: Optional[Trainer] = None) -> None:
+        self.setup = setup
+        self.tune = setup.tune
+        self.parent_run_id = parent_run_id
+        self.stop = stop
+        self.trainer = trainer
+        self.child: Optional[subprocess.Popen] = None
+        self.last_trial: Optional[int] = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if not within_budget(trial.study, trial.number, self.tune.n_trials):
+            trial.set_user_attr(SURPLUS_ATTR, True)  # lost a race for the last slot: not counted
+            return float("nan")
+        trial.set_user_attr(OWNER_ATTR, owner_record(trial.number))
+        self.last_trial = trial.number
+        params = suggest(trial, self.tune.space)
+        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        trial_dir = self.setup.study_dir / f"trial-{trial.number if original is None else original:04d}"
+        resumed = _newest_checkpoint_step(trial_dir)
+        trial.set_user_attr("output_dir", str(trial_dir))
+        if resumed:
+            trial.set_user_attr("resumed_from_step", resumed)
+        spec = TrialSpec(self._overrides(trial.number, trial_dir, params), trial_tags(self.tune.study_name, trial.number, original))
+        log.info("trial %d%s: %s", trial.number, f" (retry of {original}, from step {resumed})" if original is not None else "", params)
+        state = "FAIL"
+        try:
+            if self.stop.is_set():
+                raise TrialInterrupted("stop requested before training")
+            metrics, completed = self._train_in_child(trial, spec, trial_dir) if self.tune.launcher == "accelerate" else self._train_in_process(trial, spec)
+            if not completed:
+                raise TrialInterrupted("training stopped before its last iteration (SIGTERM?)")
+            value = metrics.get(self.tune.metric)
+            if not finite(value):
+                trial.set_user_attr("fail_reason", f"{self.tune.metric} = {value}")
+                return float("nan")
+            state = "COMPLETE"
+            return float(value)
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except (TrialInterrupted, KeyboardInterrupt):
+            self.stop.set()
+            raise
+        except Exception as error:  # noqa: BLE001 - any training error fails this trial only
+            log.exception("trial %d failed", trial.number)
+            trial.set_user_attr("fail_reason", mask_secrets(f"{type(error).__name__}: {error}")[:2000])
+            return float("nan")
+        finally:
+            self._finish(trial, state, params, trial_dir)
+
+    def _overrides(self, number: int, trial_dir: Path, params: dict) -> list[str]:
+        return [
+            "train.progress=false",
+            *self.setup.fixed_overrides,
+            *to_overrides(params),
+            override("train.output_dir", str(trial_dir)),
+            "train.resume=auto",
+            override("train.run_name", f"{self.tune.study_name}-trial-{number}"),
+            override("tracking.uri", self.setup.tracking_uri),
+            override("tracking.experiment", self.setup.experiment),
+            override("tracking.parent_run_id", self.parent_run_id),
+        ]
+
+    def _finish(self, trial: optuna.Trial, state: str, params: dict, trial_dir: Path) -> None:
+        try:
+            run_id = mark_trial_run(self.setup, trial.number, state, params)
+            if run_id:
+                trial.set_user_attr("mlflow_run_id", run_id)
+        except Exception:  # noqa: BLE001 - a tracking hiccup must not change the trial's outcome
+            log.exception("trial %d: could not record its state in MLflow", trial.number)
+        if state in ("COMPLETE", "PRUNED") and not self.tune.keep_checkpoints:
+            shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
+
+    def _train_in_process(self, trial: optuna.Trial, spec: TrialSpec) -> tuple[dict, bool]:
+        if self.trainer is None:
+            from ssod.train import run as trainer
+        else:
+            trainer = self.trainer
+        cfg = spec.config()
+        reporter = Reporter(trial, self.tune.metric)
+        metrics = trainer(cfg, on_eval=reporter)
+        return metrics, reporter.last_step >= cfg.train.iterations
+
+    def _train_in_child(self, trial: optuna.Trial, spec: TrialSpec, trial_dir: Path) -> tuple[dict, bool]:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        spec_path, relay_path = trial_dir / f"trial-{trial.number}.json", trial_dir / f"trial-{trial.number}.metrics.jsonl"
+        relay_path.unlink(missing_ok=True)
+        spec.save(spec_path)
+        reporter = Reporter(trial, self.tune.metric)
+        final: Optional[dict] = None
+        self.child = subprocess.Popen(
+            accelerate_command(self.tune.processes_per_trial, self.tune.accelerate_args, spec_path, relay_path),
+            cwd=self.setup.project_dir,
+            start_new_session=True,  # its own process group: one signal reaches every rank
+        )
+        try:
+            offset = 0
+            while True:
+                exited = self.child.poll() is not None
+                records, offset = _read_lines(relay_path, offset)
+                for record in records:
+                    if record.get("final"):
+                        final = record
+                    else:
+                        reporter(record["step"], record["metrics"])
+                if exited:
+                    break
+                time.sleep(0.5)
+        finally:
+            child, self.child = self.child, None
+            if child.poll() is None:
+                terminate_group(child)
+        if final is None:
+            raise RuntimeError(f"training exited with status {child.returncode} and no final metrics")
+        return final["metrics"], bool(final["completed"])
+
+    def forward_signal(self, signum: int) -> None:
+        """Pass a stop signal on to the running child group (in-process training gets it anyway)."""
+        if self.child is not None and self.child.poll() is None:
+            _signal_group(self.child.pid, signum)
+
+
+def _newest_checkpoint_step(trial_dir: Path) -> Optional[int]:
+    from ssod.checkpoint import list_checkpoints
+
+    found = list_checkpoints(trial_dir / "checkpoints")
+    return found[-1][0] if found else None
+
+
+def _read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+    """Complete JSON lines written after ``offset``; a half-written last line waits."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    return [json.loads(line) for line in data[:end].splitlines() if line.strip()], offset + end
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def terminate_group(child: subprocess.Popen, grace_s: float = 120.0) -> None:
+    """SIGTERM the child's process group (each rank checkpoints), SIGKILL what is left."""
+    _signal_group(child.pid, signal.SIGTERM)
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("trial process group %d ignored SIGTERM for %.0f s: killing it", child.pid, grace_s)
+    _signal_group(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def accelerate_command(processes: int, extra_args: list[str], spec_path: Path, relay_path: Path) -> list[str]:
+    """``accelerate launch`` of ``ssod.tune trial`` on this worker's devices."""
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if devices is None:
+        import torch
+
+        gpu = torch.cuda.device_count() > 0
+    else:
+        gpu = devices.strip() not in ("", "-1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    if processes > 1:
+        # Several workers on one machine each launch a job: each needs its own port.
+        command += ["--multi_gpu"] if gpu else ["--cpu"]
+        command += ["--main_process_port", str(_free_port())]
+    elif not gpu:
+        command += ["--cpu"]
+    return [
+        *command, *extra_args, "-m", "ssod.tune", "trial",
+        "--spec", str(spec_path), "--relay", str(relay_path),
+        "--parent-pid", str(os.getpid()), "--parent-started", str(start_ticks(os.getpid()) or ""),
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def child_main(spec_path: Path, relay_path: Path, parent_pid: int, parent_started: Optional[int]) -> int:
+    """Body of ``ssod-tune trial`` (every rank): train, relay evaluations to the worker."""
+    from ssod.train import run
+
+    _stop_when_gone(parent_pid, parent_started)
+    spec = TrialSpec.load(spec_path)
+    cfg = spec.config()
+    last = {"step": 0}
+
+    def relay(step: int, metrics: dict[str, float]) -> None:
+        last["step"] = step
+        _append(relay_path, {"step": step, "metrics": metrics})
+
+    metrics = run(cfg, on_eval=relay)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _append(relay_path, {"final": True, "metrics": metrics, "completed": last["step"] >= cfg.train.iterations})
+    return 0
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record, default=float) + "\n")
+        handle.flush()
+
+
+def _stop_when_gone(pid: int, started: Optional[int]) -> None:
+    """SIGTERM ourselves (checkpoint, then stop) if the worker that owns us dies."""
+
+    def watch() -> None:
+        while process_alive(pid, started):
+            time.sleep(2.0)
+        log.warning("the tuning worker (pid %d) is gone: stopping this trial", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="worker-watchdog", daemon=True).start()

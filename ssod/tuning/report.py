@@ -1,0 +1,178 @@
+"""The study in MLflow: one parent run per study, a nested run per trial, the report.
+
+Runs are found by tags, never remembered: the parent carries ``optuna.study=<name>`` and
+``optuna.role=study``; a trial's run (created by ``ssod.train.run`` with
+``tracking.parent_run_id``) carries ``optuna.study``, ``optuna.role=trial`` and
+``optuna.trial_number``, and after the trial ``optuna.state`` COMPLETE/PRUNED/FAIL with the
+run status FINISHED/KILLED/FAILED to match. ``write_report`` puts the best parameters, the
+best trial's run id, counts, a trials table and plots on the parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ssod.config import flatten
+from ssod.tracking import Tracker, mask_secrets
+from ssod.tuning.settings import StudySetup
+
+log = logging.getLogger(__name__)
+
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def _tracker(setup: StudySetup) -> Tracker:
+    return Tracker(setup.tracking_uri, setup.experiment)
+
+
+def trial_tags(study_name: str, trial_number: int, original_number: Optional[int] = None) -> dict[str, str]:
+    tags = {"optuna.study": study_name, "optuna.role": "trial", "optuna.trial_number": str(trial_number)}
+    if original_number is not None:
+        tags["optuna.retry_of"] = str(original_number)
+    return tags
+
+
+def parent_run(setup: StudySetup) -> str:
+    """Find the study's parent run by tag, or create it (the oldest wins a creation race)."""
+    tracker = _tracker(setup)
+    tags = {"optuna.study": setup.tune.study_name, "optuna.role": "study"}
+    found = tracker.find_runs(tags)
+    if found:
+        return found[0]
+    own = tracker.start(f"study-{setup.tune.study_name}", tags)
+    tracker.log_params(_study_params(setup))
+    found = tracker.find_runs(tags)
+    if found and found[0] != own:
+        # Another launcher created one at the same moment: keep theirs, retire ours.
+        tracker.set_tags({"optuna.role": "duplicate"})
+        tracker.end("KILLED")
+        return found[0]
+    return own
+
+
+def _study_params(setup: StudySetup) -> dict:
+    tune = setup.tune
+    space = {name: {k: v for k, v in vars(spec).items() if v is not None} for name, spec in tune.space.items()}
+    return {
+        "study_name": tune.study_name,
+        "storage": mask_secrets(setup.storage_url),
+        "metric": tune.metric,
+        "direction": tune.direction,
+        "n_trials": tune.n_trials,
+        "launcher": tune.launcher,
+        "processes_per_trial": tune.processes_per_trial,
+        "base_overrides": " ".join(setup.fixed_overrides),
+        "space": json.dumps(space, sort_keys=True),
+        **flatten({"sampler": vars(tune.sampler), "pruner": vars(tune.pruner)}),
+    }
+
+
+def trial_run_id(setup: StudySetup, trial_number: int) -> Optional[str]:
+    found = _tracker(setup).find_runs(trial_tags(setup.tune.study_name, trial_number))
+    return found[-1] if found else None
+
+
+def mark_trial_run(setup: StudySetup, trial_number: int, state: str, params: Optional[dict] = None) -> Optional[str]:
+    """Tag the trial's run ``optuna.state=<state>``, set the matching status, log the params."""
+    run_id = trial_run_id(setup, trial_number)
+    if run_id is None:
+        return None  # the trial failed before its training opened a run
+    tracker = _tracker(setup)
+    tracker.run_id = run_id
+    if params:
+        tracker.log_params({f"optuna.{name}": value for name, value in params.items()})
+    tracker.set_tags({"optuna.state": state})
+    tracker.end(RUN_STATUS[state])
+    return run_id
+
+
+def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: str, final: bool) -> dict:
+    """Best trial, counts, trials table and plots onto the parent run; FINISHED if ``final``."""
+    trials = study.get_trials(deepcopy=False)
+    states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    tracker = _tracker(setup)
+    tracker.run_id = parent_run_id
+    summary: dict = {"study": setup.tune.study_name, "trials": len(trials), **states}
+    finished = sum(t.state.is_finished() for t in trials)
+    tracker.log_metrics({f"study/{name}": count for name, count in states.items()}, step=finished)
+    best = _best_trial(study)
+    if best is not None:
+        best_run = trial_run_id(setup, best.number)
+        summary.update(best_value=best.value, best_trial=best.number, best_params=best.params, best_run_id=best_run)
+        tracker.log_metrics({"study/best_value": best.value}, step=finished)
+        tracker.set_tags({
+            "optuna.best_trial_number": best.number,
+            "optuna.best_value": best.value,
+            "optuna.best_run_id": best_run or "",
+            **{f"optuna.best_params.{name}": value for name, value in best.params.items()},
+        })
+    tracker.log_dict(summary, "study/summary.json")
+    _log_trials_table(tracker, study)
+    if setup.tune.plots:
+        _log_plots(tracker, study)
+    if final:
+        tracker.end("FINISHED")
+    return summary
+
+
+def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if math.isfinite(t.value)]
+    if not complete:
+        return None
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(complete, key=lambda t: t.value)
+
+
+def _log_trials_table(tracker: Tracker, study: optuna.Study) -> None:
+    try:
+        table = study.trials_dataframe(attrs=("number", "state", "value", "params", "duration", "system_attrs"))
+    except ImportError:
+        return  # pandas is absent
+    path = Path(tempfile.mkdtemp(prefix="ssod-tune-")) / "trials.csv"
+    table.to_csv(path, index=False)
+    tracker.log_artifact(path, "study")
+
+
+PLOTS = {
+    "optimization_history": "plot_optimization_history",
+    "param_importances": "plot_param_importances",
+    "parallel_coordinate": "plot_parallel_coordinate",
+    "intermediate_values": "plot_intermediate_values",
+}
+
+
+def _log_plots(tracker: Tracker, study: optuna.Study) -> list[str]:
+    """Optuna's matplotlib plots as PNG artifacts under ``plots/``; a plot that cannot be
+    drawn yet (e.g. importances with fewer than two finished trials) is skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as plots
+    except ImportError:
+        log.warning("matplotlib is missing: no plots (pip install 'ssod[tune]')")
+        return []
+    directory = Path(tempfile.mkdtemp(prefix="ssod-tune-plots-"))
+    written = []
+    for name, function in PLOTS.items():
+        try:
+            axes = getattr(plots, function)(study)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            figure.set_size_inches(10, 6)
+            figure.savefig(directory / f"{name}.png", dpi=90, bbox_inches="tight")
+            plt.close(figure)
+            written.append(name)
+        except Exception as error:  # noqa: BLE001 - a missing plot must not fail a report
+            log.info("plot %s skipped: %s", name, error)
+    for name in written:
+        tracker.log_artifact(directory / f"{name}.png", "plots")
+    return written

@@ -1,0 +1,222 @@
+"""The ``tune`` config group (``conf/tune/*.yaml``): schema, loading, and override syntax.
+
+A study is described by one file of the group, e.g. ``conf/tune/synthetic.yaml``::
+
+    study_name: synthetic-polish
+    n_trials: 24                       # global budget, shared by every worker
+    metric: val/teacher/bbox_AP        # any metric the training reports
+    direction: maximize
+    base_overrides: [experiment=synthetic, train.iterations=300]
+    space:
+      method.unsup_weight: {type: float, low: 0.5, high: 6.0, log: true}
+      method.cls_scales.0: {type: float, low: 0.02, high: 0.15}
+      method.reg_samples: {type: int, low: 20, high: 60, step: 10}
+
+``load_setup(overrides)`` composes it with ``ssod.config.compose`` (so a misspelt key
+fails at start), checks it against ``TuneConfig`` and resolves every path once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ssod.config import compose
+from ssod.tracking import default_tracking_uri
+
+DEFAULT_TUNE = "synthetic"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass
+class ParamSpec:
+    """One searched value. ``type``: float | int | categorical.
+
+    float/int take ``low``, ``high`` and optionally ``log`` or ``step``; categorical takes
+    ``choices`` (numbers, strings, booleans). The parameter's name is the Hydra key it
+    sets (``method.unsup_weight``; ``method.cls_scales.0`` for a list element).
+    """
+
+    type: str = "float"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: Optional[list[Any]] = None
+
+
+@dataclass
+class SamplerSpec:
+    """``tpe`` (default) or ``random``. Worker k of a launcher samples with ``seed + k``."""
+
+    name: str = "tpe"
+    seed: Optional[int] = 0
+    n_startup_trials: int = 8
+    multivariate: bool = True
+    constant_liar: bool = True
+
+
+@dataclass
+class PrunerSpec:
+    """``median``, ``hyperband``, ``threshold`` (outside ``[lower, upper]``) or ``none``.
+
+    Steps are training iterations, so ``n_warmup_steps``/``min_resource`` count iterations.
+    """
+
+    name: str = "median"
+    n_startup_trials: int = 4
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+    min_resource: int = 1
+    max_resource: Any = "auto"
+    reduction_factor: int = 3
+    lower: Optional[float] = None
+    upper: Optional[float] = None
+
+
+@dataclass
+class TuneConfig:
+    """A study: what to search, how to judge a trial, where the trials are kept.
+
+    ``storage``: empty means ``$SSOD_OPTUNA_STORAGE``, else ``sqlite:///<project>/optuna.db``
+    for one worker and the journal file ``<project>/optuna.journal`` for several.
+    ``launcher``: ``inprocess`` (a trial runs in its worker) or ``accelerate`` (the worker
+    runs ``accelerate launch`` with ``processes_per_trial`` processes for each trial).
+    """
+
+    study_name: str = "ssod"
+    storage: str = ""
+    n_trials: int = 20
+    timeout_s: Optional[float] = None
+    metric: str = "val/teacher/bbox_AP"
+    direction: str = "maximize"
+    base_overrides: list[str] = field(default_factory=list)
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    output_dir: str = "outputs/tune"
+    keep_checkpoints: bool = False
+    heartbeat_interval: int = 10
+    grace_period: int = 60
+    max_retry: int = 2
+    launcher: str = "inprocess"
+    processes_per_trial: int = 1
+    accelerate_args: list[str] = field(default_factory=list)
+    wait_for_running: bool = True
+    poll_interval_s: float = 5.0
+    max_worker_restarts: int = 3
+    plots: bool = True
+
+
+@dataclass
+class StudySetup:
+    """Everything a worker needs, resolved once: absolute paths, URIs, fixed overrides.
+
+    ``fixed_overrides``: ``tune.base_overrides`` then the non-``tune`` overrides of the
+    command line; every trial composes ``fixed_overrides + its own``.
+    ``cli_overrides``: the command line as given, to start more workers with.
+    """
+
+    tune: TuneConfig
+    project_dir: Path
+    study_dir: Path
+    fixed_overrides: list[str]
+    cli_overrides: list[str]
+    tracking_uri: str
+    experiment: str
+    storage_url: str = ""
+
+
+def is_tune_override(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key == "tune" or key.startswith("tune.")
+
+
+def compose_with_tune(overrides: list[str]) -> DictConfig:
+    """``compose`` that also accepts ``tune=<name>`` when ``conf/config.yaml`` has no
+    ``tune`` entry in its defaults list (then Hydra wants ``+tune=<name>``)."""
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        return compose(overrides)
+    except ConfigCompositionException as error:
+        if "No match in the defaults list" not in str(error):
+            raise
+        return compose([f"+{o}" if o.startswith("tune=") else o for o in overrides])
+
+
+def load_setup(overrides: list[str], project_dir: Optional[Path] = None) -> StudySetup:
+    """Compose ``tune=<name>`` (default ``synthetic``) and the base config of the trials."""
+    project_dir = Path(project_dir or Path.cwd()).resolve()
+    overrides = list(overrides)
+    if not any(o.lstrip("+").startswith("tune=") for o in overrides):
+        overrides.insert(0, f"tune={DEFAULT_TUNE}")
+    tune_part = [o for o in overrides if is_tune_override(o)]
+    fixed_cli = [o for o in overrides if not is_tune_override(o)]
+    cfg = compose_with_tune(tune_part + fixed_cli)
+    tune = tune_config(cfg.tune)
+    fixed = [*tune.base_overrides, *fixed_cli]
+    base = compose(fixed)  # the config every trial starts from: fails now, not in trial 1
+    output_dir = Path(tune.output_dir).expanduser()
+    study_dir = (output_dir if output_dir.is_absolute() else project_dir / output_dir) / tune.study_name
+    return StudySetup(
+        tune=tune,
+        project_dir=project_dir,
+        study_dir=study_dir,
+        fixed_overrides=fixed,
+        cli_overrides=overrides,
+        tracking_uri=base.tracking.uri or default_tracking_uri(project_dir),
+        experiment=base.tracking.experiment,
+    )
+
+
+def tune_config(node: Any) -> TuneConfig:
+    """Check a composed ``tune`` node against ``TuneConfig`` and the allowed names."""
+    if node is None:
+        raise ValueError("no study config: pass tune=<name> (a file of conf/tune/)")
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    tune: TuneConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TuneConfig), data))
+    problems = []
+    if not _NAME.match(tune.study_name):
+        problems.append(f"study_name={tune.study_name!r}: use letters, digits, '_', '.', '-'")
+    if tune.direction not in ("maximize", "minimize"):
+        problems.append(f"direction={tune.direction!r}: maximize or minimize")
+    if tune.launcher not in ("inprocess", "accelerate"):
+        problems.append(f"launcher={tune.launcher!r}: inprocess or accelerate")
+    if tune.sampler.name not in ("tpe", "random"):
+        problems.append(f"sampler.name={tune.sampler.name!r}: tpe or random")
+    if tune.pruner.name not in ("median", "hyperband", "threshold", "none"):
+        problems.append(f"pruner.name={tune.pruner.name!r}: median, hyperband, threshold or none")
+    if tune.n_trials < 1 or tune.processes_per_trial < 1:
+        problems.append("n_trials and processes_per_trial must be at least 1")
+    if tune.grace_period <= tune.heartbeat_interval:
+        problems.append("grace_period must be longer than heartbeat_interval")
+    if problems:
+        raise ValueError("invalid tune config: " + "; ".join(problems))
+    from ssod.tuning.space import check_space
+
+    check_space(tune.space)
+    return tune
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` in Hydra's override syntax; strings are quoted, so any path is safe."""
+    return f"{key}={hydra_value(value)}"
+
+
+def hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+

@@ -1,0 +1,230 @@
+"""Where a study lives, how dead workers' trials come back, and the budget all workers share.
+
+Storages (``resolve_storage_url``):
+
+- ``sqlite:///<abs>/optuna.db`` (default for one worker), or any SQLAlchemy URL such as
+  ``postgresql+psycopg2://user:pw@host/optuna`` for many machines: ``RDBStorage`` with a
+  heartbeat, so a trial whose worker stopped beating for ``grace_period`` s becomes FAIL
+  and is re-queued with the same parameters (``RetryHeartbeatStaleTrialCallback``).
+- ``journal:<path>`` or a path ending in ``.journal`` (default for several local workers):
+  ``JournalStorage`` over a file with locks, no SQLite write contention. It has no
+  heartbeat, so ``reap_dead_workers`` fails and re-queues the trials of local workers whose
+  process is gone (each trial records its worker's host, PID namespace, PID and PID start
+  time, so a reused PID is not mistaken for the worker).
+
+The storage is never the MLflow database: MLflow and Optuna both keep an Alembic
+``alembic_version`` table, so ``check_not_mlflow`` refuses the same database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ssod.tracking import mask_secrets
+
+log = logging.getLogger(__name__)
+
+STORAGE_ENV = "SSOD_OPTUNA_STORAGE"
+# Set by the launcher for its workers, so they open exactly the storage it resolved.
+RESOLVED_ENV = "_SSOD_TUNE_STORAGE"
+OWNER_ATTR = "worker"
+SURPLUS_ATTR = "surplus"
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def resolve_storage_url(configured: str, project_dir: Path, workers: int) -> str:
+    """``tune.storage``, else ``$SSOD_OPTUNA_STORAGE``, else a file in ``project_dir``."""
+    url = os.environ.get(RESOLVED_ENV) or configured or os.environ.get(STORAGE_ENV, "")
+    if not url:
+        return f"sqlite:///{project_dir / 'optuna.db'}" if workers <= 1 else f"journal:{project_dir / 'optuna.journal'}"
+    if is_journal(url):
+        path = Path(url.removeprefix("journal:")).expanduser()
+        return f"journal:{path if path.is_absolute() else project_dir / path}"
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        return f"sqlite:///{project_dir / url[len('sqlite:///'):]}"  # never relative to a moving cwd
+    if url.startswith("postgresql://"):
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the stack ships psycopg2.
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def is_journal(url: str) -> bool:
+    return url.startswith("journal:") or url.endswith(".journal")
+
+
+def _database_identity(url: str) -> Optional[tuple]:
+    """A comparable (kind, location) of a storage or tracking URI; None for non-databases."""
+    if is_journal(url):
+        return ("file", str(Path(url.removeprefix("journal:")).resolve()))
+    if "://" not in url or url.startswith(("http://", "https://", "file:", "databricks")):
+        return None
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return ("file", str(Path(parsed.database or ":memory:").resolve()))
+    return (parsed.get_backend_name(), parsed.host, parsed.port, parsed.database)
+
+
+def check_not_mlflow(storage_url: str, tracking_uri: str) -> None:
+    """Refuse an Optuna storage that is the MLflow store's database (Alembic tables collide)."""
+    storage, tracking = _database_identity(storage_url), _database_identity(tracking_uri)
+    if storage_url == tracking_uri or (storage is not None and storage == tracking):
+        raise ValueError(
+            f"the Optuna storage {mask_secrets(storage_url)} is the MLflow tracking store; "
+            "use another database (e.g. optuna.db or PostgreSQL database 'optuna')"
+        )
+
+
+def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale: Callable) -> optuna.storages.BaseStorage:
+    """A journal file storage, or an RDB storage that re-queues stale trials via ``on_stale``."""
+    if is_journal(url):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs = {}
+    if url.startswith("sqlite:"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # The heartbeat thread writes while the trial writes: wait for the lock, don't fail.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        heartbeat_stale_trial_callback=on_stale,
+    )
+
+
+def has_heartbeat(storage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage)
+
+
+# --------------------------------------------------------------------------- dead workers
+
+
+def machine_id() -> str:
+    """Host name plus PID namespace: two containers sharing a host name still differ."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def start_ticks(pid: int) -> Optional[int]:
+    """The process's start time (clock ticks since boot), None if unknown or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def owner_record(trial_number: int) -> dict:
+    pid = os.getpid()
+    return {"machine": machine_id(), "pid": pid, "started": start_ticks(pid), "trial": trial_number}
+
+
+def process_alive(pid: int, started: Optional[int]) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    ticks = start_ticks(pid)
+    if Path("/proc/self/stat").exists():
+        return ticks is not None and (started is None or ticks == started)
+    return True
+
+
+def reap_dead_workers(study: optuna.Study, on_stale: Callable, unclaimed_grace_s: Optional[float]) -> list[int]:
+    """Fail RUNNING trials whose local worker process is gone and hand each to ``on_stale``.
+
+    A trial not yet claimed by its worker (popped, owner not written yet) counts as dead
+    after ``unclaimed_grace_s``; None leaves those to the heartbeat, as it does trials of
+    other machines.
+    """
+    here = machine_id()
+    reaped = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER_ATTR) or {}
+        if owner.get("trial") == trial.number:
+            if owner.get("machine") != here or process_alive(owner["pid"], owner.get("started")):
+                continue
+        elif unclaimed_grace_s is None or trial.datetime_start is None:
+            continue
+        elif time.time() - trial.datetime_start.timestamp() < unclaimed_grace_s:
+            continue
+        try:
+            failed = study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker reaped it first
+        log.warning("trial %d: its worker (pid %s) is gone; marked FAIL", trial.number, owner.get("pid", "?"))
+        on_stale(study, failed)
+        reaped.append(trial.number)
+    return reaped
+
+
+# --------------------------------------------------------------------------- budget
+
+
+@dataclass
+class Usage:
+    """Trials that count against ``tune.n_trials``, and what is still open."""
+
+    used: int
+    running: int
+    waiting: int
+    complete: int
+    pruned: int
+    failed: int
+
+
+def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Every trial, except surplus ones and failed ones whose retry carries their slot."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    return [
+        t for t in trials
+        if not t.user_attrs.get(SURPLUS_ATTR) and not (t.state == TrialState.FAIL and t.number in retried)
+    ]
+
+
+def usage(study: optuna.Study) -> Usage:
+    counted = _counted(study.get_trials(deepcopy=False))
+    by_state = {state: sum(t.state == state for t in counted) for state in TrialState}
+    return Usage(
+        used=len(counted),
+        running=by_state[TrialState.RUNNING],
+        waiting=by_state[TrialState.WAITING],
+        complete=by_state[TrialState.COMPLETE],
+        pruned=by_state[TrialState.PRUNED],
+        failed=by_state[TrialState.FAIL],
+    )
+
+
+def within_budget(study: optuna.Study, trial_number: int, n_trials: int) -> bool:
+    """Whether fewer than ``n_trials`` counted trials precede ``trial_number``.
+
+    Two workers may create trials at the same moment; the later number loses, so the
+    study never runs more than ``n_trials`` trials that count.
+    """
+    counted = _counted(study.get_trials(deepcopy=False))
+    return sum(t.number < trial_number for t in counted) < n_trials
+

@@ -1,0 +1,240 @@
+"""Workers run trials until the shared budget is spent; ``launch`` starts N of them here.
+
+A worker loops: reap trials of dead workers, count the budget in the storage, run one
+trial (``study.optimize(n_trials=1)``, so RDB heartbeats run), repeat. When the budget is
+spent but trials still run elsewhere it waits (``wait_for_running``), because one of them
+may die and come back as a re-queued trial. SIGTERM/Ctrl-C: the current trial saves a
+checkpoint and is re-queued, then the worker exits.
+
+``launch`` with ``--workers N`` starts N ``ssod-tune worker`` processes on this machine,
+each with its own ``CUDA_VISIBLE_DEVICES`` (empty for CPU), restarts a worker that
+crashed, forwards SIGTERM, and writes the report when all are done.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from typing import Optional
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from ssod.tuning.objective import Objective, TrialInterrupted, Trainer
+from ssod.tuning.report import mark_trial_run, parent_run, write_report
+from ssod.tuning.settings import PrunerSpec, SamplerSpec, StudySetup
+from ssod.tuning.storage import RESOLVED_ENV, Usage, is_journal, open_storage, reap_dead_workers, usage
+
+log = logging.getLogger(__name__)
+
+
+class StaleTrials:
+    """A trial whose worker died: re-queue it with its parameters, close its run FAILED."""
+
+    def __init__(self, setup: StudySetup) -> None:
+        self.setup = setup
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=setup.tune.max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.retry(study, trial)
+        try:
+            mark_trial_run(self.setup, trial.number, "FAIL")
+        except Exception:  # noqa: BLE001 - the re-queue matters more than the run's status
+            log.exception("trial %d: could not mark its MLflow run", trial.number)
+
+
+def build_sampler(spec: SamplerSpec, worker_index: int, salt: int = 0) -> optuna.samplers.BaseSampler:
+    """Worker k samples with ``seed + k (+ salt)``: same-seeded workers would propose the same values."""
+    seed = None if spec.seed is None else spec.seed + worker_index + salt
+    if spec.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=spec.n_startup_trials, multivariate=spec.multivariate, constant_liar=spec.constant_liar
+    )
+
+
+def build_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
+    if spec.name == "none":
+        return optuna.pruners.NopPruner()
+    if spec.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(spec.min_resource, spec.max_resource, spec.reduction_factor)
+    if spec.name == "threshold":
+        return optuna.pruners.ThresholdPruner(spec.lower, spec.upper, spec.n_warmup_steps, spec.interval_steps)
+    return optuna.pruners.MedianPruner(spec.n_startup_trials, spec.n_warmup_steps, spec.interval_steps)
+
+
+def open_study(setup: StudySetup, worker_index: int = 0) -> optuna.Study:
+    """Create the study or join it (``load_if_exists``): workers may start at any time."""
+    tune = setup.tune
+    storage = open_storage(setup.storage_url, tune.heartbeat_interval, tune.grace_period, StaleTrials(setup))
+    local = is_journal(setup.storage_url) or setup.storage_url.startswith("sqlite:")
+    salt = 0 if local else zlib.crc32(os.uname().nodename.encode()) % 100_000 * 100
+    return optuna.create_study(
+        study_name=tune.study_name,
+        storage=storage,
+        sampler=build_sampler(tune.sampler, worker_index, salt),
+        pruner=build_pruner(tune.pruner),
+        direction=tune.direction,
+        load_if_exists=True,
+    )
+
+
+def run_worker(
+    setup: StudySetup, worker_index: int = 0, trainer: Optional[Trainer] = None, stop: Optional[threading.Event] = None
+) -> Usage:
+    """Run trials of the study until the budget is spent or ``stop`` is set (SIGTERM/SIGINT
+    set it); returns the study's usage. ``trainer(cfg, on_eval) -> metrics`` defaults to
+    ``ssod.train.run``.
+    """
+    tune = setup.tune
+    stop = stop or threading.Event()
+    on_stale = StaleTrials(setup)
+    study = open_study(setup, worker_index)
+    objective = Objective(setup, parent_run(setup), stop, trainer)
+    heartbeat = not is_journal(setup.storage_url)
+    deadline = time.monotonic() + tune.timeout_s if tune.timeout_s else None
+    restore = _handle_signals(stop, objective)
+    try:
+        while not stop.is_set():
+            reap_dead_workers(study, on_stale, None if heartbeat else tune.grace_period)
+            if heartbeat:
+                optuna.storages.fail_stale_trials(study)
+            now = usage(study)
+            late = deadline is not None and time.monotonic() > deadline
+            if (now.used < tune.n_trials or now.waiting) and not late:
+                try:
+                    study.optimize(objective, n_trials=1, gc_after_trial=True)
+                except (TrialInterrupted, KeyboardInterrupt) as error:
+                    log.warning("trial %s interrupted (%s): re-queued; worker stops", objective.last_trial, type(error).__name__)
+                    _requeue(study, objective.last_trial, on_stale)
+                    break
+                continue
+            if now.running == 0 or not tune.wait_for_running or late:
+                break
+            log.info("budget spent; waiting for %d running trial(s)", now.running)
+            stop.wait(tune.poll_interval_s)
+    finally:
+        restore()
+    return usage(study)
+
+
+def _requeue(study: optuna.Study, number: Optional[int], on_stale: StaleTrials) -> None:
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        if trial.number == number:
+            on_stale(study, copy.deepcopy(trial))
+
+
+def _handle_signals(stop: threading.Event, objective: Objective):
+    """SIGTERM/SIGINT: finish cleanly (a second Ctrl-C raises at once). Returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handle(signum, frame) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("signal %d: stopping after a checkpoint", signum)
+        stop.set()
+        objective.forward_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(signum, handler) for signum, handler in previous.items()]
+
+
+def assign_devices(workers: int, gpus: Optional[list[str]], per_trial: int) -> list[Optional[str]]:
+    """``CUDA_VISIBLE_DEVICES`` per worker: None leaves it alone, '' means CPU."""
+    if gpus is None:
+        return [None] * workers
+    if not gpus:
+        return [""] * workers
+    groups = [gpus[i : i + per_trial] for i in range(0, len(gpus), per_trial)]
+    if len(groups) > 1 and len(groups[-1]) < per_trial:
+        log.warning("GPUs %s left over: %d per trial", groups.pop(), per_trial)
+    if workers > len(groups):
+        log.warning("%d workers share %d GPU group(s)", workers, len(groups))
+    return [",".join(groups[i % len(groups)]) for i in range(workers)]
+
+
+def launch(setup: StudySetup, workers: int, gpus: Optional[list[str]]) -> int:
+    """Run ``workers`` workers on this machine, then report. Returns the exit status."""
+    tune = setup.tune
+    study = open_study(setup)  # created here, so workers only join
+    parent = parent_run(setup)
+    if workers > 1 and gpus is None:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    devices = assign_devices(workers, gpus, tune.processes_per_trial)
+    stopped = threading.Event()
+    if workers == 1:
+        if devices[0] is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
+        run_worker(setup, 0, stop=stopped)
+        status = 0
+    else:
+        status = _supervise(setup, devices, stopped)
+    now = usage(study)
+    done = now.used >= tune.n_trials and now.running == 0 and now.waiting == 0
+    summary = write_report(setup, study, parent, final=done)
+    log.info("study %s: %s", tune.study_name, {k: v for k, v in summary.items() if k != "study"})
+    if not done and status == 0 and not stopped.is_set():
+        log.warning("budget not finished (%s); run ssod-tune again to continue", now)
+    return 143 if stopped.is_set() else status
+
+
+def _worker_command(setup: StudySetup, index: int) -> list[str]:
+    return [sys.executable, "-m", "ssod.tune", "worker", "--index", str(index), *setup.cli_overrides]
+
+
+def _worker_env(setup: StudySetup, device: Optional[str], workers: int) -> dict[str, str]:
+    env = {**os.environ, RESOLVED_ENV: setup.storage_url, "PYTHONUNBUFFERED": "1"}
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    if not device:
+        # CPU workers split the cores instead of each starting one thread per core.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+    return env
+
+
+def _supervise(setup: StudySetup, devices: list[Optional[str]], stopped: threading.Event) -> int:
+    """Start one process per device slot; restart crashed ones; pass SIGTERM/SIGINT on."""
+    def start(index: int) -> subprocess.Popen:
+        log.info("worker %d: CUDA_VISIBLE_DEVICES=%r", index, devices[index])
+        return subprocess.Popen(_worker_command(setup, index), cwd=setup.project_dir, env=_worker_env(setup, devices[index], len(devices)))
+
+    running = {index: start(index) for index in range(len(devices))}
+
+    def forward(signum, frame) -> None:
+        stopped.set()
+        for process in running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    restarts, status = 0, 0
+    try:
+        while running:
+            for index, process in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[index]
+                if code != 0 and not stopped.is_set() and restarts < setup.tune.max_worker_restarts:
+                    restarts += 1
+                    log.warning("worker %d exited with %d: restarting it (%d/%d)", index, code, restarts, setup.tune.max_worker_restarts)
+                    running[index] = start(index)
+                elif code != 0 and not stopped.is_set():
+                    log.error("worker %d exited with %d", index, code)
+                    status = 1
+            time.sleep(0.5)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return status

@@ -1,0 +1,158 @@
+"""Atomic checkpoints: complete or absent, keep-N after completion, safe loading, RNG round trip."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssod import checkpoint
+from ssod.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "weights": torch.full((3, 2), float(step)), "names": ["a", "b"], "nested": {"lr": 0.1}}
+
+
+def test_save_then_load_round_trips_and_leaves_no_temp_file(tmp_path: Path):
+    path = save_checkpoint(tmp_path, 7, _state(7))
+    assert path == tmp_path / "step-00000007.pt" == checkpoint_path(tmp_path, 7)
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 7 and loaded["names"] == ["a", "b"] and loaded["nested"] == {"lr": 0.1}
+    assert torch.equal(loaded["weights"], torch.full((3, 2), 7.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000007.pt"]
+
+
+def test_keep_n_deletes_only_older_checkpoints(tmp_path: Path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, _state(step), keep=2)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 4]
+    save_checkpoint(tmp_path, 5, _state(5), keep=0)  # keep <= 0: keep everything
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 4, 5]
+
+
+def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(tmp_path: Path, monkeypatch):
+    save_checkpoint(tmp_path, 1, _state(1), keep=1)
+    seen_during_write = []
+    real_save = torch.save
+
+    def save_and_look(state, handle):
+        # While the new checkpoint is being written, the old one must still be there.
+        seen_during_write.extend(p.name for p in tmp_path.iterdir())
+        real_save(state, handle)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_and_look)
+    save_checkpoint(tmp_path, 2, _state(2), keep=1)
+    assert "step-00000001.pt" in seen_during_write
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_as_the_newest(tmp_path: Path, monkeypatch):
+    save_checkpoint(tmp_path, 1, _state(1))
+
+    def half_write_then_crash(state, handle):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(checkpoint.torch, "save", half_write_then_crash)
+    with pytest.raises(CheckpointError, match=r"step-00000002\.pt.*I/O error.*step-00000001\.pt"):
+        save_checkpoint(tmp_path, 2, _state(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001.pt"]
+    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "step-00000001.pt"
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch):
+    save_checkpoint(tmp_path, 1, _state(1), keep=1)
+
+    def disk_full(state, handle):
+        handle.write(b"\0" * 128)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="disk is full") as caught:
+        save_checkpoint(tmp_path, 2, _state(2), keep=1)
+    assert "step-00000001.pt" in str(caught.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001.pt"]
+    assert load_checkpoint(tmp_path / "step-00000001.pt")["step"] == 1
+
+
+def test_stale_temp_files_are_ignored_and_cleaned_up(tmp_path: Path):
+    save_checkpoint(tmp_path, 1, _state(1))
+    stale = tmp_path / ".step-00000002.pt.tmp-99999"  # what SIGKILL mid-write leaves
+    stale.write_bytes(b"partial")
+    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "step-00000001.pt"
+    save_checkpoint(tmp_path, 3, _state(3))
+    assert not stale.exists()
+
+
+class Payload:
+    """Anything with a ``__reduce__`` runs code when unpickled: here, it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused_without_running_it(tmp_path: Path):
+    path = tmp_path / "step-00000001.pt"
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "student": {"w": torch.zeros(1)}, "evil": Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match=rf"{path}.*[Ww]eights.only"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    assert find_resume_checkpoint("auto", tmp_path) == path  # found, but refused when loaded
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path: Path):
+    complete = save_checkpoint(tmp_path, 1, _state(1))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(complete.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="could not load checkpoint .*truncated.pt"):
+        load_checkpoint(truncated)
+
+
+def test_find_resume_checkpoint(tmp_path: Path):
+    assert find_resume_checkpoint(None, tmp_path) is None
+    assert find_resume_checkpoint("", tmp_path) is None
+    assert find_resume_checkpoint("auto", tmp_path / "absent") is None  # nothing yet: start fresh
+    for step in (2, 10):
+        save_checkpoint(tmp_path, step, _state(step), keep=5)
+    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "step-00000010.pt"
+    assert find_resume_checkpoint(str(tmp_path), tmp_path / "other") == tmp_path / "step-00000010.pt"
+    explicit = tmp_path / "step-00000002.pt"
+    assert find_resume_checkpoint(str(explicit), tmp_path) == explicit
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        find_resume_checkpoint(str(tmp_path / "missing.pt"), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        find_resume_checkpoint(str(tmp_path / "empty"), tmp_path)
+
+
+def _draw() -> tuple:
+    return random.random(), np.random.rand(), torch.rand(3).tolist(), np.random.normal()
+
+
+def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path: Path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()  # leaves a cached Gaussian in NumPy's state
+    path = save_checkpoint(tmp_path, 1, {"rng": rng_state()})
+    expected = _draw()
+    _draw()
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert _draw() == expected

@@ -1,0 +1,136 @@
+"""The one door to MLflow: runs, params, metrics, statuses and secrets, in a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssod.tracking import Tracker, artifact_location_for, default_tracking_uri, mask_secrets
+
+SECRET_URI = "postgresql+psycopg2://mlflow:s3cr3t-Pa55@db.example.org:5432/mlflow"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (SECRET_URI, "postgresql+psycopg2://mlflow:***@db.example.org:5432/mlflow"),
+        ("http://user:p%40ss:word@host/x", "http://user:***@host/x"),
+        ("s3://:token@bucket/key", "s3://:***@bucket/key"),
+        (
+            "primary postgresql://a:one@h1/db, replica mysql://b:two@h2/db",
+            "primary postgresql://a:***@h1/db, replica mysql://b:***@h2/db",
+        ),
+        ("uri: 'sqlite:////tmp/mlflow.db'", "uri: 'sqlite:////tmp/mlflow.db'"),
+        ("https://user@host/path", "https://user@host/path"),  # a user name alone is not a secret
+        ("http://host:5000/api", "http://host:5000/api"),  # a port is not a password
+        ("not a uri: a:b@c", "not a uri: a:b@c"),
+    ],
+)
+def test_mask_secrets(text: str, expected: str):
+    assert mask_secrets(text) == expected
+
+
+def test_default_tracking_uri_is_an_absolute_sqlite_file_unless_the_environment_says(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = default_tracking_uri(".")
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert artifact_location_for(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert default_tracking_uri(tmp_path) == "http://mlflow:5000"
+    assert artifact_location_for("http://mlflow:5000") is None
+
+
+def test_a_run_logs_params_metrics_artifacts_and_its_status(tmp_path: Path, mlflow_uri: str, mlflow_store):
+    tracker = Tracker(mlflow_uri, "unit")
+    run_id = tracker.start("name", {"db": SECRET_URI})
+    tracker.log_params({"train.lr": 0.01, "data.train_json": SECRET_URI, "long": "x" * 7000, "none": None})
+    tracker.log_metrics({"a": torch.tensor(1.5), "b": np.float32(2.0), "c": 3, "nan": float("nan")}, step=10)
+    tracker.log_text(f"uri: {SECRET_URI}\n", "config.yaml")
+    tracker.log_dict({"val/teacher/bbox_AP": 0.5}, "final_metrics.json")
+    tracker.end("FINISHED")
+
+    run = mlflow_store.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "name"
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert run.data.params["train.lr"] == "0.01"
+    assert run.data.params["data.train_json"] == mask_secrets(SECRET_URI)
+    assert len(run.data.params["long"]) == 6000 and run.data.params["none"] == "None"
+    assert run.data.tags["db"] == mask_secrets(SECRET_URI)
+    assert run.data.metrics == {"a": 1.5, "b": 2.0, "c": 3.0}  # NaN is not stored
+    assert mlflow_store.steps(run_id, "a") == [10]
+    config = mlflow_store.read_text(run_id, "config.yaml")
+    assert "s3cr3t" not in config and "mlflow:***@db.example.org" in config
+    assert json.loads(mlflow_store.read_text(run_id, "final_metrics.json")) == {"val/teacher/bbox_AP": 0.5}
+
+
+@pytest.mark.parametrize("status", ["FAILED", "KILLED"])
+def test_end_sets_the_status_we_mean(mlflow_uri: str, mlflow_store, status: str):
+    tracker = Tracker(mlflow_uri, "unit")
+    run_id = tracker.start("name")
+    assert mlflow_store.client.get_run(run_id).info.status == "RUNNING"
+    tracker.end(status)
+    assert mlflow_store.client.get_run(run_id).info.status == status
+
+
+def test_a_resumed_run_skips_the_steps_it_already_has(mlflow_uri: str, mlflow_store):
+    first = Tracker(mlflow_uri, "unit")
+    run_id = first.start("name")
+    first.log_params({"train.lr": 0.01})
+    for step in (2, 4, 6):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.log_metrics({"val/AP": 0.1}, 4)
+    # SIGKILL: no end(), the run stays RUNNING; a resume reopens it.
+    second = Tracker(mlflow_uri, "unit")
+    assert second.start("name", {"resumed": "yes"}, run_id=run_id) == run_id
+    assert second.skip_until_step == 6
+    second.log_params({"train.lr": 0.02, "train.iterations": 12})  # existing params are not re-logged
+    for step in (4, 6, 8):  # the resumed run recomputes steps 4 and 6 from an older checkpoint
+        second.log_metrics({"train/loss": 100.0 + step, "val/AP": 0.2}, step)
+    second.end("FINISHED")
+
+    assert [run.info.run_id for run in mlflow_store.runs("unit")] == [run_id]
+    run = mlflow_store.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "yes"
+    assert run.data.params == {"train.lr": "0.01", "train.iterations": "12"}
+    assert mlflow_store.history(run_id, "train/loss") == {2: [2.0], 4: [4.0], 6: [6.0], 8: [108.0]}
+    assert mlflow_store.history(run_id, "val/AP") == {4: [0.1], 8: [0.2]}
+    mlflow_store.assert_no_step_twice(run_id)
+
+
+def test_nested_runs_point_at_their_parent(mlflow_uri: str, mlflow_store):
+    parent = Tracker(mlflow_uri, "unit")
+    parent_id = parent.start("study")
+    child = Tracker(mlflow_uri, "unit")
+    child_id = child.start("trial-0", parent_run_id=parent_id)
+    assert mlflow_store.client.get_run(child_id).data.tags["mlflow.parentRunId"] == parent_id
+
+
+def test_dataset_inputs_record_path_context_and_digest(tmp_path: Path, mlflow_uri: str, mlflow_store):
+    json_path = tmp_path / "train.json"
+    json_path.write_text('{"images": [], "annotations": [], "categories": []}')
+    tracker = Tracker(mlflow_uri, "unit")
+    run_id = tracker.start("name")
+    tracker.log_dataset(json_path, name="train.json", context="train")
+    (entry,) = mlflow_store.client.get_run(run_id).inputs.dataset_inputs
+    assert entry.dataset.name == "train.json" and str(json_path) in entry.dataset.source
+    assert len(entry.dataset.digest) == 16
+    assert {(tag.key, tag.value) for tag in entry.tags} == {("mlflow.data.context", "train")}
+
+
+def test_a_disabled_tracker_never_touches_the_store(tmp_path: Path, mlflow_uri: str):
+    tracker = Tracker(mlflow_uri, "unit", enabled=False)
+    assert tracker.start("name") == ""
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"a": 1.0}, 1)
+    tracker.log_text("x", "x.txt")
+    tracker.set_tags({"a": "b"})
+    tracker.end("FINISHED")
+    assert not (tmp_path / "mlartifacts").exists()
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=mlflow_uri).search_experiments(filter_string="name = 'unit'") == []

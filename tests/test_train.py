@@ -1,0 +1,144 @@
+"""End to end: train a tiny detector, evaluate, checkpoint, resume, and read it all back from MLflow."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssod.checkpoint import list_checkpoints, load_checkpoint
+from ssod.data.splits import make_split, split_paths
+from ssod.data.synthetic import SyntheticRecipe, ensure_synthetic
+from ssod.train import run
+
+SECRET = "postgresql+psycopg2://u:secret@h/db"
+MASKED = "postgresql+psycopg2://u:***@h/db"
+# Iterations 1-3, evaluation at the end, checkpoints at 2 and 3; then a resume to 4.
+FIRST = ("train.iterations=3", "train.ckpt_every=2", "train.keep_checkpoints=5", "data.val_max_images=4")
+RESUMED = ("train.iterations=4", "train.ckpt_every=2", "train.keep_checkpoints=5", "data.val_max_images=4", "train.resume=auto")
+
+
+def assert_same_weights(first: dict, second: dict, atol: float = 0.0) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        if atol == 0.0:
+            assert torch.equal(first[name], second[name]), f"{name} differs"
+        else:
+            assert torch.allclose(first[name], second[name], atol=atol, rtol=0), f"{name} differs"
+
+
+def final_checkpoint(output_dir: Path) -> dict:
+    return load_checkpoint(list_checkpoints(output_dir / "checkpoints")[-1][1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["supervised", "soft_teacher", "polish_teacher"])
+def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, mlflow_store, tmp_path: Path):
+    secrets = (f"data.train_json='{SECRET}'", f"+tracking.tags.database='{SECRET}'")
+    first = run(make_config(*FIRST, *secrets, method=method))
+    assert 0.0 <= first["val/teacher/bbox_AP"] <= 1.0
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [2, 3]
+    # A crash after step 3 was logged but before its checkpoint: the resume restarts at 2,
+    # recomputes step 3 (already in MLflow, not logged again) and goes on to 4.
+    (checkpoints / "step-00000003.pt").unlink()
+    final = run(make_config(*RESUMED, *secrets, method=method))
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [2, 4]
+    assert load_checkpoint(checkpoints / "step-00000004.pt")["step"] == 4
+
+    run_ = mlflow_store.only_run()
+    run_id = run_.info.run_id
+    assert run_.info.status == "FINISHED"
+    assert load_checkpoint(checkpoints / "step-00000004.pt")["mlflow_run_id"] == run_id
+    params = run_.data.params
+    assert params["train.lr"] == "0.01" and params["method.name"] == method
+    assert params["train.iterations"] == "3"  # params of the first start; a resume does not rewrite them
+    assert params["data.train_json"] == MASKED and run_.data.tags["database"] == MASKED
+
+    assert mlflow_store.steps(run_id, "train/loss") == [1, 2, 3, 4]
+    for key in ("val/teacher/bbox_AP", "val/student/bbox_AP", "val/teacher/bbox_AP50", "val/student/bbox_AR100"):
+        assert sorted(mlflow_store.steps(run_id, key)) == [3, 4], key
+    assert mlflow_store.steps(run_id, "train/lr") == [1, 2, 3, 4]
+    assert mlflow_store.history(run_id, "train/nonfinite_steps") == {1: [0.0], 2: [0.0], 3: [0.0], 4: [0.0]}
+    mlflow_store.assert_no_step_twice(run_id)
+
+    artifacts = mlflow_store.artifacts(run_id)
+    assert {"config.yaml", "final_metrics.json", "checkpoints/step-00000004.pt"} <= set(artifacts)
+    config = mlflow_store.read_text(run_id, "config.yaml")
+    assert "secret" not in config and MASKED in config and f"name: {method}" in config
+    logged_final = json.loads(mlflow_store.read_text(run_id, "final_metrics.json"))
+    assert logged_final["val/teacher/bbox_AP"] == pytest.approx(final["val/teacher/bbox_AP"])
+    contexts = {tag.value for entry in run_.inputs.dataset_inputs for tag in entry.tags}
+    names = {entry.dataset.name for entry in run_.inputs.dataset_inputs}
+    assert contexts == ({"train", "eval"} if method == "supervised" else {"train", "unlabeled", "eval"})
+    assert "val.json" in names and len(run_.inputs.dataset_inputs) == len(contexts)
+
+    if method == "supervised":
+        assert not any(key.startswith(("pseudo/", "polish/", "train/unsup")) for key in run_.data.metrics)
+    else:
+        for key in ("pseudo/raw/num_per_image", "pseudo/raw/recall", "train/unsup/roi_cls"):
+            assert mlflow_store.steps(run_id, key) == [1, 2, 3, 4], key
+        assert any(path.startswith("pseudo_labels/") and path.endswith(".png") for path in artifacts)
+    if method == "polish_teacher":
+        for key in ("polish/box/iou_before", "polish/box/iou_after", "polish/cls/acc", "train/polish/box"):
+            assert mlflow_store.steps(run_id, key) == [1, 2, 3, 4], key
+        assert {"pseudo_labels/step_00000003.png", "pseudo_labels/step_00000004.png"} <= set(artifacts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["supervised", "polish_teacher"])
+def test_a_run_extended_by_a_resume_ends_with_the_weights_of_an_uninterrupted_one(method: str, make_config, tmp_path: Path):
+    """Exact equality on the CPU: 2 iterations (evaluated and checkpointed at the end) resumed
+    to 4 equal 4 straight ones: data, augmentation and RNG are restored, evaluation draws nothing."""
+    extended = f"train.output_dir={tmp_path / 'extended'}"
+    run(make_config(extended, "train.iterations=2", method=method))
+    run(make_config(extended, "train.iterations=4", "train.resume=auto", method=method))
+    run(make_config(f"train.output_dir={tmp_path / 'straight'}", "train.iterations=4", "tracking.experiment=straight",
+                    method=method))
+    resumed, straight = final_checkpoint(tmp_path / "extended"), final_checkpoint(tmp_path / "straight")
+    assert resumed["step"] == straight["step"] == 4
+    assert_same_weights(resumed["student"], straight["student"])
+    assert_same_weights(resumed["teacher"], straight["teacher"])
+    assert_same_weights(resumed["optimizer"]["state"][0], straight["optimizer"]["state"][0])
+
+
+def _garbage_annotations(data: dict, seed: int) -> dict:
+    """The same images with random boxes and labels (valid categories, other counts)."""
+    rng = random.Random(seed)
+    category_ids = [category["id"] for category in data["categories"]]
+    annotations = []
+    for image in data["images"]:
+        for _ in range(rng.randint(0, 6)):
+            x, y = rng.uniform(0, image["width"] - 8), rng.uniform(0, image["height"] - 8)
+            w, h = rng.uniform(4, image["width"] - x), rng.uniform(4, image["height"] - y)
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": rng.choice(category_ids),
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    return {**data, "annotations": annotations}
+
+
+@pytest.mark.slow
+def test_the_hidden_ground_truth_of_unlabeled_images_never_reaches_training(make_config, dataset_cache: Path, tmp_path: Path):
+    """Issue 3: replacing the unlabeled json's annotations by garbage changes no weight."""
+    paths = ensure_synthetic(dataset_cache / "synthetic", SyntheticRecipe(num_train=40, num_val=8))
+    make_split(paths.train_json, tmp_path / "splits", fold=1, percent=10.0, seed=0)
+    labeled, unlabeled = split_paths(paths.train_json, tmp_path / "splits", 1, 10.0)
+    garbage = tmp_path / "garbage-unlabeled.json"
+    real = json.loads(unlabeled.read_text())
+    garbage.write_text(json.dumps(_garbage_annotations(real, seed=1)))
+    assert json.loads(garbage.read_text())["annotations"] != real["annotations"]
+
+    weights = {}
+    for name, unlabeled_json in (("real", unlabeled), ("garbage", garbage)):
+        run(make_config(
+            "data.name=coco", f"data.train_json={labeled}", f"data.train_images={paths.train_images}",
+            f"data.unlabeled_json={unlabeled_json}", f"data.val_json={paths.val_json}", f"data.val_images={paths.val_images}",
+            "data.val_max_images=2", "train.iterations=2", f"train.output_dir={tmp_path / name}",
+            "method.pseudo_label_initial_score_thr=0.0",  # an untrained teacher: keep all its boxes
+            method="polish_teacher",
+        ))
+        weights[name] = final_checkpoint(tmp_path / name)
+    for part in ("student", "teacher"):
+        assert_same_weights(weights["real"][part], weights["garbage"][part])
