@@ -12,6 +12,7 @@ says where to put it. Tests and synthetic runs use no weights.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -73,7 +74,7 @@ def norm_layer_for(weights) -> Callable[[int], nn.Module]:
     """
     if weights is not None:
         return FrozenBatchNorm2d
-    return lambda channels: nn.GroupNorm(min(32, channels // 4), channels)
+    return lambda channels: nn.GroupNorm(math.gcd(channels, 32), channels)
 
 
 def resnet_with_fpn(name: str, weights, trainable_layers: int, norm, out_channels: int) -> BackboneWithFPN:

@@ -1,0 +1,67 @@
+"""Detector construction: architectures, frozen stages, no internal resize, offline weights."""
+
+import pytest
+import torch
+
+from ssod.config import ModelConfig
+from ssod.models.detector import build_detector, resolve_backbone_weights
+
+
+@pytest.mark.parametrize("arch", ["resnet18_fpn", "mobilenet_v3_fpn"])
+def test_small_architectures_predict_in_input_pixels(arch):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, fpn_channels=16, box_head_dim=32, anchor_sizes=[8, 16, 32, 64, 128])
+    model = build_detector(cfg, num_classes=4).eval()
+    image = torch.rand(3, 70, 90)
+    with torch.no_grad():
+        out = model([image])[0]
+    assert model.roi_heads.box_predictor.cls_score.out_features == 5  # 4 classes + background
+    if len(out["boxes"]):
+        assert out["boxes"][:, 2].max() <= 90 and out["boxes"][:, 3].max() <= 70
+    images, _ = model.transform([image])
+    assert tuple(images.image_sizes[0]) == (70, 90)  # padded, never resized
+
+
+def test_resnet50_paper_model_freezes_first_stage_without_weights_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cfg = ModelConfig(arch="resnet50_fpn", weights_backbone="IMAGENET1K_V1")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        build_detector(cfg, num_classes=80)
+
+
+def test_resnet50_trainable_layers(monkeypatch):
+    cfg = ModelConfig(arch="resnet50_fpn", trainable_backbone_layers=3)
+    model = build_detector(cfg, num_classes=2)
+    body = model.backbone.body
+    # Without pretrained weights every stage trains; the paper freezes only with weights.
+    assert all(p.requires_grad for p in body.layer1.parameters())
+    assert model.backbone.out_channels == 256
+
+
+def test_frozen_stages_with_cached_weights(tmp_path, monkeypatch):
+    """A weights file in TORCH_HOME is used offline and the first stage is frozen."""
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    torch.save(resnet18().state_dict(), cached)
+    assert resolve_backbone_weights("resnet18_fpn", "IMAGENET1K_V1") is weights
+    model = build_detector(ModelConfig(arch="resnet18_fpn", weights_backbone="IMAGENET1K_V1", trainable_backbone_layers=3), 2)
+    body = model.backbone.body
+    assert not any(p.requires_grad for p in body.conv1.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    assert torch.equal(body.conv1.weight, torch.load(cached)["conv1.weight"])
+
+
+def test_unknown_weights_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_backbone_weights("resnet18_fpn", "NOPE")
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="model.arch"):
+        build_detector(ModelConfig(arch="vgg"), 2)

@@ -1,0 +1,41 @@
+"""Config composition: groups, experiments, overrides, typed schemas."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from ssod.config import compose, flatten
+
+
+def test_default_is_polish_teacher_on_synthetic():
+    cfg = compose()
+    assert cfg.method.name == "polish_teacher"
+    assert cfg.data.name == "synthetic"
+    assert cfg.model.arch == "resnet18_fpn"
+    assert cfg.method.rf_cls_thr == 0.9
+
+
+def test_overrides_and_experiments():
+    cfg = compose(["method=soft_teacher", "train.iterations=7", "data.percent=5"])
+    assert (cfg.method.name, cfg.train.iterations, cfg.data.percent) == ("soft_teacher", 7, 5.0)
+    assert cfg.method.cls_pseudo_threshold == 0.9 and cfg.method.unsup_weight == 4.0
+    coco = compose(["experiment=coco_partial", "data.fold=2"])
+    assert coco.model.arch == "resnet50_fpn" and coco.train.iterations == 180000
+    assert coco.train.lr_steps == [120000, 160000] and coco.method.unsup_weight == 3.0
+    assert coco.data.fold == 2
+    voc = compose(["experiment=voc"])
+    assert voc.method.unsup_weight == 1.0 and voc.train.batch_unlabeled == 1
+
+
+def test_wrong_key_or_type_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose(["train.iterationz=3"])
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose(["train.iterations=many"])
+
+
+def test_flatten_gives_dotted_resolved_keys():
+    flat = flatten(compose(["train.run_name=abc"]))
+    assert flat["train.lr"] == 0.01
+    assert flat["train.output_dir"] == "outputs/abc"  # interpolation resolved
+    assert flat["method.cls_samples"] == [15, 15]
