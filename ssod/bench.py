@@ -1,0 +1,231 @@
+"""Where an iteration's time goes (``ssod-bench``).
+
+On one fixed batch of the chosen experiment, after warm-up, the median over repeats of:
+a supervised step on the labeled images; a supervised step on labeled + unlabeled images
+(the floor for the student's share); teacher inference on the weak views; polishing
+(voting, pooling, both networks, training and inference); the full ``soft_teacher`` and
+``polish_teacher`` steps; data loading per batch; MLflow logging per interval; and
+evaluation throughput against the detector's own inference throughput. Prints a table,
+the ratios, and logs everything to MLflow (experiment ``ssod-bench``)::
+
+    ssod-bench                                  # CPU, the synthetic experiment
+    ssod-bench --device cuda --overrides experiment=coco_partial data=synthetic model.weights_backbone=null
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from ssod.build import build_loss_weights, build_model, build_optimizer
+from ssod.config import compose, flatten
+from ssod.data.pipeline import build_data
+from ssod.data.sampling import infinite_loader
+from ssod.data.transforms import project_target
+from ssod.engine import SemiSupervisedModel, compute_losses, predict
+from ssod.losses import weighted_total
+from ssod.models.teacher import ema_update
+from ssod.tracking import Tracker, default_tracking_uri
+from ssod.train import to_device
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn`` (synchronising the GPU around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, amp_dtype):
+    """One full training step (losses, backward, optimizer, EMA) on a fixed batch."""
+
+    def step():
+        with torch.autocast(labeled[0][0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            result = compute_losses(student, teacher, labeled, unlabeled, method)
+            total = weighted_total(result.losses, weights)
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(teacher.detector, student.detector, 0.999)
+        return total
+
+    return step
+
+
+def as_labeled(unlabeled: list) -> list:
+    """Strong views with their hidden ground truth projected into them, as labeled samples."""
+    samples = []
+    for _, strong, hidden in unlabeled:
+        height, width = strong.image.shape[-2:]
+        samples.append((strong.image, project_target(hidden, strong.matrix, width, height), strong.matrix))
+    return samples
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="ssod-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--eval-images", type=int, default=32)
+    parser.add_argument("--overrides", nargs="*", default=[])
+    parser.add_argument("--no-mlflow", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    cfg = compose(["method=polish_teacher", *args.overrides])
+    polish = OmegaConf.to_object(cfg.method)
+    soft = OmegaConf.to_object(compose(["method=soft_teacher", *args.overrides]).method)
+    supervised = OmegaConf.to_object(compose(["method=supervised", *args.overrides]).method)
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg.data, Path.cwd(), need_unlabeled=True)
+    student = build_model(cfg.model, polish, data.category_map.num_classes).to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    soft_student = SemiSupervisedModel(student.detector)
+    soft_teacher = SemiSupervisedModel(teacher.detector)
+    optimizer = build_optimizer(cfg.train, student)
+    labeled_iter = infinite_loader(data.labeled, cfg.train.batch_labeled, 0, 0, 1, 0, cfg.data.num_workers)
+    unlabeled_iter = infinite_loader(data.unlabeled, cfg.train.batch_unlabeled, 1, 0, 1, 0, cfg.data.num_workers)
+    labeled = to_device(next(labeled_iter)[0], device)
+    unlabeled = to_device(next(unlabeled_iter)[0], device)
+    everything = labeled + to_device(as_labeled(unlabeled), device)
+    weights = build_loss_weights(polish)
+    timed = lambda fn: median_seconds(fn, device, args.repeats, args.warmup)  # noqa: E731
+    rows: dict[str, float] = {}
+    student.train()
+    rows["supervised step (labeled)"] = timed(make_step(soft_student, soft_teacher, optimizer, supervised, build_loss_weights(supervised), labeled, [], amp_dtype))
+    rows["supervised step (labeled + unlabeled)"] = timed(make_step(soft_student, soft_teacher, optimizer, supervised, build_loss_weights(supervised), everything, [], amp_dtype))
+    rows["teacher inference (weak views)"] = timed(lambda: teacher.detector([u[0].image for u in unlabeled]))
+    rows["polishing (train + polish)"] = timed(_polishing(student, teacher, labeled, unlabeled, amp_dtype))
+    rows["soft_teacher step"] = timed(make_step(soft_student, soft_teacher, optimizer, soft, build_loss_weights(soft), labeled, unlabeled, amp_dtype))
+    rows["polish_teacher step"] = timed(make_step(student, teacher, optimizer, polish, weights, labeled, unlabeled, amp_dtype))
+    rows["data loading per batch"] = timed(lambda: (next(labeled_iter), next(unlabeled_iter)))
+    rows["mlflow logging per interval"], logged = _mlflow_cost(args, rows)
+    eval_ips, model_ips = _eval_throughput(teacher.detector, data.val, device, args.eval_images, cfg.data.num_workers)
+    ratios = {
+        "polish / (supervised all + teacher inference)": rows["polish_teacher step"]
+        / (rows["supervised step (labeled + unlabeled)"] + rows["teacher inference (weak views)"]),
+        "polish / soft_teacher": rows["polish_teacher step"] / rows["soft_teacher step"],
+        "mlflow share of training time": rows["mlflow logging per interval"] / (cfg.train.log_every * rows["polish_teacher step"]),
+        "eval / model inference throughput": eval_ips / model_ips,
+    }
+    report = _table(rows, ratios, eval_ips, model_ips, args, cfg, logged)
+    print(report)
+    if not args.no_mlflow:
+        tracker = Tracker(default_tracking_uri(Path.cwd()), "ssod-bench")
+        tracker.start(f"bench-{args.device}-{args.precision}")
+        tracker.log_params({**flatten(cfg), "bench.device": args.device, "bench.precision": args.precision})
+        tracker.log_metrics({f"bench/{_slug(k)}_s": v for k, v in rows.items()}, 0)
+        tracker.log_metrics({f"bench/ratio/{_slug(k)}": v for k, v in ratios.items()}, 0)
+        tracker.log_metrics({"bench/eval_images_per_s": eval_ips, "bench/model_images_per_s": model_ips}, 0)
+        tracker.log_text(report, "bench.md")
+        tracker.end("FINISHED")
+    return 0
+
+
+def _polishing(student, teacher, labeled, unlabeled, amp_dtype):
+    """Polisher training losses + backward on labeled images, then polishing of weak-view boxes."""
+    detector = teacher.detector
+    images, _ = detector.transform([item[0] for item in labeled] + [u[0].image for u in unlabeled])
+    with torch.no_grad():
+        features = detector.backbone(images.tensors)
+        proposals, _ = detector.rpn(images, features)
+    count = len(labeled)
+    lab_features = {k: v[:count] for k, v in features.items()}
+    weak_features = {k: v[count:] for k, v in features.items()}
+    gt_boxes = [item[1]["boxes"] for item in labeled]
+    gt_labels = [item[1]["labels"] for item in labeled]
+    # Polish the (hidden) ground truth boxes of the weak views as stand-in detections.
+    boxes = [gt_boxes[i % count] for i in range(len(unlabeled))]
+    labels = [gt_labels[i % count] for i in range(len(unlabeled))]
+    scores = [torch.full((len(b),), 0.7, device=b.device) for b in boxes]
+
+    def run():
+        with torch.autocast(images.tensors.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses, _ = student.polisher.losses(lab_features, gt_boxes, gt_labels, proposals[:count], images.image_sizes[:count])
+            sum(losses.values()).backward()
+            teacher.polisher.polish(weak_features, boxes, labels, scores, images.image_sizes[count:])
+
+    return run
+
+
+def _mlflow_cost(args, rows) -> tuple[float, int]:
+    """Median time to log one interval's scalars (~60 metrics) to a fresh SQLite store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench")
+        tracker.start("logging")
+        scalars = {f"train/metric_{i}": float(i) for i in range(60)}
+        step = iter(range(1, 10**6))
+        seconds = median_seconds(lambda: tracker.log_metrics(scalars, next(step)), torch.device("cpu"), args.repeats, 1)
+        tracker.end("FINISHED")
+    return seconds, len(scalars)
+
+
+def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tuple[float, float]:
+    """Images/s of ``predict`` (loading, inference, mapping back) and of the bare detector."""
+    count = min(count, len(dataset))
+    indices = list(range(count))
+    predict(detector, dataset, indices[:4], device, num_workers=workers)  # warm-up
+    start = time.perf_counter()
+    predict(detector, dataset, indices, device, num_workers=workers)
+    eval_ips = count / (time.perf_counter() - start)
+    images = [dataset[i][0][0].to(device) for i in indices]
+    with torch.no_grad():
+        detector(images[:4])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for first in range(0, count, 4):
+            detector(images[first : first + 4])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return eval_ips, count / (time.perf_counter() - start)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+
+
+def _table(rows, ratios, eval_ips, model_ips, args, cfg, logged) -> str:
+    lines = [
+        f"device {args.device}, precision {args.precision}, torch threads {torch.get_num_threads()}, "
+        f"batch {cfg.train.batch_labeled} labeled + {cfg.train.batch_unlabeled} unlabeled, "
+        f"median of {args.repeats} after {args.warmup} warm-up",
+        "",
+        "| part | seconds |",
+        "| --- | --- |",
+        *[f"| {name} | {seconds:.4f} |" for name, seconds in rows.items()],
+        f"| evaluation images/s | {eval_ips:.2f} |",
+        f"| model inference images/s | {model_ips:.2f} |",
+        "",
+        "| ratio | value |",
+        "| --- | --- |",
+        *[f"| {name} | {value:.3f} |" for name, value in ratios.items()],
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
