@@ -23,6 +23,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
+from ssod.models.boxes import best_overlap, paired_box_iou
+
 logger = logging.getLogger(__name__)
 
 # Order of COCOeval.stats for bbox evaluation with the default parameters.
@@ -209,23 +211,6 @@ def match_greedy(
     return matches
 
 
-def best_overlap(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-agnostic best ground truth of each box: (IoU [K] float, index [K] int64, -1 if G = 0)."""
-    if len(gt_boxes) == 0 or len(boxes) == 0:
-        return torch.zeros(len(boxes)), torch.full((len(boxes),), -1, dtype=torch.int64)
-    return box_iou(boxes.float(), gt_boxes.float()).max(dim=1)
-
-
-def _paired_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes[i] with others[i]: [N, 4] and [N, 4] xyxy -> [N]."""
-    top_left = torch.maximum(boxes[:, :2], others[:, :2])
-    bottom_right = torch.minimum(boxes[:, 2:], others[:, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
-    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
-    other_area = (others[:, 2:] - others[:, :2]).clamp(min=0).prod(dim=1)
-    return intersection / (area + other_area - intersection).clamp(min=1e-12)
-
-
 _COUNTERS = (
     "images", "raw", "kept", "gt", "raw_true_positive", "cls_true_positive",
     "localised", "raw_iou_sum", "polished_iou_sum",
@@ -311,7 +296,7 @@ class PseudoLabelQuality:
         localised = best_iou >= self.iou_threshold
         totals["localised"] += int(localised.sum())
         totals["raw_iou_sum"] += float(best_iou[localised].sum())
-        polished_iou = _paired_iou(polished_boxes[localised], gt_boxes[best[localised]])
+        polished_iou = paired_box_iou(polished_boxes[localised], gt_boxes[best[localised]])
         totals["polished_iou_sum"] += float(polished_iou.sum())
 
         labelled = localised & keep

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -190,9 +189,3 @@ def _now_ms() -> int:
 
     return int(time.time() * 1000)
 
-
-def write_temp_text(text: str, name: str) -> Path:
-    """A text file in a fresh temp dir (for artifacts that must carry a given file name)."""
-    path = Path(tempfile.mkdtemp(prefix="ssod-")) / name
-    path.write_text(text)
-    return path
