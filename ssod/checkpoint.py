@@ -127,3 +127,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], optional_prefix: str = "polisher.") -> list[str]:
+    """Load ``weights`` into ``model``; keys under ``optional_prefix`` may be absent on either side.
+
+    Used to start a run from another run's checkpoint (``train.init_from``), e.g. a
+    supervised burn-in, whether or not either side has polishing networks. Any other
+    missing or unexpected key is an error. Returns the optional keys left untouched.
+    """
+    own = model.state_dict()
+    usable = {k: v for k, v in weights.items() if k in own or not k.startswith(optional_prefix)}
+    missing, unexpected = model.load_state_dict(usable, strict=False)
+    required = [k for k in missing if not k.startswith(optional_prefix)]
+    if required or unexpected:
+        raise CheckpointError(f"checkpoint does not fit the model: missing {required[:5]}, unexpected {unexpected[:5]}")
+    return list(missing)

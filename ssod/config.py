@@ -139,6 +139,7 @@ class TrainConfig:
     output_dir: str = "outputs/${train.run_name}"
     run_name: str = "${method.name}-${data.name}"
     resume: Optional[str] = None
+    init_from: Optional[str] = None
     max_consecutive_nonfinite: int = 5
     grad_clip_norm: Optional[float] = None
     num_vis_images: int = 4
@@ -176,6 +177,9 @@ def register_configs() -> None:
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="method", name="method_schema", node=MethodConfig)
     store.store(group="train", name="train_schema", node=TrainConfig)
+    from ssod.tuning.schema import TuneConfig  # dataclasses only: no import cycle
+
+    store.store(group="tune", name="tune_schema", node=TuneConfig)
 
 
 register_configs()

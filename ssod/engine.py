@@ -97,24 +97,8 @@ def teacher_forward(
     proposals, _ = detector.rpn(images, features)
     count = len(labeled_images) if train_polisher else 0
     (lab_images, lab_features), (weak_list, weak_features) = _split(images, features, count)
-    detections, _ = detector.roi_heads(weak_features, proposals[count:], weak_list.image_sizes)
-    raw = filter_detections(detections, method.pseudo_label_initial_score_thr)
     sizes = weak_list.image_sizes
-    if train_polisher:
-        polished = teacher.polisher.polish(weak_features, *map(list, zip(*raw)), sizes) if raw else []
-        pseudo = [
-            PseudoLabels(p.boxes, p.labels, p.scores, p.reg_boxes, valid_boxes_mask(p.reg_boxes), p.keep, p.cls_labels)
-            for p in polished
-        ]
-    elif method.reg_uncertainty_thr is not None:
-        boxes, labels, _ = map(list, zip(*raw))
-        spread = regression_uncertainty(detector, weak_features, boxes, labels, sizes, method.reg_jitter_times, method.reg_jitter_scale)
-        pseudo = []
-        for (b, l, s), u in zip(raw, spread):
-            keep = torch.ones_like(s, dtype=torch.bool)
-            pseudo.append(PseudoLabels(b, l, s, b, u < method.reg_uncertainty_thr, keep, l))
-    else:
-        pseudo = [PseudoLabels.unpolished(*r) for r in raw]
+    pseudo = _pseudo_labels(teacher, weak_features, proposals[count:], sizes, method) if weak_images else []
     polish_inputs = None
     if train_polisher:
         polish_inputs = {
@@ -125,6 +109,28 @@ def teacher_forward(
             "image_sizes": lab_images.image_sizes,
         }
     return TeacherOutput(pseudo, weak_features, sizes, polish_inputs)
+
+
+def _pseudo_labels(teacher: SemiSupervisedModel, features, proposals, sizes, method: MethodConfig) -> list[PseudoLabels]:
+    """Teacher detections above the initial threshold, polished or filtered by the method."""
+    detector = teacher.detector
+    detections, _ = detector.roi_heads(features, proposals, sizes)
+    raw = filter_detections(detections, method.pseudo_label_initial_score_thr)
+    if teacher.polisher is not None:
+        polished = teacher.polisher.polish(features, *map(list, zip(*raw)), sizes)
+        return [
+            PseudoLabels(p.boxes, p.labels, p.scores, p.reg_boxes, valid_boxes_mask(p.reg_boxes), p.keep, p.cls_labels)
+            for p in polished
+        ]
+    if method.reg_uncertainty_thr is not None:
+        boxes, labels, _ = map(list, zip(*raw))
+        spread = regression_uncertainty(detector, features, boxes, labels, sizes, method.reg_jitter_times, method.reg_jitter_scale)
+        pseudo = []
+        for (b, l, s), u in zip(raw, spread):
+            keep = torch.ones_like(s, dtype=torch.bool)
+            pseudo.append(PseudoLabels(b, l, s, b, u < method.reg_uncertainty_thr, keep, l))
+        return pseudo
+    return [PseudoLabels.unpolished(*r) for r in raw]
 
 
 def project_pseudo_labels(pseudo: list[PseudoLabels], weak_matrices, strong_matrices, strong_sizes, method: MethodConfig):
@@ -177,7 +183,10 @@ def compute_losses(
     images = [item[0] for item in labeled]
     targets = [{"boxes": item[1]["boxes"], "labels": item[1]["labels"]} for item in labeled]
     if not unlabeled:
-        losses, stats = student(images, targets)
+        # Supervised training still trains polishing networks when the model has them
+        # (a burn-in for Polishing Teacher); they learn from teacher features as always.
+        polish_inputs = teacher_forward(teacher, images, targets, [], method).polish_inputs if teacher.polisher is not None else None
+        losses, stats = student(images, targets, polish_inputs=polish_inputs)
         return StepResult(losses, stats)
     weak = [item[0] for item in unlabeled]
     strong = [item[1] for item in unlabeled]
@@ -206,13 +215,16 @@ def predict(detector: nn.Module, dataset, indices: list[int], device, batch_size
     detector.eval()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=list_collate)
     results = []
-    for items, metas in loader:
-        outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
-        for (_, matrix), meta, output in zip(items, metas, outputs):
-            height, width = meta["size"]
-            inverse = torch.linalg.inv(matrix.double())
-            boxes, _ = project_boxes(output["boxes"].cpu(), inverse, width, height, min_size=0.0)
-            results.append({"image_id": meta["image_id"], "boxes": boxes, "scores": output["scores"].cpu(), "labels": output["labels"].cpu()})
+    # Iterating a DataLoader draws its base seed from the global RNG: fork it, so that an
+    # evaluation never shifts the training's random stream (a resumed run equals a straight one).
+    with torch.random.fork_rng(devices=[]):
+        for items, metas in loader:
+            outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
+            for (_, matrix), meta, output in zip(items, metas, outputs):
+                height, width = meta["size"]
+                inverse = torch.linalg.inv(matrix.double())
+                boxes, _ = project_boxes(output["boxes"].cpu(), inverse, width, height, min_size=0.0)
+                results.append({"image_id": meta["image_id"], "boxes": boxes, "scores": output["scores"].cpu(), "labels": output["labels"].cpu()})
     detector.train(was_training)
     return results
 

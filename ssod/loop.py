@@ -57,11 +57,18 @@ def stop_if_too_many_bad(state: RunState, data, max_fraction: float, tracker) ->
     """Corrupt images are skipped, but past ``max_fraction`` of the data the run stops."""
     total = len(data.labeled) + (len(data.unlabeled) if data.unlabeled is not None else 0)
     if state.bad_files and len(state.bad_files) > max_fraction * total:
-        tracker.log_text("\n".join(state.bad_files) + "\n", "bad_images.txt")
+        log_bad_files(tracker, state.bad_files, already_logged=0)
         raise DatasetError(
             f"{len(state.bad_files)} of {total} training images could not be read "
             f"(more than data.max_bad_image_fraction={max_fraction}); first: {state.bad_files[0]}"
         )
+
+
+def log_bad_files(tracker, bad_files: list[str], already_logged: int) -> int:
+    """Replace the ``bad_images.txt`` artifact when new unreadable images were met; returns the count."""
+    if len(bad_files) > already_logged:
+        tracker.log_text("\n".join(bad_files) + "\n", "bad_images.txt")
+    return len(bad_files)
 
 
 def save_state(accelerator, directory: Path, state: RunState, student, teacher, optimizer, scheduler, keep: int) -> None:

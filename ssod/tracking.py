@@ -176,7 +176,14 @@ class Tracker:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=digest)
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
-        self.client.log_inputs(self.run_id, datasets=[entity])
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_inputs(self.run_id, datasets=[entity])
+        except MlflowException:
+            # Two runs starting at once (parallel tuning trials) race to insert the same
+            # (experiment, name, digest) dataset row; the loser's retry reuses the row.
+            self.client.log_inputs(self.run_id, datasets=[entity])
 
     def end(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,12 +28,12 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from ssod.build import build_loss_weights, build_model, build_optimizer, build_scheduler
-from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, set_rng_state
+from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, load_weights, set_rng_state
 from ssod.config import CONF_DIR, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.engine import compute_losses, evaluate
-from ssod.loop import Interrupts, Meters, RunState, log_pictures, save_state, stop_if_too_many_bad
+from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, save_state, stop_if_too_many_bad
 from ssod.losses import weighted_total
 from ssod.models.teacher import ema_momentum, ema_update
 from ssod.tracking import Tracker, default_tracking_uri
@@ -76,9 +77,13 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     output_dir = Path(train.output_dir).expanduser()
     output_dir = output_dir if output_dir.is_absolute() else project_dir / output_dir
     ckpt_dir = output_dir / "checkpoints"
+    # Several processes (torchrun) on a machine without CUDA: accelerate sets up gloo data
+    # parallelism only when told cpu=True; otherwise every process trains alone as rank 0,
+    # each with its own MLflow run.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
         mixed_precision=train.mixed_precision,
-        cpu=train.cpu,
+        cpu=train.cpu or multi_cpu,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(train.seed)
@@ -97,6 +102,11 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         optimizer = build_optimizer(train, student)
         scheduler = build_scheduler(train, optimizer)
         weights = build_loss_weights(method)
+        if train.init_from and not resumed:
+            initial = load_checkpoint(find_resume_checkpoint(train.init_from, ckpt_dir))
+            load_weights(student, initial["student"])
+            load_weights(teacher, initial["teacher"])
+            log.info("initialised from %s (step %d)", train.init_from, initial["step"])
         if resumed:
             student.load_state_dict(resumed["student"])
             teacher.load_state_dict(resumed["teacher"])
@@ -131,6 +141,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         progress = _progress(accelerator, train, state.step)
         final_metrics: dict[str, float] = {}
         interval_start, interval_step = time.perf_counter(), state.step
+        bad_files_logged = 0
 
         for step in range(state.step, train.iterations):
             labeled, labeled_meta = next(labeled_iter)
@@ -191,6 +202,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                     "train/unsup_weight": method.unsup_weight,
                 })
                 tracker.log_metrics(scalars, state.step)
+                bad_files_logged = log_bad_files(tracker, state.bad_files, bad_files_logged)
                 final_metrics.update(scalars)
                 interval_start, interval_step = time.perf_counter(), state.step
             if state.step % train.eval_every == 0 or state.step == train.iterations:

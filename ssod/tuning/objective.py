@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from ssod.config import compose
@@ -41,7 +41,9 @@ from ssod.tracking import mask_secrets
 from ssod.tuning.report import mark_trial_run, trial_tags
 from ssod.tuning.settings import StudySetup, override
 from ssod.tuning.space import suggest, to_overrides
-from ssod.tuning.storage import OWNER_ATTR, SURPLUS_ATTR, owner_record, process_alive, start_ticks, within_budget
+from ssod.tuning.storage import (
+    OWNER_ATTR, SURPLUS_ATTR, owner_record, process_alive, quiet_experimental, start_ticks, within_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ class TrialSpec:
 
     def config(self) -> DictConfig:
         cfg = compose(self.overrides)
-        for key, value in self.tags.items():
-            cfg.tracking.tags[key] = value  # dotted tag names cannot be written as overrides
+        with open_dict(cfg):  # dotted tag names cannot be written as overrides
+            for key, value in self.tags.items():
+                cfg.tracking.tags[key] = value
         return cfg
 
     def save(self, path: Path) -> None:
@@ -113,20 +116,14 @@ class Objective:
             return float("nan")
         trial.set_user_attr(OWNER_ATTR, owner_record(trial.number))
         self.last_trial = trial.number
-        params = suggest(trial, self.tune.space)
-        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-        trial_dir = self.setup.study_dir / f"trial-{trial.number if original is None else original:04d}"
-        resumed = _newest_checkpoint_step(trial_dir)
-        trial.set_user_attr("output_dir", str(trial_dir))
-        if resumed:
-            trial.set_user_attr("resumed_from_step", resumed)
-        spec = TrialSpec(self._overrides(trial.number, trial_dir, params), trial_tags(self.tune.study_name, trial.number, original))
-        log.info("trial %d%s: %s", trial.number, f" (retry of {original}, from step {resumed})" if original is not None else "", params)
-        state = "FAIL"
+        state, params, trial_dir = "FAIL", {}, None
         try:
+            params = suggest(trial, self.tune.space)
+            trial_dir, spec = self._prepare(trial, params)
             if self.stop.is_set():
                 raise TrialInterrupted("stop requested before training")
-            metrics, completed = self._train_in_child(trial, spec, trial_dir) if self.tune.launcher == "accelerate" else self._train_in_process(trial, spec)
+            train = self._train_in_child if self.tune.launcher == "accelerate" else self._train_in_process
+            metrics, completed = train(trial, spec, trial_dir)
             if not completed:
                 raise TrialInterrupted("training stopped before its last iteration (SIGTERM?)")
             value = metrics.get(self.tune.metric)
@@ -148,6 +145,20 @@ class Objective:
         finally:
             self._finish(trial, state, params, trial_dir)
 
+    def _prepare(self, trial: optuna.Trial, params: dict) -> tuple[Path, TrialSpec]:
+        """The trial's directory (keyed by the original trial number) and what it trains."""
+        with quiet_experimental():
+            original = RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(trial))
+        trial_dir = self.setup.study_dir / f"trial-{trial.number if original is None else original:04d}"
+        resumed = _newest_checkpoint_step(trial_dir)
+        trial.set_user_attr("output_dir", str(trial_dir))
+        if resumed:
+            trial.set_user_attr("resumed_from_step", resumed)
+        retry = f" (retry of {original}, from step {resumed or 0})" if original is not None else ""
+        log.info("trial %d%s: %s", trial.number, retry, params)
+        tags = trial_tags(self.tune.study_name, trial.number, original)
+        return trial_dir, TrialSpec(self._overrides(trial.number, trial_dir, params), tags)
+
     def _overrides(self, number: int, trial_dir: Path, params: dict) -> list[str]:
         return [
             "train.progress=false",
@@ -161,17 +172,17 @@ class Objective:
             override("tracking.parent_run_id", self.parent_run_id),
         ]
 
-    def _finish(self, trial: optuna.Trial, state: str, params: dict, trial_dir: Path) -> None:
+    def _finish(self, trial: optuna.Trial, state: str, params: dict, trial_dir: Optional[Path]) -> None:
         try:
             run_id = mark_trial_run(self.setup, trial.number, state, params)
             if run_id:
                 trial.set_user_attr("mlflow_run_id", run_id)
         except Exception:  # noqa: BLE001 - a tracking hiccup must not change the trial's outcome
             log.exception("trial %d: could not record its state in MLflow", trial.number)
-        if state in ("COMPLETE", "PRUNED") and not self.tune.keep_checkpoints:
+        if trial_dir is not None and state in ("COMPLETE", "PRUNED") and not self.tune.keep_checkpoints:
             shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
 
-    def _train_in_process(self, trial: optuna.Trial, spec: TrialSpec) -> tuple[dict, bool]:
+    def _train_in_process(self, trial: optuna.Trial, spec: TrialSpec, trial_dir: Path) -> tuple[dict, bool]:
         if self.trainer is None:
             from ssod.train import run as trainer
         else:
@@ -218,6 +229,12 @@ class Objective:
         """Pass a stop signal on to the running child group (in-process training gets it anyway)."""
         if self.child is not None and self.child.poll() is None:
             _signal_group(self.child.pid, signum)
+
+
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The stored record of a running trial (its system attrs say whether it is a retry)."""
+    running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return next(t for t in running if t.number == trial.number)
 
 
 def _newest_checkpoint_step(trial_dir: Path) -> Optional[int]:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -165,7 +166,9 @@ def _log_plots(tracker: Tracker, study: optuna.Study) -> list[str]:
     written = []
     for name, function in PLOTS.items():
         try:
-            axes = getattr(plots, function)(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental, and "no complete trials yet"
+                axes = getattr(plots, function)(study)
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             figure.set_size_inches(10, 6)
             figure.savefig(directory / f"{name}.png", dpi=90, bbox_inches="tight")

@@ -19,7 +19,7 @@ fails at start), checks it against ``TuneConfig`` and resolves every path once.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,89 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssod.config import compose
 from ssod.tracking import default_tracking_uri
+from ssod.tuning.schema import ParamSpec, PrunerSpec, SamplerSpec, TuneConfig
+
+__all__ = ["ParamSpec", "PrunerSpec", "SamplerSpec", "TuneConfig", "StudySetup", "load_setup", "override", "tune_config"]
 
 DEFAULT_TUNE = "synthetic"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-@dataclass
-class ParamSpec:
-    """One searched value. ``type``: float | int | categorical.
-
-    float/int take ``low``, ``high`` and optionally ``log`` or ``step``; categorical takes
-    ``choices`` (numbers, strings, booleans). The parameter's name is the Hydra key it
-    sets (``method.unsup_weight``; ``method.cls_scales.0`` for a list element).
-    """
-
-    type: str = "float"
-    low: Optional[float] = None
-    high: Optional[float] = None
-    log: bool = False
-    step: Optional[float] = None
-    choices: Optional[list[Any]] = None
-
-
-@dataclass
-class SamplerSpec:
-    """``tpe`` (default) or ``random``. Worker k of a launcher samples with ``seed + k``."""
-
-    name: str = "tpe"
-    seed: Optional[int] = 0
-    n_startup_trials: int = 8
-    multivariate: bool = True
-    constant_liar: bool = True
-
-
-@dataclass
-class PrunerSpec:
-    """``median``, ``hyperband``, ``threshold`` (outside ``[lower, upper]``) or ``none``.
-
-    Steps are training iterations, so ``n_warmup_steps``/``min_resource`` count iterations.
-    """
-
-    name: str = "median"
-    n_startup_trials: int = 4
-    n_warmup_steps: int = 0
-    interval_steps: int = 1
-    min_resource: int = 1
-    max_resource: Any = "auto"
-    reduction_factor: int = 3
-    lower: Optional[float] = None
-    upper: Optional[float] = None
-
-
-@dataclass
-class TuneConfig:
-    """A study: what to search, how to judge a trial, where the trials are kept.
-
-    ``storage``: empty means ``$SSOD_OPTUNA_STORAGE``, else ``sqlite:///<project>/optuna.db``
-    for one worker and the journal file ``<project>/optuna.journal`` for several.
-    ``launcher``: ``inprocess`` (a trial runs in its worker) or ``accelerate`` (the worker
-    runs ``accelerate launch`` with ``processes_per_trial`` processes for each trial).
-    """
-
-    study_name: str = "ssod"
-    storage: str = ""
-    n_trials: int = 20
-    timeout_s: Optional[float] = None
-    metric: str = "val/teacher/bbox_AP"
-    direction: str = "maximize"
-    base_overrides: list[str] = field(default_factory=list)
-    space: dict[str, ParamSpec] = field(default_factory=dict)
-    sampler: SamplerSpec = field(default_factory=SamplerSpec)
-    pruner: PrunerSpec = field(default_factory=PrunerSpec)
-    output_dir: str = "outputs/tune"
-    keep_checkpoints: bool = False
-    heartbeat_interval: int = 10
-    grace_period: int = 60
-    max_retry: int = 2
-    launcher: str = "inprocess"
-    processes_per_trial: int = 1
-    accelerate_args: list[str] = field(default_factory=list)
-    wait_for_running: bool = True
-    poll_interval_s: float = 5.0
-    max_worker_restarts: int = 3
-    plots: bool = True
 
 
 @dataclass

@@ -18,6 +18,7 @@ The storage is never the MLflow database: MLflow and Optuna both keep an Alembic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -40,14 +41,25 @@ RESOLVED_ENV = "_SSOD_TUNE_STORAGE"
 OWNER_ATTR = "worker"
 SURPLUS_ATTR = "surplus"
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def resolve_storage_url(configured: str, project_dir: Path, workers: int) -> str:
-    """``tune.storage``, else ``$SSOD_OPTUNA_STORAGE``, else a file in ``project_dir``."""
+@contextlib.contextmanager
+def quiet_experimental():
+    """Heartbeats, retries and multivariate TPE are marked experimental; say it once, here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def resolve_storage_url(configured: str, project_dir: Path, workers: Optional[int]) -> str:
+    """``configured`` (``--storage`` or ``tune.storage``), else ``$SSOD_OPTUNA_STORAGE``, else
+    ``<project>/optuna.db`` for one worker and ``<project>/optuna.journal`` for several
+    (``workers=None``: the journal only if it exists and ``optuna.db`` does not)."""
     url = os.environ.get(RESOLVED_ENV) or configured or os.environ.get(STORAGE_ENV, "")
     if not url:
-        return f"sqlite:///{project_dir / 'optuna.db'}" if workers <= 1 else f"journal:{project_dir / 'optuna.journal'}"
+        database, journal = project_dir / "optuna.db", project_dir / "optuna.journal"
+        several = journal.exists() and not database.exists() if workers is None else workers > 1
+        return f"journal:{journal}" if several else f"sqlite:///{database}"
     if is_journal(url):
         path = Path(url.removeprefix("journal:")).expanduser()
         return f"journal:{path if path.is_absolute() else project_dir / path}"
@@ -102,13 +114,14 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale:
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        heartbeat_stale_trial_callback=on_stale,
-    )
+    with quiet_experimental():
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=on_stale,
+        )
 
 
 def has_heartbeat(storage) -> bool:

@@ -30,7 +30,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from ssod.tuning.objective import Objective, TrialInterrupted, Trainer
 from ssod.tuning.report import mark_trial_run, parent_run, write_report
 from ssod.tuning.settings import PrunerSpec, SamplerSpec, StudySetup
-from ssod.tuning.storage import RESOLVED_ENV, Usage, is_journal, open_storage, reap_dead_workers, usage
+from ssod.tuning.storage import RESOLVED_ENV, Usage, is_journal, open_storage, quiet_experimental, reap_dead_workers, usage
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class StaleTrials:
 
     def __init__(self, setup: StudySetup) -> None:
         self.setup = setup
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=setup.tune.max_retry)
+        with quiet_experimental():
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=setup.tune.max_retry)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.retry(study, trial)
@@ -55,9 +56,10 @@ def build_sampler(spec: SamplerSpec, worker_index: int, salt: int = 0) -> optuna
     seed = None if spec.seed is None else spec.seed + worker_index + salt
     if spec.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=spec.n_startup_trials, multivariate=spec.multivariate, constant_liar=spec.constant_liar
-    )
+    with quiet_experimental():
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=spec.n_startup_trials, multivariate=spec.multivariate, constant_liar=spec.constant_liar
+        )
 
 
 def build_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
@@ -105,7 +107,8 @@ def run_worker(
         while not stop.is_set():
             reap_dead_workers(study, on_stale, None if heartbeat else tune.grace_period)
             if heartbeat:
-                optuna.storages.fail_stale_trials(study)
+                with quiet_experimental():
+                    optuna.storages.fail_stale_trials(study)
             now = usage(study)
             late = deadline is not None and time.monotonic() > deadline
             if (now.used < tune.n_trials or now.waiting) and not late:

@@ -1,0 +1,112 @@
+"""Tune Polishing Teacher's thresholds and loss weights with Optuna: ``ssod-tune``.
+
+Run from the project directory (``optuna.db``, ``mlflow.db`` and ``outputs/tune/`` live there)::
+
+    ssod-tune                                   # tune=synthetic, one worker, SQLite optuna.db
+    ssod-tune tune=synthetic tune.n_trials=40 train.iterations=200   # non-tune keys: every trial
+    ssod-tune --workers 2 --gpus 0,1            # two local workers sharing optuna.journal
+    SSOD_OPTUNA_STORAGE=postgresql+psycopg2://user:pw@db:5432/optuna \\
+        ssod-tune --workers 8 --gpus 0,1,2,3,4,5,6,7     # the same command on every machine
+    ssod-tune tune=coco tune.launcher=accelerate tune.processes_per_trial=4 --workers 2 --gpus 0,1,2,3,4,5,6,7
+    ssod-tune report tune=synthetic             # best params, best run id, plots -> parent run
+
+The study is ``conf/tune/<name>.yaml`` (``ssod/tuning/settings.py`` documents every key).
+Every trial composes ``tune.base_overrides`` + the other command-line overrides + its
+sampled values and calls ``ssod.train.run``; each is a nested MLflow run under the study's
+parent run. Internal commands: ``ssod-tune worker --index K ...`` (one worker, started by
+the launcher) and ``ssod-tune trial --spec ...`` (one trial under ``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ssod.tracking import mask_secrets
+from ssod.tuning.objective import child_main
+from ssod.tuning.report import parent_run, write_report
+from ssod.tuning.settings import StudySetup, load_setup
+from ssod.tuning.storage import Usage, check_not_mlflow, resolve_storage_url, usage
+from ssod.tuning.workers import launch, open_study, run_worker
+
+log = logging.getLogger("ssod.tune")
+
+COMMANDS = ("run", "worker", "report", "trial")
+
+__all__ = ["main", "load_setup", "prepare", "run_worker", "launch", "report", "study_done"]
+
+
+def prepare(overrides: list[str], workers: Optional[int] = 1, storage: str = "", project_dir: Optional[Path] = None) -> StudySetup:
+    """Compose the study config and resolve its storage (refusing the MLflow database)."""
+    setup = load_setup(overrides, project_dir)
+    setup.storage_url = resolve_storage_url(storage or setup.tune.storage, setup.project_dir, workers)
+    check_not_mlflow(setup.storage_url, setup.tracking_uri)
+    return setup
+
+
+def study_done(now: Usage, n_trials: int) -> bool:
+    return now.used >= n_trials and now.running == 0 and now.waiting == 0
+
+
+def report(setup: StudySetup) -> dict:
+    """``ssod-tune report``: write the report to the parent run now (FINISHED if the study is)."""
+    study = open_study(setup)
+    return write_report(setup, study, parent_run(setup), final=study_done(usage(study), setup.tune.n_trials))
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"ssod-tune{'' if command == 'run' else ' ' + command}", description=__doc__.split("\n")[0])
+    if command == "trial":
+        parser.add_argument("--spec", type=Path, required=True)
+        parser.add_argument("--relay", type=Path, required=True)
+        parser.add_argument("--parent-pid", type=int, required=True)
+        parser.add_argument("--parent-started", default="")
+        return parser
+    parser.add_argument("--storage", default="", help="Optuna storage URL (else tune.storage, $SSOD_OPTUNA_STORAGE, a local file)")
+    if command == "run":
+        parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+        parser.add_argument("--gpus", default=None, help="GPU ids, e.g. 0,1,2,3; 'cpu' for none; default: all visible")
+    if command == "worker":
+        parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides: tune=<name>, tune.<key>=..., or any training key")
+    return parser
+
+
+def _gpus(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "cpu", "none"):
+        return []
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    args = _parser(command).parse_args(argv)
+    label = f"worker {args.index}" if command == "worker" else command
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{label}] %(name)s: %(message)s")
+    if command == "trial":
+        return child_main(args.spec, args.relay, args.parent_pid, int(args.parent_started) if args.parent_started else None)
+    # A report reads whichever default storage exists; a worker belongs to a launcher of several.
+    workers = {"run": getattr(args, "workers", 1), "worker": 2, "report": None}[command]
+    setup = prepare(args.overrides, workers, args.storage)
+    log.info(
+        "study %s: storage %s, MLflow %s, trials in %s",
+        setup.tune.study_name, mask_secrets(setup.storage_url), mask_secrets(setup.tracking_uri), setup.study_dir,
+    )
+    if command == "worker":
+        run_worker(setup, args.index)
+        return 0
+    if command == "report":
+        print(json.dumps(report(setup), indent=2, default=str))
+        return 0
+    return launch(setup, args.workers, _gpus(args.gpus))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Schema of the ``tune`` config group (``conf/tune/*.yaml`` start with ``defaults: [tune_schema]``).
+
+Only dataclasses here: ``ssod.config`` registers ``TuneConfig`` with Hydra's ConfigStore, so
+a misspelt ``tune.<key>`` fails when the config is composed, like any other group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ParamSpec:
+    """One searched value. ``type``: float | int | categorical.
+
+    float/int take ``low``, ``high`` and optionally ``log`` or ``step``; categorical takes
+    ``choices`` (numbers, strings, booleans). The parameter's name is the Hydra key it
+    sets (``method.unsup_weight``; ``method.cls_scales.0`` for a list element).
+    """
+
+    type: str = "float"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: Optional[list[Any]] = None
+
+
+@dataclass
+class SamplerSpec:
+    """``tpe`` (default) or ``random``. Worker k of a launcher samples with ``seed + k``."""
+
+    name: str = "tpe"
+    seed: Optional[int] = 0
+    n_startup_trials: int = 8
+    multivariate: bool = True
+    constant_liar: bool = True
+
+
+@dataclass
+class PrunerSpec:
+    """``median``, ``hyperband``, ``threshold`` (outside ``[lower, upper]``) or ``none``.
+
+    Steps are training iterations, so ``n_warmup_steps``/``min_resource`` count iterations.
+    """
+
+    name: str = "median"
+    n_startup_trials: int = 4
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+    min_resource: int = 1
+    max_resource: Any = "auto"
+    reduction_factor: int = 3
+    lower: Optional[float] = None
+    upper: Optional[float] = None
+
+
+@dataclass
+class TuneConfig:
+    """A study: what to search, how to judge a trial, where the trials are kept.
+
+    ``storage``: empty means ``$SSOD_OPTUNA_STORAGE``, else ``sqlite:///<project>/optuna.db``
+    for one worker and the journal file ``<project>/optuna.journal`` for several.
+    ``launcher``: ``inprocess`` (a trial runs in its worker) or ``accelerate`` (the worker
+    runs ``accelerate launch`` with ``processes_per_trial`` processes for each trial).
+    """
+
+    study_name: str = "ssod"
+    storage: str = ""
+    n_trials: int = 20
+    timeout_s: Optional[float] = None
+    metric: str = "val/teacher/bbox_AP"
+    direction: str = "maximize"
+    base_overrides: list[str] = field(default_factory=list)
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    output_dir: str = "outputs/tune"
+    keep_checkpoints: bool = False
+    heartbeat_interval: int = 10
+    grace_period: int = 60
+    max_retry: int = 2
+    launcher: str = "inprocess"
+    processes_per_trial: int = 1
+    accelerate_args: list[str] = field(default_factory=list)
+    wait_for_running: bool = True
+    poll_interval_s: float = 5.0
+    max_worker_restarts: int = 3
+    plots: bool = True
