@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections import deque
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,8 @@ class Meters:
         self.method = method
         self.class_names = class_names
         self.quality = PseudoLabelQuality()
-        self.last_batch: Optional[dict] = None
+        # The last few unlabeled images, kept for the pictures logged at evaluation.
+        self.recent: deque[dict] = deque(maxlen=8)
         self.reset()
 
     def reset(self) -> None:
@@ -160,7 +162,7 @@ class Meters:
             self.quality.update(
                 labels.boxes, labels.labels, labels.reg_boxes, cls_keep, labels.cls_labels, gt_boxes, gt_labels, labels.scores
             )
-            self.last_batch = {"image": weak.image, "gt": (gt_boxes, gt_labels), "pseudo": labels}
+            self.recent.append({"image": weak.image, "gt": (gt_boxes, gt_labels), "pseudo": labels})
 
     def compute(self) -> dict[str, float]:
         scalars = {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
@@ -171,14 +173,13 @@ class Meters:
         return scalars
 
 
-def log_pictures(tracker, last_batch: Optional[dict], class_names: tuple[str, ...], step: int, limit: int) -> None:
-    """Ground truth | raw pseudo labels | polished pseudo labels of the last unlabeled image."""
-    if last_batch is None or limit <= 0:
-        return
-    pseudo = last_batch["pseudo"]
-    cls_keep = pseudo.cls_keep
-    picture = pseudo_label_picture(
-        last_batch["image"], *last_batch["gt"], pseudo.boxes, pseudo.labels,
-        pseudo.reg_boxes[cls_keep], pseudo.cls_labels[cls_keep], class_names,
-    )
-    tracker.log_image(picture, f"pseudo_labels/step_{step:08d}.png")
+def log_pictures(tracker, recent, class_names: tuple[str, ...], step: int, limit: int) -> None:
+    """Ground truth | raw pseudo labels | polished pseudo labels of the last ``limit`` unlabeled images."""
+    for index, sample in enumerate(list(recent)[-limit:] if limit > 0 else []):
+        pseudo = sample["pseudo"]
+        kept = pseudo.cls_keep
+        picture = pseudo_label_picture(
+            sample["image"], *sample["gt"], pseudo.boxes, pseudo.labels,
+            pseudo.reg_boxes[kept], pseudo.cls_labels[kept], class_names,
+        )
+        tracker.log_image(picture, f"pseudo_labels/step_{step:08d}_{index}.png")

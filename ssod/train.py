@@ -209,7 +209,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                 metrics = _evaluate_both(accelerator, student, teacher, data.val, workers)
                 if accelerator.is_main_process:
                     tracker.log_metrics(metrics, state.step)
-                    log_pictures(tracker, meters.last_batch, data.category_map.names, state.step, train.num_vis_images)
+                    log_pictures(tracker, meters.recent, data.category_map.names, state.step, train.num_vis_images)
                     final_metrics.update(metrics)
                     if on_eval is not None:
                         on_eval(state.step, metrics)
