@@ -75,7 +75,16 @@ def unsupervised_losses(
     proposals = [p.detach() for p in proposals]
 
     cls_proposals, _, cls_labels, _ = heads.select_training_samples(proposals, cls_targets)
-    class_logits, _ = _box_outputs(detector, features, cls_proposals, images.image_sizes)
+    reg_proposals, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, reg_targets)
+    # One RoI pass for both samplings: RoIAlign and the box head work box by box, so the
+    # outputs equal two separate passes, at the cost of one feature-gradient buffer.
+    both = [torch.cat([c, r]) for c, r in zip(cls_proposals, reg_proposals)]
+    is_cls = torch.cat([
+        torch.arange(len(c) + len(r), device=c.device) < len(c) for c, r in zip(cls_proposals, reg_proposals)
+    ])
+    class_logits, box_regression = _box_outputs(detector, features, both, images.image_sizes)
+    class_logits, box_regression = class_logits[is_cls], box_regression[~is_cls]
+
     labels = torch.cat(cls_labels)
     weights = torch.ones_like(labels, dtype=class_logits.dtype)
     if background_weights is not None:
@@ -84,8 +93,6 @@ def unsupervised_losses(
     per_sample = F.cross_entropy(class_logits.float(), labels, reduction="none")
     roi_cls = (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
 
-    reg_proposals, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, reg_targets)
-    _, box_regression = _box_outputs(detector, features, reg_proposals, images.image_sizes)
     reg_labels_flat = torch.cat(reg_labels)
     roi_reg = box_regression_loss(box_regression.float(), reg_labels_flat, torch.cat(reg_deltas), reg_labels_flat.numel())
     return {

@@ -86,3 +86,30 @@ def test_weighted_total_applies_weights_and_refuses_unweighted_losses():
     assert weighted_total(losses, weights).item() == pytest.approx(5.0)
     with pytest.raises(KeyError, match="without a weight"):
         weighted_total({"mystery": torch.tensor(1.0)}, weights)
+
+
+def test_single_roi_pass_equals_separate_passes(detector_and_features):
+    """The merged cls+reg RoI pass (a speed-up) gives the losses of two separate passes."""
+    import torch.nn.functional as F
+
+    from ssod.losses import _box_outputs, box_regression_loss
+
+    detector, images, features = detector_and_features
+    boxes = torch.tensor([[10.0, 10, 40, 40], [30, 5, 60, 25]])
+    targets = {"rpn": _targets(2, boxes), "cls": _targets(2, boxes[:1]), "reg": _targets(2, boxes + 2)}
+    torch.manual_seed(7)
+    merged = unsupervised_losses(detector, images, features, targets)
+
+    torch.manual_seed(7)
+    heads = detector.roi_heads
+    proposals, _ = detector.rpn(images, features, targets["rpn"])
+    proposals = [p.detach() for p in proposals]
+    cls_props, _, cls_labels, _ = heads.select_training_samples(proposals, targets["cls"])
+    reg_props, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, targets["reg"])
+    logits, _ = _box_outputs(detector, features, cls_props, images.image_sizes)
+    _, regression = _box_outputs(detector, features, reg_props, images.image_sizes)
+    expected_cls = F.cross_entropy(logits, torch.cat(cls_labels))
+    labels = torch.cat(reg_labels)
+    expected_reg = box_regression_loss(regression, labels, torch.cat(reg_deltas), labels.numel())
+    assert torch.allclose(merged["unsup/roi_cls"], expected_cls, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(merged["unsup/roi_reg"], expected_reg, rtol=1e-5, atol=1e-6)
