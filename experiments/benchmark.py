@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--experiment", default="ssod-benchmark", help="MLflow experiment name")
     parser.add_argument("--out", default="experiments/results/synthetic_benchmark.md")
+    parser.add_argument("--table-only", action="store_true", help="write the table from runs already in MLflow")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     return parser.parse_args(argv)
 
@@ -113,13 +114,15 @@ def table(names: dict[tuple[str, float], str], metrics: dict[str, dict[str, floa
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = {}
-    for percent in args.percents:
+    for percent in args.percents if not args.table_only else []:
         extra = []
         if args.burn_in:
             burn_in = run_one("supervised", percent, args, args.burn_in, ["method.polish=true"], tag="burnin")
             extra = [f"train.init_from=outputs/benchmark/{burn_in}/checkpoints", "train.warmup_iters=0"]
         for method in args.methods:
             names[(method, percent)] = run_one(method, percent, args, args.iterations, extra)
+    if args.table_only:
+        names = {(m, p): f"bench-{m}-{p:g}pct-s{args.seed}" for p in args.percents for m in args.methods}
     metrics = final_metrics(args.experiment)
     command = "python experiments/benchmark.py " + shlex.join(sys.argv[1:])
     text = (
