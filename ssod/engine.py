@@ -210,10 +210,14 @@ def predict(detector: nn.Module, dataset, indices: list[int], device, batch_size
     from torch.utils.data import DataLoader
 
     from ssod.data.coco import list_collate
+    from ssod.data.sampling import ignore_stop_signals
 
     was_training = detector.training
     detector.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=list_collate)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=list_collate,
+        worker_init_fn=ignore_stop_signals,
+    )
     results = []
     # Iterating a DataLoader draws its base seed from the global RNG: fork it, so that an
     # evaluation never shifts the training's random stream (a resumed run equals a straight one).

@@ -10,6 +10,7 @@ sees exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import torch
@@ -91,5 +92,16 @@ def infinite_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )
     return iter(loader)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process.
+
+    Schedulers signal the whole process group; a worker that died of it would turn an
+    orderly stop (checkpoint, run KILLED) into a crash. The main process ends its workers.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
