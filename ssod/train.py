@@ -142,6 +142,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         final_metrics: dict[str, float] = {}
         interval_start, interval_step = time.perf_counter(), state.step
         bad_files_logged = 0
+        if state.step >= train.iterations:
+            # Resumed from the final checkpoint (a retried trial, a requeued job): nothing to
+            # train, but the caller and final_metrics.json still get the final evaluation.
+            final_metrics.update(_evaluate_both(accelerator, student, teacher, data.val, workers))
 
         for step in range(state.step, train.iterations):
             labeled, labeled_meta = next(labeled_iter)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,8 @@ from typing import Callable
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-COCO128 = REPO.parent / "shared" / "data" / "coco128"
-
 # A 40-image synthetic set (4 labeled at 10%, 36 unlabeled), 96-128 px images, a narrow
-# ResNet-18 FPN and few polishing samples: every method trains in well under a second a step.
+# ResNet-18 FPN and few polishing samples: a step of any method takes about a second or less.
 TINY_OVERRIDES = (
     "data.synthetic.num_train=40",
     "data.synthetic.num_val=8",
@@ -100,13 +98,6 @@ def make_config(tmp_path: Path, dataset_cache: Path, mlflow_uri: str) -> Callabl
     return make
 
 
-@pytest.fixture
-def in_tmp_dir(tmp_path: Path, monkeypatch) -> Path:
-    """Run with the tmp dir as the working (project) directory."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 class MlflowStore:
     """Read-only view of an MLflow store for assertions."""
 
@@ -177,29 +168,36 @@ class Trainer:
         self.cwd = cwd
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.started: list[subprocess.Popen] = []
 
     def start(self, args: list[str], script: Path | None = None, log_name: str = "train.log", launcher=()) -> subprocess.Popen:
-        """``[*launcher] python -m ssod.train args`` (or ``python script args``), in the background."""
+        """``python -m ssod.train args`` (or ``python script args``) in the background; a
+        ``launcher`` such as ``[torchrun, --nproc_per_node, 2]`` takes the place of ``python``."""
         head = [str(script)] if script else ["-m", "ssod.train"]
         command = [*launcher, *([] if launcher else [sys.executable]), *head, *args]
-        log = open(self.cwd / log_name, "w")
-        process = subprocess.Popen(command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.cwd / log_name, "w") as log:
+            process = subprocess.Popen(command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
         process.log_path = self.cwd / log_name
+        self.started.append(process)
         return process
+
+    def kill_leftovers(self) -> None:
+        """Kill what a failed test left running: each started process and its children (its own session)."""
+        for process in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
     def run(self, args: list[str], script: Path | None = None, log_name: str = "train.log", timeout: float = 300, launcher=()):
         """Run to the end; returns (exit status, output)."""
         process = self.start(args, script, log_name, launcher)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
+        process.wait(timeout=timeout)
         return process.returncode, process.log_path.read_text()
 
 
 @pytest.fixture
-def trainer(tmp_path: Path) -> Trainer:
-    return Trainer(tmp_path)
+def trainer(tmp_path: Path):
+    trainer = Trainer(tmp_path)
+    yield trainer
+    trainer.kill_leftovers()

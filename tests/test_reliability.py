@@ -1,0 +1,375 @@
+"""Issue 5 at training time: bad data, NaN losses, signals, kills, full disks, unsafe checkpoints.
+
+Every fault is made for real (broken files on disk, signals to a training process, a
+checkpoint write cut half-way) and the test checks what the run did: the error it raised
+and named, what it skipped and counted, the MLflow status, and the checkpoints left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ssod.train
+from ssod import checkpoint
+from ssod.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ssod.data.coco import DatasetError
+from ssod.train import NonFiniteLossError, run
+
+WIDTH, HEIGHT = 96, 72
+
+
+# --- broken datasets, built here ---------------------------------------------------------
+
+
+def _noise(mode: str = "RGB") -> Image.Image:
+    pixels = np.random.default_rng(0).integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def _box(image_id: int, bbox, category_id: int = 1) -> dict:
+    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "area": abs(bbox[2] * bbox[3]), "iscrowd": 0}
+
+
+def _write_json(path: Path, images: list[dict], annotations: list[dict]) -> Path:
+    for index, annotation in enumerate(annotations, start=1):
+        annotation["id"] = index
+    categories = [{"id": 1, "name": "blob"}, {"id": 3, "name": "spot"}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+@pytest.fixture
+def messy_dataset(tmp_path: Path) -> dict[str, Path]:
+    """Six training images: RGB, CMYK JPEG, 16-bit PNG, grey, a truncated JPEG and a missing
+    file; boxes partly and wholly outside the image and one of zero width. A clean val set."""
+    images = tmp_path / "images"
+    images.mkdir()
+    _noise().save(images / "rgb.jpg", quality=95)
+    _noise("CMYK").save(images / "cmyk.jpg", quality=95)
+    Image.fromarray((np.arange(WIDTH * HEIGHT, dtype=np.uint16).reshape(HEIGHT, WIDTH) * 9)).save(images / "sixteen.png")
+    _noise("L").save(images / "grey.png")
+    _noise().save(images / "truncated.jpg", quality=95)
+    raw = (images / "truncated.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    names = ["rgb.jpg", "cmyk.jpg", "sixteen.png", "grey.png", "truncated.jpg", "missing.jpg"]
+    infos = [{"id": i, "file_name": name, "width": WIDTH, "height": HEIGHT} for i, name in enumerate(names, start=1)]
+    annotations = [_box(i, [10 + i, 8, 30, 24], category_id=1 + 2 * (i % 2)) for i in range(1, 7)]
+    annotations += [
+        _box(1, [70, 50, 60, 60]),  # partly outside: clamped to the image
+        _box(2, [WIDTH + 10, 5, 20, 20]),  # wholly outside: nothing left, dropped
+        _box(3, [20, 20, 0, 15]),  # zero width: dropped (torchvision would assert on it)
+    ]
+    train_json = _write_json(tmp_path / "train.json", infos, annotations)
+    val_json = _write_json(tmp_path / "val.json", infos[:4], [_box(i, [10, 8, 30, 24]) for i in range(1, 5)])
+    return {"train_json": train_json, "val_json": val_json, "images": images}
+
+
+def _data_overrides(files: dict[str, Path]) -> list[str]:
+    return [
+        "data.name=coco", "data.percent=100",
+        f"data.train_json={files['train_json']}", f"data.train_images={files['images']}",
+        f"data.val_json={files['val_json']}", f"data.val_images={files['images']}",
+    ]
+
+
+@pytest.mark.slow
+def test_a_messy_dataset_trains_with_bad_images_skipped_counted_and_listed(messy_dataset, make_config, mlflow_store):
+    """CMYK, 16-bit and grey images are converted, boxes clamped or dropped, and the two
+    unreadable images (truncated, missing) skipped, counted and listed."""
+    run(make_config(*_data_overrides(messy_dataset), "data.max_bad_image_fraction=0.5", "train.batch_labeled=2",
+                    "train.iterations=3"))
+    run_ = mlflow_store.only_run()
+    assert run_.info.status == "FINISHED"
+    run_id = run_.info.run_id
+    assert mlflow_store.history(run_id, "train/bad_images")[3] == [2.0]
+    assert mlflow_store.history(run_id, "train/nonfinite_steps")[3] == [0.0]
+    assert all(math.isfinite(value) for values in mlflow_store.history(run_id, "train/loss").values() for value in values)
+    listed = mlflow_store.read_text(run_id, "bad_images.txt").splitlines()
+    assert sorted(line.split(":")[0] for line in listed) == [
+        str(messy_dataset["images"] / "missing.jpg"), str(messy_dataset["images"] / "truncated.jpg")]
+
+
+def test_too_many_bad_images_stop_the_run_with_a_clear_error(messy_dataset, make_config, mlflow_store):
+    with pytest.raises(DatasetError, match=r"2 of 6 training images could not be read \(more than "
+                                           r"data.max_bad_image_fraction=0.2\); first: .*(truncated|missing)\.jpg"):
+        run(make_config(*_data_overrides(messy_dataset), "data.max_bad_image_fraction=0.2", "train.batch_labeled=2",
+                        "train.iterations=6"))
+    run_ = mlflow_store.only_run()
+    assert run_.info.status == "FAILED"
+    assert len(mlflow_store.read_text(run_.info.run_id, "bad_images.txt").splitlines()) == 2
+
+
+def _empty_file(files):
+    files["train_json"].write_text("")
+
+
+def _malformed(files):
+    files["train_json"].write_text('{"images": [')
+
+
+def _no_images(files):
+    files["train_json"].write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+
+
+def _unknown_category(files):
+    data = json.loads(files["train_json"].read_text())
+    data["annotations"][0]["category_id"] = 2
+    files["train_json"].write_text(json.dumps(data))
+
+
+def _missing_json(files):
+    files["train_json"].unlink()
+
+
+def _missing_image_dir(files):
+    files["images"].rename(files["images"].with_name("moved"))
+
+
+def _val_categories_differ(files):
+    data = json.loads(files["val_json"].read_text())
+    data["categories"] = data["categories"][:1]
+    files["val_json"].write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "breakage, file_key, message",
+    [
+        (_empty_file, "train_json", "not valid JSON"),
+        (_malformed, "train_json", "not valid JSON"),
+        (_no_images, "train_json", "the 'images' list is empty"),
+        (_unknown_category, "train_json", r"annotations use category ids \[2\] not in 'categories'"),
+        (_missing_json, "train_json", "annotation file not found"),
+        (_missing_image_dir, "images", "image directory not found"),
+        (_val_categories_differ, "val_json", "its categories differ from the labeled set's"),
+    ],
+)
+def test_broken_files_are_clear_errors_at_start(breakage, file_key, message, messy_dataset, make_config, mlflow_store,
+                                                tmp_path: Path):
+    breakage(messy_dataset)
+    with pytest.raises(DatasetError, match=message) as caught:
+        run(make_config(*_data_overrides(messy_dataset), "train.iterations=2"))
+    assert str(messy_dataset[file_key]) in str(caught.value)
+    assert mlflow_store.runs() == []  # failed before any run was opened or any step taken
+    assert not (tmp_path / "outputs" / "checkpoints").exists()
+
+
+# --- non-finite losses ---------------------------------------------------------------------
+
+
+def _poison_losses(monkeypatch, steps: dict[int, float]) -> None:
+    """Make ``compute_losses`` return ``value`` losses (NaN, inf) at the given 1-based steps."""
+    real = ssod.train.compute_losses
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in steps:
+            result.losses = {name: loss * steps[len(calls)] for name, loss in result.losses.items()}
+        return result
+
+    monkeypatch.setattr(ssod.train, "compute_losses", poisoned)
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_and_counted(make_config, mlflow_store, monkeypatch, tmp_path: Path):
+    _poison_losses(monkeypatch, {2: math.nan, 4: math.inf})
+    run(make_config("train.iterations=5", "train.max_consecutive_nonfinite=2", "train.ckpt_every=5"))
+    run_ = mlflow_store.only_run()
+    run_id = run_.info.run_id
+    assert run_.info.status == "FINISHED"
+    assert mlflow_store.history(run_id, "train/nonfinite_steps") == {1: [0.0], 2: [1.0], 3: [1.0], 4: [2.0], 5: [2.0]}
+    assert mlflow_store.history(run_id, "train/skipped_steps_interval") == {1: [0.0], 2: [1.0], 3: [0.0], 4: [1.0], 5: [0.0]}
+    assert mlflow_store.steps(run_id, "train/loss") == [1, 3, 5]  # skipped steps add nothing to the averages
+    final = load_checkpoint(tmp_path / "outputs" / "checkpoints" / "step-00000005.pt")
+    assert (final["step"], final["nonfinite_steps"], final["consecutive_nonfinite"]) == (5, 2, 0)
+    assert final["ema_steps"] == 3 and final["scheduler"]["last_epoch"] == 3  # teacher and schedule did not move
+    assert all(torch.isfinite(value).all() for value in final["student"].values())
+
+
+@pytest.mark.slow
+def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(make_config, mlflow_store, monkeypatch,
+                                                                     tmp_path: Path):
+    _poison_losses(monkeypatch, {3: math.nan, 4: math.nan, 5: math.nan, 6: math.nan})
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps with a non-finite loss at step 5; "
+                                                 r"checkpoint saved in .*checkpoints"):
+        run(make_config("train.iterations=10", "train.max_consecutive_nonfinite=3"))
+    assert mlflow_store.only_run().info.status == "FAILED"
+    (step, path), = list_checkpoints(tmp_path / "outputs" / "checkpoints")
+    saved = load_checkpoint(path)
+    assert (step, saved["step"], saved["nonfinite_steps"], saved["consecutive_nonfinite"], saved["ema_steps"]) == (4, 4, 3, 3, 2)
+    assert all(torch.isfinite(value).all() for value in saved["student"].values())
+
+
+# --- signals and kills (real training processes) -------------------------------------------
+
+
+def _wait_for(condition, process, timeout: float = 240.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended (status {process.returncode}) before {what}:\n"
+                                 + process.log_path.read_text()[-3000:])
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(tiny_args, trainer, mlflow_store, tmp_path: Path):
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    process = trainer.start([*tiny_args(), "train.iterations=100000", "train.ckpt_every=2", "train.keep_checkpoints=5"])
+    _wait_for(lambda: (checkpoints / "step-00000002.pt").exists(), process, what="the first checkpoint")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, process.log_path.read_text()[-3000:]
+    output = process.log_path.read_text()
+    steps = [step for step, _ in list_checkpoints(checkpoints)]
+    assert steps[-1] > 2 and f"stop requested: checkpoint saved at step {steps[-1]}" in output
+    assert load_checkpoint(checkpoints / f"step-{steps[-1]:08d}.pt")["step"] == steps[-1]
+    run_ = mlflow_store.only_run()
+    assert run_.info.status == "KILLED"
+    assert max(mlflow_store.steps(run_.info.run_id, "train/loss")) == steps[-1]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_store, monkeypatch, tmp_path: Path):
+    """A real SIGINT to this process during step 2 (in-process, so ``run`` returns normally)."""
+    real = ssod.train.compute_losses
+    calls = []
+
+    def interrupted_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssod.train, "compute_losses", interrupted_at_step_2)
+    handler = signal.getsignal(signal.SIGINT)
+    run(make_config("train.iterations=100"))
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers are removed again
+    assert len(calls) == 2
+    (step, _), = list_checkpoints(tmp_path / "outputs" / "checkpoints")
+    assert step == 2
+    assert mlflow_store.only_run().info.status == "KILLED"
+
+
+# A driver that trains as ``python -m ssod.train`` would, except that the checkpoint of step
+# HANG_AT_STEP is written half-way and then hangs, waiting for the test's SIGKILL.
+HANGING_WRITER = '''
+import io, os, time
+import torch
+import ssod.train
+
+hang_step, marker = int(os.environ["HANG_AT_STEP"]), os.environ["WRITING_MARKER"]
+real_save = torch.save
+
+def save(state, handle, *args, **kwargs):
+    if isinstance(state, dict) and state.get("step") == hang_step:
+        buffer = io.BytesIO()
+        real_save(state, buffer, *args, **kwargs)
+        handle.write(buffer.getvalue()[: buffer.tell() // 2])
+        handle.flush()
+        os.fsync(handle.fileno())
+        with open(marker, "w") as out:
+            out.write(handle.name)
+        time.sleep(600)
+    return real_save(state, handle, *args, **kwargs)
+
+torch.save = save
+ssod.train.main()
+'''
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_then_resume_ends_like_an_uninterrupted_run(
+    tiny_args, trainer, make_config, mlflow_store, tmp_path: Path
+):
+    """Killed while writing checkpoint 4 (keep 1): checkpoint 2 survives, the resume from it
+    logs no step twice, and the final weights equal an uninterrupted run's exactly (CPU)."""
+    driver, marker = tmp_path / "driver.py", tmp_path / "writing"
+    driver.write_text(HANGING_WRITER)
+    trainer.env.update({"HANG_AT_STEP": "4", "WRITING_MARKER": str(marker)})
+    schedule = ["train.iterations=6", "train.ckpt_every=2", "train.keep_checkpoints=1", "train.eval_every=3",
+                "data.val_max_images=4"]
+    process = trainer.start([*tiny_args(), *schedule], script=driver)
+    _wait_for(marker.exists, process, what="the write of checkpoint 4")
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    partial = Path(marker.read_text())
+    assert partial.parent == checkpoints and partial.name.startswith(".step-00000004.pt.tmp-") and partial.stat().st_size > 0
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [2]  # the old one is kept until a new one is complete
+    killed = mlflow_store.only_run()
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
+    assert mlflow_store.steps(killed.info.run_id, "train/loss") == [1, 2, 3, 4]
+
+    run(make_config(*schedule, "train.resume=auto"))
+    run_ = mlflow_store.only_run()
+    assert run_.info.run_id == killed.info.run_id and run_.info.status == "FINISHED"
+    assert mlflow_store.steps(run_.info.run_id, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert mlflow_store.steps(run_.info.run_id, "val/teacher/bbox_AP") == [3, 6]
+    mlflow_store.assert_no_step_twice(run_.info.run_id)
+    assert not partial.exists() and [step for step, _ in list_checkpoints(checkpoints)] == [6]
+
+    run(make_config(*schedule, f"train.output_dir={tmp_path / 'straight'}", "tracking.experiment=straight"))
+    resumed = load_checkpoint(checkpoints / "step-00000006.pt")
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step-00000006.pt")
+    for part in ("student", "teacher"):
+        for name, value in straight[part].items():
+            assert torch.equal(resumed[part][name], value), f"{part}.{name} differs after the resume"
+
+
+# --- checkpoints: full disk, unsafe files --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_last_checkpoint(
+    make_config, mlflow_store, monkeypatch, tmp_path: Path
+):
+    real_save = checkpoint.torch.save
+
+    def disk_fills_at_step_2(state, handle, *args, **kwargs):
+        if state.get("step") == 2:
+            handle.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(state, handle, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_fills_at_step_2)
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    with pytest.raises(CheckpointError, match=r"step-00000002\.pt: the disk is full; last complete checkpoint: .*step-00000001\.pt"):
+        run(make_config("train.iterations=3", "train.ckpt_every=1", "train.keep_checkpoints=1"))
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step-00000001.pt"]
+    assert load_checkpoint(checkpoints / "step-00000001.pt")["step"] == 1
+    assert mlflow_store.only_run().info.status == "FAILED"
+
+
+class Payload:
+    """Unpickling this runs a shell command (creates a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resuming_from_a_checkpoint_with_a_pickled_object_is_refused(make_config, mlflow_store, tmp_path: Path):
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 2, "student": {}, "evil": Payload(marker)}, checkpoints / "step-00000002.pt")
+    with pytest.raises(CheckpointError, match=r"could not load checkpoint .*step-00000002\.pt.*[Ww]eights.only"):
+        run(make_config("train.iterations=4", "train.resume=auto"))
+    assert not marker.exists()
+    assert mlflow_store.runs() == []
