@@ -54,14 +54,17 @@ class RunState:
                     self.bad_files.append(bad)
 
 
-def stop_if_too_many_bad(state: RunState, data, max_fraction: float, tracker) -> None:
-    """Corrupt images are skipped, but past ``max_fraction`` of the data the run stops."""
+def stop_if_too_many_bad(state: RunState, data, max_fraction: float, tracker, all_bad: int) -> None:
+    """Corrupt images are skipped, but past ``max_fraction`` of the data the run stops.
+
+    ``all_bad`` is the count summed over processes, so every process stops together.
+    """
     total = len(data.labeled) + (len(data.unlabeled) if data.unlabeled is not None else 0)
-    if state.bad_files and len(state.bad_files) > max_fraction * total:
+    if all_bad and all_bad > max_fraction * total:
         log_bad_files(tracker, state.bad_files, already_logged=0)
         raise DatasetError(
-            f"{len(state.bad_files)} of {total} training images could not be read "
-            f"(more than data.max_bad_image_fraction={max_fraction}); first: {state.bad_files[0]}"
+            f"{all_bad} of {total} training images could not be read "
+            f"(more than data.max_bad_image_fraction={max_fraction}); first: {(state.bad_files or ['on another process'])[0]}"
         )
 
 

@@ -17,6 +17,8 @@ import copy
 import logging
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,6 +43,12 @@ from ssod.tracking import Tracker, default_tracking_uri
 log = logging.getLogger(__name__)
 
 EvalCallback = Callable[[int, dict[str, float]], None]
+
+
+class RunResult(dict):
+    """Final metrics by name; ``status`` says how the run ended (FINISHED or KILLED)."""
+
+    status = "FINISHED"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,7 +147,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             set_rng_state(resumed["rng"])  # after the loaders: creating them draws from the RNG
         meters = Meters(method, data.category_map.names)
         progress = _progress(accelerator, train, state.step)
-        final_metrics: dict[str, float] = {}
+        final_metrics = RunResult()
         interval_start, interval_step = time.perf_counter(), state.step
         bad_files_logged = 0
         if state.step >= train.iterations:
@@ -151,7 +159,6 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             labeled, labeled_meta = next(labeled_iter)
             unlabeled, unlabeled_meta = next(unlabeled_iter) if unlabeled_iter is not None else ([], [])
             state.note_bad_files(labeled_meta + unlabeled_meta)
-            stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker)
             labeled = to_device(labeled, accelerator.device)
             unlabeled = to_device(unlabeled, accelerator.device)
             student.train()
@@ -159,11 +166,16 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                 result = compute_losses(student, teacher, labeled, unlabeled, method)
                 total = weighted_total(result.losses, weights)
             # One small all-reduce decides, on every process together, whether to skip this
-            # step (non-finite loss anywhere) and whether to stop (a signal anywhere).
+            # step (non-finite loss anywhere), whether to stop (a signal anywhere), and how
+            # many unreadable images all processes have met.
             flags = accelerator.reduce(
-                torch.tensor([float(not torch.isfinite(total)), float(interrupts.requested)], device=accelerator.device),
+                torch.tensor(
+                    [float(not torch.isfinite(total)), float(interrupts.requested), float(len(state.bad_files))],
+                    device=accelerator.device,
+                ),
                 reduction="sum",
             ).tolist()
+            stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, int(flags[2]))
             if flags[0] > 0:
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_steps += 1
@@ -232,6 +244,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             tracker.log_dict(final_metrics, "final_metrics.json")
             if cfg.tracking.log_checkpoint_artifact and (ckpt_dir / f"step-{state.step:08d}.pt").is_file():
                 tracker.log_artifact(ckpt_dir / f"step-{state.step:08d}.pt", "checkpoints")
+        final_metrics.status = status
         return final_metrics
     except KeyboardInterrupt:
         status = "KILLED"
@@ -286,6 +299,9 @@ def _progress(accelerator, train, start: int):
 def main(cfg: DictConfig) -> Optional[float]:
     """Console entry point (``ssod-train``); returns the teacher AP for Hydra sweepers."""
     metrics = run(cfg)
+    if metrics.status == "KILLED":
+        # Stopped by a signal after a checkpoint: not a success for the job scheduler.
+        sys.exit(128 + signal.SIGTERM)
     value = metrics.get("val/teacher/bbox_AP")
     return None if value is None or math.isnan(value) else value
 

@@ -233,7 +233,8 @@ def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(tiny_args, trainer, 
     process = trainer.start([*tiny_args(), "train.iterations=100000", "train.ckpt_every=2", "train.keep_checkpoints=5"])
     _wait_for(lambda: (checkpoints / "step-00000002.pt").exists(), process, what="the first checkpoint")
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0, process.log_path.read_text()[-3000:]
+    # Exit status 128 + SIGTERM: a scheduler must not read a stopped run as a success.
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, process.log_path.read_text()[-3000:]
     output = process.log_path.read_text()
     steps = [step for step, _ in list_checkpoints(checkpoints)]
     assert steps[-1] > 2 and f"stop requested: checkpoint saved at step {steps[-1]}" in output
@@ -256,7 +257,8 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_s
 
     monkeypatch.setattr(ssod.train, "compute_losses", interrupted_at_step_2)
     handler = signal.getsignal(signal.SIGINT)
-    run(make_config("train.iterations=100"))
+    result = run(make_config("train.iterations=100"))
+    assert result.status == "KILLED"
     assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers are removed again
     assert len(calls) == 2
     (step, _), = list_checkpoints(tmp_path / "outputs" / "checkpoints")
