@@ -10,7 +10,7 @@ Run from the project directory (``optuna.db``, ``mlflow.db`` and ``outputs/tune/
     ssod-tune tune=coco tune.launcher=accelerate tune.processes_per_trial=4 --workers 2 --gpus 0,1,2,3,4,5,6,7
     ssod-tune report tune=synthetic             # best params, best run id, plots -> parent run
 
-The study is ``conf/tune/<name>.yaml`` (``ssod/tuning/settings.py`` documents every key).
+The study is ``conf/tune/<name>.yaml`` (``ssod/tuning/schema.py`` documents every key).
 Every trial composes ``tune.base_overrides`` + the other command-line overrides + its
 sampled values and calls ``ssod.train.run``; each is a nested MLflow run under the study's
 parent run. Internal commands: ``ssod-tune worker --index K ...`` (one worker, started by
@@ -27,17 +27,17 @@ from pathlib import Path
 from typing import Optional
 
 from ssod.tracking import mask_secrets
-from ssod.tuning.objective import child_main
+from ssod.tuning.child import child_main
 from ssod.tuning.report import parent_run, write_report
 from ssod.tuning.settings import StudySetup, load_setup
-from ssod.tuning.storage import Usage, check_not_mlflow, resolve_storage_url, usage
+from ssod.tuning.storage import check_not_mlflow, resolve_storage_url, usage
 from ssod.tuning.workers import launch, open_study, run_worker
 
 log = logging.getLogger("ssod.tune")
 
 COMMANDS = ("run", "worker", "report", "trial")
 
-__all__ = ["main", "load_setup", "prepare", "run_worker", "launch", "report", "study_done"]
+__all__ = ["main", "load_setup", "prepare", "run_worker", "launch", "report"]
 
 
 def prepare(overrides: list[str], workers: Optional[int] = 1, storage: str = "", project_dir: Optional[Path] = None) -> StudySetup:
@@ -48,18 +48,20 @@ def prepare(overrides: list[str], workers: Optional[int] = 1, storage: str = "",
     return setup
 
 
-def study_done(now: Usage, n_trials: int) -> bool:
-    return now.used >= n_trials and now.running == 0 and now.waiting == 0
-
-
 def report(setup: StudySetup) -> dict:
     """``ssod-tune report``: write the report to the parent run now (FINISHED if the study is)."""
     study = open_study(setup)
-    return write_report(setup, study, parent_run(setup), final=study_done(usage(study), setup.tune.n_trials))
+    done = usage(study).spent(setup.tune.n_trials)
+    return write_report(setup, study, parent_run(setup), "FINISHED" if done else None)
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"ssod-tune{'' if command == 'run' else ' ' + command}", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=f"ssod-tune{'' if command == 'run' else ' ' + command}",
+        description="Optuna study over Polishing Teacher's thresholds and loss weights (conf/tune/*.yaml).",
+        epilog="commands: ssod-tune [run] (the default) | ssod-tune report | internal: worker, trial. "
+        "Example: ssod-tune --workers 2 --gpus 0,1 tune=synthetic tune.n_trials=40",
+    )
     if command == "trial":
         parser.add_argument("--spec", type=Path, required=True)
         parser.add_argument("--relay", type=Path, required=True)
@@ -87,14 +89,20 @@ def _gpus(text: Optional[str]) -> Optional[list[str]]:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-    args = _parser(command).parse_args(argv)
+    args = _parser(command).parse_intermixed_args(argv)
     label = f"worker {args.index}" if command == "worker" else command
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{label}] %(name)s: %(message)s")
     if command == "trial":
         return child_main(args.spec, args.relay, args.parent_pid, int(args.parent_started) if args.parent_started else None)
     # A report reads whichever default storage exists; a worker belongs to a launcher of several.
     workers = {"run": getattr(args, "workers", 1), "worker": 2, "report": None}[command]
-    setup = prepare(args.overrides, workers, args.storage)
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        setup = prepare(args.overrides, workers, args.storage)
+    except (ConfigCompositionException, ValueError) as error:
+        log.error("%s", mask_secrets(str(error)))
+        return 2
     log.info(
         "study %s: storage %s, MLflow %s, trials in %s",
         setup.tune.study_name, mask_secrets(setup.storage_url), mask_secrets(setup.tracking_uri), setup.study_dir,

@@ -17,33 +17,25 @@ terminates the child's whole group, and the child stops itself if the worker van
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
-from omegaconf import DictConfig, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from ssod.config import compose
 from ssod.tracking import mask_secrets
+from ssod.tuning.child import TrialSpec, accelerate_command, completed, read_relay
+from ssod.tuning.processes import group_alive, signal_group, terminate_group
 from ssod.tuning.report import mark_trial_run, trial_tags
 from ssod.tuning.settings import StudySetup, override
 from ssod.tuning.space import suggest, to_overrides
-from ssod.tuning.storage import (
-    OWNER_ATTR, SURPLUS_ATTR, owner_record, process_alive, quiet_experimental, start_ticks, within_budget,
-)
+from ssod.tuning.storage import OWNER_ATTR, SURPLUS_ATTR, owner_record, quiet_experimental, within_budget
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +44,6 @@ Trainer = Callable[..., dict]
 
 class TrialInterrupted(Exception):
     """The worker was told to stop while this trial trained; its checkpoint is kept."""
-
-
-@dataclass
-class TrialSpec:
-    """What a trial trains: Hydra overrides plus the MLflow tags of its run."""
-
-    overrides: list[str]
-    tags: dict[str, str]
-
-    def config(self) -> DictConfig:
-        cfg = compose(self.overrides)
-        with open_dict(cfg):  # dotted tag names cannot be written as overrides
-            for key, value in self.tags.items():
-                cfg.tracking.tags[key] = value
-        return cfg
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self)))
-
-    @classmethod
-    def load(cls, path: Path) -> "TrialSpec":
-        return cls(**json.loads(Path(path).read_text()))
 
 
 def finite(value: Any) -> bool:
@@ -112,7 +82,9 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         if not within_budget(trial.study, trial.number, self.tune.n_trials):
-            trial.set_user_attr(SURPLUS_ATTR, True)  # lost a race for the last slot: not counted
+            # Another worker took the last slot at the same moment: this one is not counted.
+            log.info("trial %d: the budget is spent; not run (marked surplus)", trial.number)
+            trial.set_user_attr(SURPLUS_ATTR, True)
             return float("nan")
         trial.set_user_attr(OWNER_ATTR, owner_record(trial.number))
         self.last_trial = trial.number
@@ -190,7 +162,7 @@ class Objective:
         cfg = spec.config()
         reporter = Reporter(trial, self.tune.metric)
         metrics = trainer(cfg, on_eval=reporter)
-        return metrics, reporter.last_step >= cfg.train.iterations
+        return metrics, completed(metrics, reporter.last_step, cfg.train.iterations)
 
     def _train_in_child(self, trial: optuna.Trial, spec: TrialSpec, trial_dir: Path) -> tuple[dict, bool]:
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -207,19 +179,21 @@ class Objective:
         try:
             offset = 0
             while True:
-                exited = self.child.poll() is not None
-                records, offset = _read_lines(relay_path, offset)
+                # `accelerate launch` itself may exit before its ranks (it dies on SIGTERM):
+                # the trial is over when the whole process group is gone.
+                done = not group_alive(self.child)
+                records, offset = read_relay(relay_path, offset)
                 for record in records:
                     if record.get("final"):
                         final = record
                     else:
                         reporter(record["step"], record["metrics"])
-                if exited:
+                if done:
                     break
                 time.sleep(0.5)
         finally:
             child, self.child = self.child, None
-            if child.poll() is None:
+            if group_alive(child):
                 terminate_group(child)
         if final is None:
             raise RuntimeError(f"training exited with status {child.returncode} and no final metrics")
@@ -227,8 +201,8 @@ class Objective:
 
     def forward_signal(self, signum: int) -> None:
         """Pass a stop signal on to the running child group (in-process training gets it anyway)."""
-        if self.child is not None and self.child.poll() is None:
-            _signal_group(self.child.pid, signum)
+        if self.child is not None:
+            signal_group(self.child.pid, signum)
 
 
 def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
@@ -242,99 +216,3 @@ def _newest_checkpoint_step(trial_dir: Path) -> Optional[int]:
 
     found = list_checkpoints(trial_dir / "checkpoints")
     return found[-1][0] if found else None
-
-
-def _read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
-    """Complete JSON lines written after ``offset``; a half-written last line waits."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    return [json.loads(line) for line in data[:end].splitlines() if line.strip()], offset + end
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def terminate_group(child: subprocess.Popen, grace_s: float = 120.0) -> None:
-    """SIGTERM the child's process group (each rank checkpoints), SIGKILL what is left."""
-    _signal_group(child.pid, signal.SIGTERM)
-    try:
-        child.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        log.warning("trial process group %d ignored SIGTERM for %.0f s: killing it", child.pid, grace_s)
-    _signal_group(child.pid, signal.SIGKILL)
-    child.wait()
-
-
-def accelerate_command(processes: int, extra_args: list[str], spec_path: Path, relay_path: Path) -> list[str]:
-    """``accelerate launch`` of ``ssod.tune trial`` on this worker's devices."""
-    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if devices is None:
-        import torch
-
-        gpu = torch.cuda.device_count() > 0
-    else:
-        gpu = devices.strip() not in ("", "-1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-    if processes > 1:
-        # Several workers on one machine each launch a job: each needs its own port.
-        command += ["--multi_gpu"] if gpu else ["--cpu"]
-        command += ["--main_process_port", str(_free_port())]
-    elif not gpu:
-        command += ["--cpu"]
-    return [
-        *command, *extra_args, "-m", "ssod.tune", "trial",
-        "--spec", str(spec_path), "--relay", str(relay_path),
-        "--parent-pid", str(os.getpid()), "--parent-started", str(start_ticks(os.getpid()) or ""),
-    ]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def child_main(spec_path: Path, relay_path: Path, parent_pid: int, parent_started: Optional[int]) -> int:
-    """Body of ``ssod-tune trial`` (every rank): train, relay evaluations to the worker."""
-    from ssod.train import run
-
-    _stop_when_gone(parent_pid, parent_started)
-    spec = TrialSpec.load(spec_path)
-    cfg = spec.config()
-    last = {"step": 0}
-
-    def relay(step: int, metrics: dict[str, float]) -> None:
-        last["step"] = step
-        _append(relay_path, {"step": step, "metrics": metrics})
-
-    metrics = run(cfg, on_eval=relay)
-    if int(os.environ.get("RANK", "0")) == 0:
-        _append(relay_path, {"final": True, "metrics": metrics, "completed": last["step"] >= cfg.train.iterations})
-    return 0
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record, default=float) + "\n")
-        handle.flush()
-
-
-def _stop_when_gone(pid: int, started: Optional[int]) -> None:
-    """SIGTERM ourselves (checkpoint, then stop) if the worker that owns us dies."""
-
-    def watch() -> None:
-        while process_alive(pid, started):
-            time.sleep(2.0)
-        log.warning("the tuning worker (pid %d) is gone: stopping this trial", pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="worker-watchdog", daemon=True).start()

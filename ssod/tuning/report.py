@@ -41,12 +41,17 @@ def trial_tags(study_name: str, trial_number: int, original_number: Optional[int
     return tags
 
 
-def parent_run(setup: StudySetup) -> str:
-    """Find the study's parent run by tag, or create it (the oldest wins a creation race)."""
+def parent_run(setup: StudySetup, reopen: bool = False) -> str:
+    """Find the study's parent run by tag, or create it (the oldest wins a creation race).
+
+    ``reopen``: mark a found run RUNNING again (a launcher joining or extending the study).
+    """
     tracker = _tracker(setup)
     tags = {"optuna.study": setup.tune.study_name, "optuna.role": "study"}
     found = tracker.find_runs(tags)
     if found:
+        if reopen:
+            tracker.start(f"study-{setup.tune.study_name}", run_id=found[0])
         return found[0]
     own = tracker.start(f"study-{setup.tune.study_name}", tags)
     tracker.log_params(_study_params(setup))
@@ -95,8 +100,9 @@ def mark_trial_run(setup: StudySetup, trial_number: int, state: str, params: Opt
     return run_id
 
 
-def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: str, final: bool) -> dict:
-    """Best trial, counts, trials table and plots onto the parent run; FINISHED if ``final``."""
+def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: str, status: Optional[str] = None) -> dict:
+    """Best trial, counts, trials table and plots onto the parent run, then close it with
+    ``status`` (FINISHED when the budget is spent, KILLED when stopped; None: still open)."""
     trials = study.get_trials(deepcopy=False)
     states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     tracker = _tracker(setup)
@@ -119,8 +125,8 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: str, fin
     _log_trials_table(tracker, study)
     if setup.tune.plots:
         _log_plots(tracker, study)
-    if final:
-        tracker.end("FINISHED")
+    if status:
+        tracker.end(status)
     return summary
 
 

@@ -1,7 +1,8 @@
-"""The ``tune`` config group (``conf/tune/*.yaml``): schema, loading, and override syntax.
+"""Loading the ``tune`` config group (``conf/tune/*.yaml``) and writing Hydra overrides.
 
-A study is described by one file of the group, e.g. ``conf/tune/synthetic.yaml``::
+A study is one file of the group (schema: ``ssod/tuning/schema.py``), e.g.::
 
+    defaults: [tune_schema, _self_]
     study_name: synthetic-polish
     n_trials: 24                       # global budget, shared by every worker
     metric: val/teacher/bbox_AP        # any metric the training reports
@@ -12,8 +13,9 @@ A study is described by one file of the group, e.g. ``conf/tune/synthetic.yaml``
       method.cls_scales.0: {type: float, low: 0.02, high: 0.15}
       method.reg_samples: {type: int, low: 20, high: 60, step: 10}
 
-``load_setup(overrides)`` composes it with ``ssod.config.compose`` (so a misspelt key
-fails at start), checks it against ``TuneConfig`` and resolves every path once.
+``load_setup(overrides)`` composes it with ``ssod.config.compose`` (a misspelt key fails
+at start), checks the values, composes the trials' base config once (so a bad base
+override fails now, not in trial 1) and resolves every path and URI once.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ class StudySetup:
     storage_url: str = ""
 
 
-def is_tune_override(override: str) -> bool:
-    key = override.lstrip("+~").split("=", 1)[0]
+def is_tune_override(text: str) -> bool:
+    key = text.lstrip("+~").split("=", 1)[0]
     return key == "tune" or key.startswith("tune.")
 
 

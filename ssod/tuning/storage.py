@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ssod.tracking import mask_secrets
+from ssod.tuning.processes import machine_id, process_alive, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -131,40 +131,9 @@ def has_heartbeat(storage) -> bool:
 # --------------------------------------------------------------------------- dead workers
 
 
-def machine_id() -> str:
-    """Host name plus PID namespace: two containers sharing a host name still differ."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}/{namespace}"
-
-
-def start_ticks(pid: int) -> Optional[int]:
-    """The process's start time (clock ticks since boot), None if unknown or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
-
-
 def owner_record(trial_number: int) -> dict:
     pid = os.getpid()
     return {"machine": machine_id(), "pid": pid, "started": start_ticks(pid), "trial": trial_number}
-
-
-def process_alive(pid: int, started: Optional[int]) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    ticks = start_ticks(pid)
-    if Path("/proc/self/stat").exists():
-        return ticks is not None and (started is None or ticks == started)
-    return True
 
 
 def reap_dead_workers(study: optuna.Study, on_stale: Callable, unclaimed_grace_s: Optional[float]) -> list[int]:
@@ -208,6 +177,10 @@ class Usage:
     complete: int
     pruned: int
     failed: int
+
+    def spent(self, n_trials: int) -> bool:
+        """The whole budget has run: nothing running or queued any more."""
+        return self.used >= n_trials and self.running == 0 and self.waiting == 0
 
 
 def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:

@@ -51,9 +51,9 @@ class StaleTrials:
             log.exception("trial %d: could not mark its MLflow run", trial.number)
 
 
-def build_sampler(spec: SamplerSpec, worker_index: int, salt: int = 0) -> optuna.samplers.BaseSampler:
-    """Worker k samples with ``seed + k (+ salt)``: same-seeded workers would propose the same values."""
-    seed = None if spec.seed is None else spec.seed + worker_index + salt
+def build_sampler(spec: SamplerSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler, seeded with ``seed + offset`` (see ``open_study``)."""
+    seed = None if spec.seed is None else spec.seed + offset
     if spec.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with quiet_experimental():
@@ -73,19 +73,26 @@ def build_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
 
 
 def open_study(setup: StudySetup, worker_index: int = 0) -> optuna.Study:
-    """Create the study or join it (``load_if_exists``): workers may start at any time."""
+    """Create the study or join it (``load_if_exists``): workers may start at any time.
+
+    A fixed seed alone would make every worker, and every restart, draw the same random
+    start-up values, so the seed is offset by the trials already in the study, the worker
+    index and, for a storage shared by machines, the host. A fresh one-worker study
+    keeps exactly ``sampler.seed``.
+    """
     tune = setup.tune
     storage = open_storage(setup.storage_url, tune.heartbeat_interval, tune.grace_period, StaleTrials(setup))
-    local = is_journal(setup.storage_url) or setup.storage_url.startswith("sqlite:")
-    salt = 0 if local else zlib.crc32(os.uname().nodename.encode()) % 100_000 * 100
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=tune.study_name,
         storage=storage,
-        sampler=build_sampler(tune.sampler, worker_index, salt),
         pruner=build_pruner(tune.pruner),
         direction=tune.direction,
         load_if_exists=True,
     )
+    local = is_journal(setup.storage_url) or setup.storage_url.startswith("sqlite:")
+    host = 0 if local else zlib.crc32(os.uname().nodename.encode()) % 1000 * 1_000_000
+    study.sampler = build_sampler(tune.sampler, len(study.get_trials(deepcopy=False)) + 10_000 * worker_index + host)
+    return study
 
 
 def run_worker(
@@ -103,6 +110,7 @@ def run_worker(
     heartbeat = not is_journal(setup.storage_url)
     deadline = time.monotonic() + tune.timeout_s if tune.timeout_s else None
     restore = _handle_signals(stop, objective)
+    waiting_for = 0
     try:
         while not stop.is_set():
             reap_dead_workers(study, on_stale, None if heartbeat else tune.grace_period)
@@ -121,7 +129,9 @@ def run_worker(
                 continue
             if now.running == 0 or not tune.wait_for_running or late:
                 break
-            log.info("budget spent; waiting for %d running trial(s)", now.running)
+            if now.running != waiting_for:
+                log.info("budget spent; waiting for %d trial(s) running elsewhere", now.running)
+                waiting_for = now.running
             stop.wait(tune.poll_interval_s)
     finally:
         restore()
@@ -168,7 +178,7 @@ def launch(setup: StudySetup, workers: int, gpus: Optional[list[str]]) -> int:
     """Run ``workers`` workers on this machine, then report. Returns the exit status."""
     tune = setup.tune
     study = open_study(setup)  # created here, so workers only join
-    parent = parent_run(setup)
+    parent = parent_run(setup, reopen=True)
     if workers > 1 and gpus is None:
         import torch
 
@@ -183,8 +193,8 @@ def launch(setup: StudySetup, workers: int, gpus: Optional[list[str]]) -> int:
     else:
         status = _supervise(setup, devices, stopped)
     now = usage(study)
-    done = now.used >= tune.n_trials and now.running == 0 and now.waiting == 0
-    summary = write_report(setup, study, parent, final=done)
+    done = now.spent(tune.n_trials)
+    summary = write_report(setup, study, parent, "FINISHED" if done else "KILLED" if stopped.is_set() else None)
     log.info("study %s: %s", tune.study_name, {k: v for k, v in summary.items() if k != "study"})
     if not done and status == 0 and not stopped.is_set():
         log.warning("budget not finished (%s); run ssod-tune again to continue", now)
