@@ -228,11 +228,18 @@ def _wait_for(condition, process, timeout: float = 240.0, what: str = "") -> Non
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(tiny_args, trainer, mlflow_store, tmp_path: Path):
+@pytest.mark.parametrize("whole_group", [False, True], ids=["main-process", "process-group"])
+def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(tiny_args, trainer, mlflow_store, tmp_path: Path, whole_group):
+    """SIGTERM to the trainer, or to its whole process group as a scheduler sends it (then
+    with a DataLoader worker, which must leave the stop to the main process)."""
     checkpoints = tmp_path / "outputs" / "checkpoints"
-    process = trainer.start([*tiny_args(), "train.iterations=100000", "train.ckpt_every=2", "train.keep_checkpoints=5"])
+    workers = ["data.num_workers=1"] if whole_group else []
+    process = trainer.start([*tiny_args(), "train.iterations=100000", "train.ckpt_every=2", "train.keep_checkpoints=5", *workers])
     _wait_for(lambda: (checkpoints / "step-00000002.pt").exists(), process, what="the first checkpoint")
-    process.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     # Exit status 128 + SIGTERM: a scheduler must not read a stopped run as a success.
     assert process.wait(timeout=120) == 128 + signal.SIGTERM, process.log_path.read_text()[-3000:]
     output = process.log_path.read_text()
