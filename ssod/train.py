@@ -130,12 +130,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=state.run_id
         )
         if not resumed:
-            tracker.log_params(flatten(cfg))
-            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            unlabeled_json = data.files.unlabeled_json if data.unlabeled is not None else None  # supervised: unused
-            for context, path in (("train", data.files.train_json), ("unlabeled", unlabeled_json), ("eval", data.files.val_json)):
-                if path is not None:
-                    tracker.log_dataset(path, name=Path(path).name, context=context)
+            _log_run_inputs(tracker, cfg, data)
         rank, world = accelerator.process_index, accelerator.num_processes
         workers = cfg.data.num_workers
         pin = accelerator.device.type == "cuda"
@@ -207,16 +202,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
 
             if state.step % train.log_every == 0 or state.step == train.iterations:
                 scalars = meters.compute()
-                now = time.perf_counter()
-                scalars.update({
-                    "train/sec_per_iter": (now - interval_start) / max(state.step - interval_step, 1),
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/nonfinite_steps": state.nonfinite_steps,
-                    "train/bad_images": len(state.bad_files),
-                    "train/ema_momentum": ema_momentum(max(state.ema_steps - 1, 0), method.ema_momentum),
-                    "train/polish_ema_momentum": ema_momentum(max(state.ema_steps - 1, 0), method.polish_ema_momentum, method.polish_ema_warmup),
-                    "train/unsup_weight": method.unsup_weight,
-                })
+                seconds = (time.perf_counter() - interval_start) / max(state.step - interval_step, 1)
+                scalars.update(_schedule_scalars(optimizer, state, method, seconds))
                 tracker.log_metrics(scalars, state.step)
                 bad_files_logged = log_bad_files(tracker, state.bad_files, bad_files_logged)
                 final_metrics.update(scalars)
@@ -241,9 +228,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if progress is not None:
             progress.close()
         if accelerator.is_main_process and status == "FINISHED":
-            tracker.log_dict(final_metrics, "final_metrics.json")
-            if cfg.tracking.log_checkpoint_artifact and (ckpt_dir / f"step-{state.step:08d}.pt").is_file():
-                tracker.log_artifact(ckpt_dir / f"step-{state.step:08d}.pt", "checkpoints")
+            _log_run_outputs(tracker, final_metrics, ckpt_dir / f"step-{state.step:08d}.pt", cfg.tracking.log_checkpoint_artifact)
         final_metrics.status = status
         return final_metrics
     except KeyboardInterrupt:
@@ -259,6 +244,37 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         tracker.end(status)
         accelerator.wait_for_everyone()
         accelerator.free_memory()
+
+
+def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
+    """Flattened params, the resolved config, and the json files read (a new run only)."""
+    tracker.log_params(flatten(cfg))
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    unlabeled_json = data.files.unlabeled_json if data.unlabeled is not None else None  # supervised: unused
+    for context, path in (("train", data.files.train_json), ("unlabeled", unlabeled_json), ("eval", data.files.val_json)):
+        if path is not None:
+            tracker.log_dataset(path, name=Path(path).name, context=context)
+
+
+def _schedule_scalars(optimizer, state: RunState, method, seconds_per_iter: float) -> dict[str, float]:
+    """Per-interval scalars of the schedule and of the faults met so far."""
+    last_ema_step = max(state.ema_steps - 1, 0)
+    return {
+        "train/sec_per_iter": seconds_per_iter,
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/nonfinite_steps": state.nonfinite_steps,
+        "train/bad_images": len(state.bad_files),
+        "train/ema_momentum": ema_momentum(last_ema_step, method.ema_momentum),
+        "train/polish_ema_momentum": ema_momentum(last_ema_step, method.polish_ema_momentum, method.polish_ema_warmup),
+        "train/unsup_weight": method.unsup_weight,
+    }
+
+
+def _log_run_outputs(tracker: Tracker, final_metrics: dict, final_checkpoint: Path, log_checkpoint: bool) -> None:
+    """``final_metrics.json`` and, when asked, the final checkpoint as artifacts."""
+    tracker.log_dict(final_metrics, "final_metrics.json")
+    if log_checkpoint and final_checkpoint.is_file():
+        tracker.log_artifact(final_checkpoint, "checkpoints")
 
 
 def _is_prune(error: BaseException) -> bool:
