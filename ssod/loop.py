@@ -170,8 +170,9 @@ class Meters:
     def compute(self) -> dict[str, float]:
         scalars = {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
         scalars["train/skipped_steps_interval"] = float(self.skipped)
-        if self.quality.compute().get("pseudo/images", 0):
-            scalars.update(self.quality.compute())
+        quality = self.quality.compute()
+        if quality.get("pseudo/images", 0):
+            scalars.update(quality)
         self.reset()
         return scalars
 
