@@ -375,3 +375,15 @@ def test_two_workers_share_one_budget_in_postgresql(project: Project, postgres_u
     assert parent.data.params["storage"].startswith("postgresql+psycopg2://ssod:***@127.0.0.1:")
     assert password not in output
     assert password not in str(parent.data.params) + str(parent.data.tags)
+
+
+def test_relay_answers_are_read_in_order_and_a_missing_answer_times_out(tmp_path: Path) -> None:
+    from ssod.tuning.child import wait_for_ack, write_ack
+
+    relay = tmp_path / "trial-0.metrics.jsonl"
+    assert wait_for_ack(relay, 1, timeout_s=0.1) is None  # no worker answer: the child goes on
+    write_ack(relay, "continue")
+    write_ack(relay, "stop")
+    assert wait_for_ack(relay, 1, timeout_s=0.1) == "continue"
+    assert wait_for_ack(relay, 2, timeout_s=0.1) == "stop"
+    assert wait_for_ack(relay, 3, timeout_s=0.1) is None

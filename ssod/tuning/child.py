@@ -3,8 +3,11 @@
 The worker writes a ``TrialSpec`` (overrides + run tags) to a JSON file and launches the
 child; rank 0 of the child appends one JSON line per evaluation to a relay file
 (``{"step": 400, "metrics": {...}}``) and a last line with the final metrics. The worker
-tails the relay (``read_relay``) to feed the pruner. The child watches its worker and
-stops itself (SIGTERM: checkpoint, run KILLED) if the worker dies.
+tails the relay (``read_relay``) to feed the pruner and answers each evaluation with one
+line in the ack file, ``continue`` or ``stop`` (``write_ack``). The child waits for that
+answer before its next step, so a pruned trial stops at the step it was judged at, however
+fast its steps are. The child watches its worker and stops itself (SIGTERM: checkpoint,
+run KILLED) if the worker dies.
 """
 
 from __future__ import annotations
@@ -63,6 +66,34 @@ def read_relay(path: Path, offset: int) -> tuple[list[dict], int]:
     return [json.loads(line) for line in data[:end].splitlines() if line.strip()], offset + end
 
 
+ACK_TIMEOUT_S = 120.0
+
+
+def ack_path(relay_path: Path) -> Path:
+    return Path(relay_path).with_suffix(".ack")
+
+
+def write_ack(relay_path: Path, answer: str) -> None:
+    """The worker's answer to one relayed evaluation: ``continue`` or ``stop``."""
+    with open(ack_path(relay_path), "a") as handle:
+        handle.write(answer + "\n")
+        handle.flush()
+
+
+def wait_for_ack(relay_path: Path, count: int, timeout_s: float = ACK_TIMEOUT_S) -> Optional[str]:
+    """The worker's answer to evaluation number ``count`` (1-based), or None after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            answers = ack_path(relay_path).read_text().split()
+        except FileNotFoundError:
+            answers = []
+        if len(answers) >= count:
+            return answers[count - 1]
+        time.sleep(0.02)
+    return None
+
+
 def accelerate_command(processes: int, extra_args: list[str], spec_path: Path, relay_path: Path) -> list[str]:
     """``accelerate launch`` of ``ssod.tune trial`` on this worker's devices."""
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -110,7 +141,18 @@ def child_main(spec_path: Path, relay_path: Path, parent_pid: int, parent_starte
 
     def relay(step: int, metrics: dict[str, float]) -> None:
         last["step"] = step
+        if last.get("stopping"):
+            return  # the worker has judged the trial; an evaluation on the way out needs no answer
+        last["count"] = last.get("count", 0) + 1
         _append(relay_path, {"step": step, "metrics": metrics})
+        answer = wait_for_ack(relay_path, last["count"])
+        if answer is None:
+            log.warning("no answer from the tuning worker for the evaluation at step %d; going on", step)
+        elif answer == "stop":
+            # The stop flag is set before the next step's all-reduce, so every rank stops
+            # together at the next step, with a checkpoint.
+            last["stopping"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
     metrics = run(cfg, on_eval=relay)
     if int(os.environ.get("RANK", "0")) == 0:

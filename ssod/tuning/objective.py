@@ -30,7 +30,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from ssod.tracking import mask_secrets
-from ssod.tuning.child import TrialSpec, accelerate_command, completed, read_relay
+from ssod.tuning.child import TrialSpec, accelerate_command, ack_path, completed, read_relay, write_ack
 from ssod.tuning.processes import group_alive, signal_group, terminate_group
 from ssod.tuning.report import mark_trial_run, trial_tags
 from ssod.tuning.settings import StudySetup, override
@@ -168,6 +168,7 @@ class Objective:
         trial_dir.mkdir(parents=True, exist_ok=True)
         spec_path, relay_path = trial_dir / f"trial-{trial.number}.json", trial_dir / f"trial-{trial.number}.metrics.jsonl"
         relay_path.unlink(missing_ok=True)
+        ack_path(relay_path).unlink(missing_ok=True)
         spec.save(spec_path)
         reporter = Reporter(trial, self.tune.metric)
         final: Optional[dict] = None
@@ -186,11 +187,16 @@ class Objective:
                 for record in records:
                     if record.get("final"):
                         final = record
-                    else:
+                        continue
+                    try:
                         reporter(record["step"], record["metrics"])
+                    except optuna.TrialPruned:
+                        write_ack(relay_path, "stop")
+                        raise
+                    write_ack(relay_path, "continue")
                 if done:
                     break
-                time.sleep(0.5)
+                time.sleep(0.05)  # the child waits for each answer: poll often
         finally:
             child, self.child = self.child, None
             if group_alive(child):
