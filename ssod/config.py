@@ -27,6 +27,10 @@ class SyntheticConfig:
     seed: int = 0
     num_train: int = 1200
     num_val: int = 200
+    # Ranges (min, max) in pixels: image width and height are each drawn from image_size,
+    # an object's side (geometric mean of width and height) from object_size.
+    image_size: list[int] = field(default_factory=lambda: [128, 192])
+    object_size: list[float] = field(default_factory=lambda: [10.0, 60.0])
 
 
 @dataclass

@@ -81,7 +81,11 @@ def resolve_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
     """Turn the data config into concrete files, generating what is missing."""
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if cfg.name == "synthetic":
-        recipe = SyntheticRecipe(seed=cfg.synthetic.seed, num_train=cfg.synthetic.num_train, num_val=cfg.synthetic.num_val)
+        synthetic = cfg.synthetic
+        recipe = SyntheticRecipe(
+            seed=synthetic.seed, num_train=synthetic.num_train, num_val=synthetic.num_val,
+            image_size=tuple(synthetic.image_size), object_size=tuple(synthetic.object_size),
+        )
         paths = ensure_synthetic(cache / "synthetic", recipe)
         source, source_images = paths.train_json, paths.train_images
         val_json, val_images = paths.val_json, paths.val_images

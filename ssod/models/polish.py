@@ -98,22 +98,31 @@ def pool_voted_features(
     image_sizes: list[tuple[int, int]],
     roi_pool: MultiScaleRoIAlign,
     frac: float = 0.06,
-) -> Tensor:
+    extra_boxes: list[Tensor] | None = None,
+):
     """RoI features of every box and its six voted boxes, in one pooling call.
 
     Args:
         features: FPN maps ``{name: [B, C, H_l, W_l]}``.
         boxes: per image ``[N_i, 4]``.
         image_sizes: per image ``(height, width)``.
+        extra_boxes: optional per image ``[M_i, 4]`` pooled alone (no votes) in the same call.
 
     Returns:
-        ``[sum N_i, 7, C, R, R]``, boxes in image order, votes as in ``vote_boxes``.
-        Each voted box is pooled on the FPN level of its own size.
+        ``[sum N_i, 7, C, R, R]``, boxes in image order, votes as in ``vote_boxes``; with
+        ``extra_boxes``, also ``[sum M_i, C, R, R]`` for them, as a pair. Each box is pooled
+        on the FPN level of its own size, so sharing the call changes no value.
     """
     votes = [vote_boxes(image_boxes, frac).reshape(-1, 4) for image_boxes in boxes]
-    pooled = roi_pool(features, votes, image_sizes)
     total = sum(image_boxes.shape[0] for image_boxes in boxes)
-    return pooled.reshape(total, NUM_VOTES, *pooled.shape[1:])
+    if extra_boxes is None:
+        pooled = roi_pool(features, votes, image_sizes)
+        return pooled.reshape(total, NUM_VOTES, *pooled.shape[1:])
+    pooled = roi_pool(features, [torch.cat([v, e.to(v.dtype)]) for v, e in zip(votes, extra_boxes)], image_sizes)
+    # Rows are per image: that image's votes, then its extra boxes.
+    chunks = pooled.split([n for v, e in zip(votes, extra_boxes) for n in (v.shape[0], e.shape[0])])
+    voted = torch.cat(chunks[0::2]).reshape(total, NUM_VOTES, *pooled.shape[1:])
+    return voted, torch.cat(chunks[1::2])
 
 
 def box_polish_samples(
@@ -327,16 +336,16 @@ class Polisher(nn.Module):
         """
         features = {name: feature.detach() for name, feature in features.items()}
         boxes, targets = box_polish_samples(gt_boxes, self.box_samples, self.box_scale, generator)
-        pooled = pool_voted_features(features, boxes, image_sizes, self.roi_pool, self.vote_frac)
-        polished = self._polished_boxes(boxes, pooled, image_sizes)
-        box_loss, box_stats = box_polish_loss(polished, torch.cat(targets), torch.cat(boxes))
-
         proposals = [image_proposals.detach()[:, :4] for image_proposals in proposals]
-        boxes, labels = category_polish_samples(
+        cls_boxes, labels = category_polish_samples(
             gt_boxes, gt_labels, proposals, self.category_samples, self.category_scales, self.pos_iou, generator
         )
-        # The category network sees only the box itself, so its six votes are not pooled.
-        logits = self.category_net(self.roi_pool(features, boxes, image_sizes))
+        # One RoIAlign call for both networks: every box with its votes, then the category
+        # samples (the category network sees only the box itself, so no votes for those).
+        pooled, cls_pooled = pool_voted_features(features, boxes, image_sizes, self.roi_pool, self.vote_frac, cls_boxes)
+        polished = self._polished_boxes(boxes, pooled, image_sizes)
+        box_loss, box_stats = box_polish_loss(polished, torch.cat(targets), torch.cat(boxes))
+        logits = self.category_net(cls_pooled)
         cls_loss, cls_stats = category_polish_loss(logits, torch.cat(labels))
         return {"polish/box": box_loss, "polish/cls": cls_loss}, {**box_stats, **cls_stats}
 

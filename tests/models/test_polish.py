@@ -60,6 +60,41 @@ def test_pool_voted_features_groups_votes_per_box_across_images():
     assert empty.shape == (0, NUM_VOTES, CHANNELS, 7, 7)
 
 
+def test_one_pooling_call_for_both_networks_equals_separate_calls():
+    pool, features = make_pool(), make_features()
+    boxes = [torch.tensor([[2.0, 2.0, 20.0, 30.0], [10.0, 5.0, 60.0, 60.0]]), torch.zeros(0, 4)]
+    extra = [torch.tensor([[0.0, 0.0, 40.0, 40.0]]), torch.tensor([[5.0, 5.0, 50.0, 25.0], [1.0, 1.0, 9.0, 9.0]])]
+    voted, alone = pool_voted_features(features, boxes, IMAGE_SIZES, pool, 0.06, extra)
+    assert torch.equal(voted, pool_voted_features(features, boxes, IMAGE_SIZES, pool, 0.06))
+    assert torch.equal(alone, pool(features, extra, IMAGE_SIZES))
+
+
+def test_polisher_losses_equal_pooling_each_network_separately():
+    """The shared RoIAlign call changes no loss or gradient (reference: the old two-call path)."""
+    torch.manual_seed(0)
+    polisher = Polisher(make_pool(), CHANNELS, NUM_CLASSES, hidden=32, box_samples=20, category_samples=(5, 5))
+    features = make_features()
+    gt_boxes, gt_labels = make_gt()
+    proposals = [torch.tensor([[0.0, 0.0, 20.0, 20.0]]), torch.tensor([[5.0, 5.0, 50.0, 20.0]])]
+    losses, stats = polisher.losses(features, gt_boxes, gt_labels, proposals, IMAGE_SIZES, torch.Generator().manual_seed(1))
+    sum(losses.values()).backward()
+    grads = [p.grad.clone() for p in polisher.parameters()]
+    polisher.zero_grad()
+
+    generator = torch.Generator().manual_seed(1)
+    boxes, targets = box_polish_samples(gt_boxes, 20, polisher.box_scale, generator)
+    cls_boxes, labels = category_polish_samples(gt_boxes, gt_labels, proposals, (5, 5), polisher.category_scales,
+                                                polisher.pos_iou, generator)
+    pooled = pool_voted_features(features, boxes, IMAGE_SIZES, polisher.roi_pool, polisher.vote_frac)
+    box_loss, _ = box_polish_loss(polisher._polished_boxes(boxes, pooled, IMAGE_SIZES), torch.cat(targets), torch.cat(boxes))
+    cls_loss, _ = category_polish_loss(polisher.category_net(polisher.roi_pool(features, cls_boxes, IMAGE_SIZES)),
+                                       torch.cat(labels))
+    (box_loss + cls_loss).backward()
+    assert torch.equal(losses["polish/box"], box_loss) and torch.equal(losses["polish/cls"], cls_loss)
+    for shared, separate in zip(grads, (p.grad for p in polisher.parameters())):
+        torch.testing.assert_close(shared, separate, rtol=0, atol=1e-6)
+
+
 def test_box_samples_counts_targets_and_empty_image():
     gt_boxes, _ = make_gt()
     gt_boxes.append(torch.zeros(0, 4))
