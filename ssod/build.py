@@ -40,9 +40,20 @@ def build_model(model_cfg: ModelConfig, method: MethodConfig, num_classes: int) 
     return SemiSupervisedModel(detector, polisher)
 
 
+def apply_speed_settings(train: TrainConfig, model: nn.Module) -> nn.Module:
+    """Set TF32 for CUDA float32 work and, if asked, the channels_last format of ``model``.
+
+    Call before copying the model into a teacher: the copy inherits the format.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(train.tf32)
+    if train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def build_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD over trainable parameters; no weight decay on norms and biases? No: the
-    reference decays everything, and so do we."""
+    """SGD with momentum over the trainable parameters, all of them decayed (as the reference)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
 

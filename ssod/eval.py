@@ -27,7 +27,7 @@ from ssod.config import compose
 from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.coco import CategoryMap, load_coco, load_split
 from ssod.data.transforms import EvalTransform
-from ssod.engine import evaluate
+from ssod.engine import eval_loader, evaluate, shard
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(state[args.model])
     accelerator = Accelerator(cpu=args.cpu)
     detector = model.detector.to(accelerator.device)
-    metrics = evaluate(detector, dataset, accelerator, num_workers=cfg.data.num_workers)
+    loader = eval_loader(dataset, shard(dataset, accelerator), num_workers=cfg.data.num_workers,
+                         pin_memory=accelerator.device.type == "cuda")
+    metrics = evaluate(detector, loader, accelerator)
     if metrics is None:
         return 0
     metrics = {f"{args.model}/bbox_{key}": value for key, value in metrics.items()}

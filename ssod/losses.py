@@ -47,7 +47,8 @@ def supervised_losses(detector, images: ImageList, features: dict[str, Tensor], 
 def box_regression_loss(box_regression: Tensor, labels: Tensor, regression_targets: Tensor, num_samples: int) -> Tensor:
     """Smooth-L1 on the positive samples' class-specific deltas, as torchvision's head."""
     positive = torch.where(labels > 0)[0]
-    deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[positive, labels[positive]]
+    # Explicit class count: with no sample at all, -1 would be ambiguous for reshape.
+    deltas = box_regression.reshape(box_regression.shape[0], box_regression.shape[1] // 4, 4)[positive, labels[positive]]
     loss = F.smooth_l1_loss(deltas, regression_targets[positive], beta=1 / 9, reduction="sum")
     return loss / max(num_samples, 1)
 

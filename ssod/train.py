@@ -29,12 +29,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from ssod.build import build_loss_weights, build_model, build_optimizer, build_scheduler
+from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer, build_scheduler
 from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, load_weights, set_rng_state
 from ssod.config import CONF_DIR, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
-from ssod.engine import compute_losses, evaluate
+from ssod.engine import compute_losses, eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, save_state, stop_if_too_many_bad
 from ssod.losses import weighted_total
 from ssod.models.teacher import ema_momentum, ema_update
@@ -105,7 +105,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     try:
         with accelerator.main_process_first():
             data = build_data(cfg.data, project_dir, need_unlabeled=method.name != "supervised")
-        student = build_model(cfg.model, method, data.category_map.num_classes)
+        student = apply_speed_settings(train, build_model(cfg.model, method, data.category_map.num_classes))
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
         optimizer = build_optimizer(train, student)
         scheduler = build_scheduler(train, optimizer)
@@ -138,6 +138,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         unlabeled_iter = None
         if data.unlabeled is not None:
             unlabeled_iter = infinite_loader(data.unlabeled, train.batch_unlabeled, train.seed + 1, rank, world, state.step, workers, pin)
+        val_loader = eval_loader(data.val, shard(data.val, accelerator), num_workers=workers, pin_memory=pin)
         if resumed:
             set_rng_state(resumed["rng"])  # after the loaders: creating them draws from the RNG
         meters = Meters(method, data.category_map.names)
@@ -148,7 +149,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if state.step >= train.iterations:
             # Resumed from the final checkpoint (a retried trial, a requeued job): nothing to
             # train, but the caller and final_metrics.json still get the final evaluation.
-            final_metrics.update(_evaluate_both(accelerator, student, teacher, data.val, workers))
+            final_metrics.update(_evaluate_both(accelerator, student, teacher, val_loader))
 
         for step in range(state.step, train.iterations):
             labeled, labeled_meta = next(labeled_iter)
@@ -209,7 +210,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                 final_metrics.update(scalars)
                 interval_start, interval_step = time.perf_counter(), state.step
             if state.step % train.eval_every == 0 or state.step == train.iterations:
-                metrics = _evaluate_both(accelerator, student, teacher, data.val, workers)
+                metrics = _evaluate_both(accelerator, student, teacher, val_loader)
                 if accelerator.is_main_process:
                     tracker.log_metrics(metrics, state.step)
                     log_pictures(tracker, meters.recent, data.category_map.names, state.step, train.num_vis_images)
@@ -293,11 +294,11 @@ def _update_teacher(teacher, student, method, train, state: RunState) -> None:
     state.ema_steps += 1
 
 
-def _evaluate_both(accelerator, student, teacher, val_dataset, workers: int) -> dict[str, float]:
+def _evaluate_both(accelerator, student, teacher, val_loader) -> dict[str, float]:
     """``val/teacher/bbox_*`` and ``val/student/bbox_*`` (main process; empty elsewhere)."""
     metrics: dict[str, float] = {}
     for name, detector in (("teacher", teacher.detector), ("student", accelerator.unwrap_model(student).detector)):
-        result = evaluate(detector, val_dataset, accelerator, num_workers=workers)
+        result = evaluate(detector, val_loader, accelerator)
         if result is not None:
             metrics.update({f"val/{name}/bbox_{key}": value for key, value in result.items()})
     return metrics

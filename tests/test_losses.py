@@ -113,3 +113,13 @@ def test_single_roi_pass_equals_separate_passes(detector_and_features):
     expected_reg = box_regression_loss(regression, labels, torch.cat(reg_deltas), labels.numel())
     assert torch.allclose(merged["unsup/roi_cls"], expected_cls, rtol=1e-5, atol=1e-6)
     assert torch.allclose(merged["unsup/roi_reg"], expected_reg, rtol=1e-5, atol=1e-6)
+
+
+def test_box_regression_loss_without_any_sample_is_zero_and_connected():
+    """A batch whose images got no proposal at all (possible early on, or in fp16) must not crash."""
+    from ssod.losses import box_regression_loss
+
+    box_regression = torch.zeros((0, 4 * 4), requires_grad=True)
+    loss = box_regression_loss(box_regression, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4), 0)
+    loss.backward()
+    assert loss.item() == 0.0 and box_regression.grad is not None

@@ -24,6 +24,7 @@ import torchvision
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
@@ -124,7 +125,40 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
         raise ValueError(f"model.arch={cfg.arch!r}: choose resnet50_fpn, resnet18_fpn or mobilenet_v3_fpn")
     if len(sizes) != levels:
         raise ValueError(f"model.anchor_sizes needs {levels} sizes for {cfg.arch}, got {list(cfg.anchor_sizes)}")
-    return backbone, AnchorGenerator(sizes, (ratios,) * levels)
+    return backbone, Float32AnchorGenerator(sizes, (ratios,) * levels)
+
+
+# Mixed precision: torchvision makes anchors in the features' dtype and decodes boxes in
+# the regression output's dtype, so under bf16 autocast every proposal, detection and
+# pseudo label would be a bf16 number (4 px apart from 512 px on, 8 px from 1024). The
+# three classes below keep anchors, head outputs and therefore all boxes in float32; the
+# convolutions and matrix products still run in the autocast dtype. State dicts are
+# unchanged (same parameters, same names).
+
+
+class Float32AnchorGenerator(AnchorGenerator):
+    """Anchors in float32 whatever the dtype of the feature maps."""
+
+    def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Only the maps' shapes, dtype and device are read: pass float32 stand-ins, no copy.
+        shapes = [torch.empty((), device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class Float32RPNHead(RPNHead):
+    """RPN head whose objectness and box deltas are float32 (proposals decode in float32)."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class Float32Predictor(FastRCNNPredictor):
+    """Box predictor whose class logits and box deltas are float32 (detections decode in float32)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
@@ -135,8 +169,9 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     model = FasterRCNN(
         backbone,
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
+        box_predictor=Float32Predictor(cfg.box_head_dim, num_classes + 1),
         rpn_anchor_generator=anchors,
+        rpn_head=Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
