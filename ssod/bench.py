@@ -26,12 +26,12 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from ssod.build import build_loss_weights, build_model, build_optimizer
+from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer
 from ssod.config import compose, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.data.transforms import project_target
-from ssod.engine import SemiSupervisedModel, compute_losses, predict
+from ssod.engine import SemiSupervisedModel, compute_losses, eval_loader, predict
 from ssod.losses import weighted_total
 from ssod.models.teacher import ema_update
 from ssod.tracking import Tracker, default_tracking_uri
@@ -42,6 +42,9 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
     """Median wall time of ``fn`` (synchronising the GPU around each call)."""
     for _ in range(warmup):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -54,8 +57,12 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
     return statistics.median(times)
 
 
-def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, amp_dtype):
-    """One full training step (losses, backward, optimizer, EMA) on a fixed batch."""
+def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, amp_dtype, nonfinite: list):
+    """One full training step (losses, backward, optimizer, EMA) on a fixed batch.
+
+    Each step appends to ``nonfinite`` whether its total loss was NaN or infinite, as a
+    tensor: nothing syncs with the GPU until the caller sums the list after timing.
+    """
 
     def step():
         with torch.autocast(labeled[0][0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -65,6 +72,7 @@ def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_update(teacher.detector, student.detector, 0.999)
+        nonfinite.append(~torch.isfinite(total.detach()))
         return total
 
     return step
@@ -87,7 +95,7 @@ def parse_args(argv):
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--eval-images", type=int, default=32)
     parser.add_argument("--overrides", nargs="*", default=[])
-    parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--no-mlflow", action="store_true", help="neither measure MLflow logging nor log the results")
     return parser.parse_args(argv)
 
 
@@ -101,37 +109,65 @@ def main(argv: list[str] | None = None) -> int:
     supervised = OmegaConf.to_object(compose(["method=supervised", *args.overrides]).method)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, Path.cwd(), need_unlabeled=True)
-    student = build_model(cfg.model, polish, data.category_map.num_classes).to(device)
+    student = apply_speed_settings(cfg.train, build_model(cfg.model, polish, data.category_map.num_classes).to(device))
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     soft_student = SemiSupervisedModel(student.detector)
     soft_teacher = SemiSupervisedModel(teacher.detector)
-    optimizer = build_optimizer(cfg.train, student)
-    labeled_iter = infinite_loader(data.labeled, cfg.train.batch_labeled, 0, 0, 1, 0, cfg.data.num_workers)
-    unlabeled_iter = infinite_loader(data.unlabeled, cfg.train.batch_unlabeled, 1, 0, 1, 0, cfg.data.num_workers)
+    # The learning rate of the first warm-up step: the bench repeats steps on one batch from
+    # random weights, and the full rate can diverge there (a NaN step does less work).
+    optimizer = build_optimizer(OmegaConf.merge(cfg.train, {"lr": cfg.train.lr * cfg.train.warmup_factor}), student)
+    pin = device.type == "cuda"
+    labeled_iter = infinite_loader(data.labeled, cfg.train.batch_labeled, 0, 0, 1, 0, cfg.data.num_workers, pin)
+    unlabeled_iter = infinite_loader(data.unlabeled, cfg.train.batch_unlabeled, 1, 0, 1, 0, cfg.data.num_workers, pin)
     labeled = to_device(next(labeled_iter)[0], device)
     unlabeled = to_device(next(unlabeled_iter)[0], device)
     everything = labeled + to_device(as_labeled(unlabeled), device)
     weights = build_loss_weights(polish)
-    timed = lambda fn: median_seconds(fn, device, args.repeats, args.warmup)  # noqa: E731
     rows: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+
+    def timed(fn) -> float:
+        first = len(nonfinite)
+        seconds = median_seconds(fn, device, args.repeats, args.warmup)
+        if len(nonfinite) > first:
+            bad[len(rows)] = torch.stack(nonfinite[first:]).sum()
+        if device.type == "cuda":
+            peaks[len(rows)] = torch.cuda.max_memory_allocated(device) / 2**30
+        return seconds
+
+    nonfinite: list = []
+    bad: dict[int, torch.Tensor] = {}
     student.train()
-    rows["supervised step (labeled)"] = timed(make_step(soft_student, soft_teacher, optimizer, supervised, build_loss_weights(supervised), labeled, [], amp_dtype))
-    rows["supervised step (labeled + unlabeled)"] = timed(make_step(soft_student, soft_teacher, optimizer, supervised, build_loss_weights(supervised), everything, [], amp_dtype))
-    rows["teacher inference (weak views)"] = timed(lambda: teacher.detector([u[0].image for u in unlabeled]))
+    sup_weights = build_loss_weights(supervised)
+    rows["supervised step (labeled)"] = timed(make_step(soft_student, soft_teacher, optimizer, supervised, sup_weights, labeled, [], amp_dtype, nonfinite))
+    rows["supervised step (labeled + unlabeled)"] = timed(make_step(soft_student, soft_teacher, optimizer, supervised, sup_weights, everything, [], amp_dtype, nonfinite))
+    rows["teacher inference (weak views)"] = timed(_inference(teacher.detector, [u[0].image for u in unlabeled], amp_dtype))
     rows["polishing (train + polish)"] = timed(_polishing(student, teacher, labeled, unlabeled, amp_dtype))
-    rows["soft_teacher step"] = timed(make_step(soft_student, soft_teacher, optimizer, soft, build_loss_weights(soft), labeled, unlabeled, amp_dtype))
-    rows["polish_teacher step"] = timed(make_step(student, teacher, optimizer, polish, weights, labeled, unlabeled, amp_dtype))
+    rows["soft_teacher step"] = timed(make_step(soft_student, soft_teacher, optimizer, soft, build_loss_weights(soft), labeled, unlabeled, amp_dtype, nonfinite))
+    rows["polish_teacher step"] = timed(make_step(student, teacher, optimizer, polish, weights, labeled, unlabeled, amp_dtype, nonfinite))
+    bad_rows = {name: int(bad[i]) for i, name in enumerate(rows) if i in bad and int(bad[i]) > 0}
+    bad_steps = sum(bad_rows.values())
     rows["data loading per batch"] = timed(lambda: (next(labeled_iter), next(unlabeled_iter)))
-    rows["mlflow logging per interval"], logged = _mlflow_cost(args, rows)
+    if not args.no_mlflow:
+        rows["mlflow logging per interval"] = _mlflow_cost(args)
     eval_ips, model_ips = _eval_throughput(teacher.detector, data.val, device, args.eval_images, cfg.data.num_workers)
     ratios = {
         "polish / (supervised all + teacher inference)": rows["polish_teacher step"]
         / (rows["supervised step (labeled + unlabeled)"] + rows["teacher inference (weak views)"]),
         "polish / soft_teacher": rows["polish_teacher step"] / rows["soft_teacher step"],
-        "mlflow share of training time": rows["mlflow logging per interval"] / (cfg.train.log_every * rows["polish_teacher step"]),
         "eval / model inference throughput": eval_ips / model_ips,
     }
-    report = _table(rows, ratios, eval_ips, model_ips, args, cfg, logged)
+    if not args.no_mlflow:
+        interval = cfg.train.log_every * rows["polish_teacher step"]
+        ratios["mlflow share of training time"] = rows["mlflow logging per interval"] / interval
+    images = {"supervised step (labeled)": len(labeled), "supervised step (labeled + unlabeled)": len(everything),
+              "soft_teacher step": len(labeled) + len(unlabeled), "polish_teacher step": len(labeled) + len(unlabeled)}
+    throughput = {name: images[name] / rows[name] for name in images}
+    peak_gib = {name: peaks[i] for i, name in enumerate(rows) if i in peaks}
+    report = _table(rows, ratios, eval_ips, model_ips, args, cfg, throughput, peak_gib)
+    if bad_steps:
+        # A NaN step skips work (no proposals, nothing to polish): its time is not a real step's.
+        report += f"\n\nWARNING: steps with a non-finite loss (their times are not a real step's): {bad_rows}"
     print(report)
     if not args.no_mlflow:
         tracker = Tracker(default_tracking_uri(Path.cwd()), "ssod-bench")
@@ -139,10 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         tracker.log_params({**flatten(cfg), "bench.device": args.device, "bench.precision": args.precision})
         tracker.log_metrics({f"bench/{_slug(k)}_s": v for k, v in rows.items()}, 0)
         tracker.log_metrics({f"bench/ratio/{_slug(k)}": v for k, v in ratios.items()}, 0)
-        tracker.log_metrics({"bench/eval_images_per_s": eval_ips, "bench/model_images_per_s": model_ips}, 0)
+        tracker.log_metrics({"bench/eval_images_per_s": eval_ips, "bench/model_images_per_s": model_ips, "bench/nonfinite_steps": bad_steps}, 0)
+        tracker.log_metrics({f"bench/{_slug(k)}_images_per_s": v for k, v in throughput.items()}, 0)
+        tracker.log_metrics({f"bench/{_slug(k)}_peak_gib": v for k, v in peak_gib.items()}, 0)
         tracker.log_text(report, "bench.md")
         tracker.end("FINISHED")
     return 0
+
+
+def _inference(detector, images, amp_dtype):
+    def run():
+        with torch.no_grad(), torch.autocast(images[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return detector(images)
+
+    return run
 
 
 def _polishing(student, teacher, labeled, unlabeled, amp_dtype):
@@ -171,7 +217,7 @@ def _polishing(student, teacher, labeled, unlabeled, amp_dtype):
     return run
 
 
-def _mlflow_cost(args, rows) -> tuple[float, int]:
+def _mlflow_cost(args) -> float:
     """Median time to log one interval's scalars (~60 metrics) to a fresh SQLite store."""
     with tempfile.TemporaryDirectory() as tmp:
         tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench")
@@ -180,51 +226,72 @@ def _mlflow_cost(args, rows) -> tuple[float, int]:
         step = iter(range(1, 10**6))
         seconds = median_seconds(lambda: tracker.log_metrics(scalars, next(step)), torch.device("cpu"), args.repeats, 1)
         tracker.end("FINISHED")
-    return seconds, len(scalars)
+    return seconds
 
 
 def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tuple[float, float]:
-    """Images/s of ``predict`` (loading, inference, mapping back) and of the bare detector."""
+    """Images/s of ``predict`` (loading, inference, mapping back) and of the bare detector.
+
+    The loader is built once and warmed up, as in training, where it persists between
+    evaluations; the bare detector gets the same images already in memory, same batches.
+    """
     count = min(count, len(dataset))
     indices = list(range(count))
-    predict(detector, dataset, indices[:4], device, num_workers=workers)  # warm-up
+    loader = eval_loader(dataset, indices, num_workers=workers, pin_memory=device.type == "cuda")
+    predict(detector, loader, device)  # warm-up: starts the workers
+    _synchronize(device)
     start = time.perf_counter()
-    predict(detector, dataset, indices, device, num_workers=workers)
+    predict(detector, loader, device)
+    _synchronize(device)
     eval_ips = count / (time.perf_counter() - start)
     images = [dataset[i][0][0].to(device) for i in indices]
     with torch.no_grad():
         detector(images[:4])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         start = time.perf_counter()
         for first in range(0, count, 4):
-            detector(images[first : first + 4])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            outputs = detector(images[first : first + 4])
+            [output["boxes"].cpu() for output in outputs]  # predict hands back CPU tensors too
+        _synchronize(device)
     return eval_ips, count / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
 
 
-def _table(rows, ratios, eval_ips, model_ips, args, cfg, logged) -> str:
+def _table(rows, ratios, eval_ips, model_ips, args, cfg, throughput, peak_gib) -> str:
+    def cells(name: str) -> str:
+        ips = f"{throughput[name]:.2f}" if name in throughput else ""
+        peak = f"{peak_gib[name]:.2f}" if name in peak_gib else ""
+        return f"| {name} | {rows[name]:.4f} | {ips} | {peak} |"
+
     lines = [
-        f"device {args.device}, precision {args.precision}, torch threads {torch.get_num_threads()}, "
-        f"batch {cfg.train.batch_labeled} labeled + {cfg.train.batch_unlabeled} unlabeled, "
+        f"device {args.device} ({_device_name(args.device)}), precision {args.precision}, "
+        f"channels_last {cfg.train.channels_last}, tf32 {cfg.train.tf32}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, batch {cfg.train.batch_labeled} labeled + {cfg.train.batch_unlabeled} unlabeled, "
         f"median of {args.repeats} after {args.warmup} warm-up",
         "",
-        "| part | seconds |",
-        "| --- | --- |",
-        *[f"| {name} | {seconds:.4f} |" for name, seconds in rows.items()],
-        f"| evaluation images/s | {eval_ips:.2f} |",
-        f"| model inference images/s | {model_ips:.2f} |",
+        "| part | seconds | images/s | peak GiB |",
+        "| --- | --- | --- | --- |",
+        *[cells(name) for name in rows],
+        f"| evaluation | | {eval_ips:.2f} | |",
+        f"| model inference | | {model_ips:.2f} | |",
         "",
         "| ratio | value |",
         "| --- | --- |",
         *[f"| {name} | {value:.3f} |" for name, value in ratios.items()],
     ]
     return "\n".join(lines)
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
 
 
 if __name__ == "__main__":
