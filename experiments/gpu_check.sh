@@ -37,18 +37,20 @@ print("stand-in ImageNet weights at", path)
 EOF
 
 PAPER=(experiment=coco_partial data=synthetic "data.synthetic.image_size=[800,1333]"
-       "data.synthetic.object_size=[24,400]" data.synthetic.num_train=40 data.synthetic.num_val=32
+       "data.synthetic.object_size=[24,400]" data.synthetic.num_train=30 data.synthetic.num_val=16
        "data.train_min_sizes=[800,800]" data.train_max_size=1333 data.test_size=800 data.num_workers=8)
 bench() {  # bench NAME PRECISION OVERRIDES...
     local name=$1 precision=$2
     shift 2
     echo "## $name" | tee -a "$OUT/bench.md"
-    timeout 150 python3 -m ssod.bench --device cuda --precision "$precision" --no-mlflow --repeats 7 --warmup 3 \
+    timeout "${BENCH_TIMEOUT:-150}" python3 -m ssod.bench --device cuda --precision "$precision" --no-mlflow \
+        --repeats 5 --warmup 2 --eval-images 16 \
         --overrides "${PAPER[@]}" "$@" 2>"$OUT/bench-$name.err" | tee -a "$OUT/bench.md"
     echo | tee -a "$OUT/bench.md"
 }
 bench bf16 bf16
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_performance.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+[ -n "${ONLY_FIRST:-}" ] && exit 0
 bench bf16-channels-last bf16 train.channels_last=true
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_performance.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 bench fp32-tf32 fp32
 cat "$OUT/tests.txt"

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import hydra
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf
 
@@ -245,6 +246,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         tracker.end(status)
         accelerator.wait_for_everyone()
         accelerator.free_memory()
+        # The next run in this process (a test, an in-process Optuna trial) may ask for
+        # another mixed precision: accelerate keeps it process-wide unless reset.
+        AcceleratorState._reset_state()
 
 
 def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:

@@ -95,3 +95,32 @@ def test_the_loader_yields_the_sampler_stream_whatever_the_workers(workers: int)
         assert [(index, seed) for index, seed, _ in items] == batch
         assert [meta["image_id"] for meta in metas] == [index for index, _ in batch]
         assert [value for *_, value in items] == [torch.manual_seed(s) and torch.rand(()).item() for _, s in batch]
+
+
+EXIT_WITH_LIVE_WORKERS = """
+from torch.utils.data import Dataset
+from ssod.data.sampling import infinite_loader
+
+class Items(Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, key):
+        return key, {}
+
+stream = infinite_loader(Items(), 2, 0, 0, 1, 0, num_workers=2)
+next(stream)
+raise RuntimeError("failed with the loader's workers alive")
+"""
+
+
+def test_a_process_that_fails_with_live_loader_workers_exits():
+    """Workers ignore SIGTERM, which multiprocessing's exit handler relies on: without the
+    SIGKILL at exit, this process waited forever (seen on a GPU machine: a bench that failed
+    hung until its timeout)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "failed with the loader's workers alive" in done.stderr
+    assert "killed by signal" not in done.stderr

@@ -10,6 +10,8 @@ sees exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 from typing import Iterator
 
@@ -95,6 +97,25 @@ def infinite_loader(
         worker_init_fn=ignore_stop_signals,
     )
     return iter(loader)
+
+
+@atexit.register
+def _kill_loader_workers() -> None:
+    """At interpreter exit, SIGKILL DataLoader workers still alive.
+
+    multiprocessing's own exit handler (which runs after this one) ends daemonic children
+    with SIGTERM and waits for them; our workers ignore SIGTERM, so a process leaving with
+    live workers (an exception whose traceback still holds a loader) would wait forever.
+    """
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    # PyTorch's SIGCHLD handler would raise "DataLoader worker killed" in the middle of this.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -81,9 +81,9 @@ def project_boxes(
     """
     ones = torch.ones_like(boxes)
     corners = torch.stack([boxes[:, [0, 2, 0, 2]], boxes[:, [1, 1, 3, 3]], ones], dim=-1)
-    mapped = corners.to(torch.float64) @ matrix.to(torch.float64).T  # [N, 4 corners, 3]
+    mapped = corners.to(torch.float64) @ matrix.to(boxes.device, torch.float64).T  # [N, 4 corners, 3]
     points = mapped[..., :2] / mapped[..., 2:]
-    canvas = torch.tensor([width, height], dtype=torch.float64)
+    canvas = torch.tensor([width, height], dtype=torch.float64, device=boxes.device)
     lower = points.amin(dim=1).clamp(min=torch.zeros_like(canvas), max=canvas)
     upper = points.amax(dim=1).clamp(min=torch.zeros_like(canvas), max=canvas)
     projected = torch.cat([lower, upper], dim=1)
