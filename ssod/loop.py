@@ -120,8 +120,8 @@ class Interrupts:
 class Meters:
     """Interval averages of losses and statistics, and pseudo-label quality.
 
-    Values stay tensors until ``compute`` (once per log interval), so the step itself
-    does not wait for the device.
+    Values stay tensors, and pseudo labels are only kept, until ``compute`` (once per log
+    interval): the step itself does not wait for the device on their account.
     """
 
     def __init__(self, method: MethodConfig, class_names: tuple[str, ...]) -> None:
@@ -136,6 +136,7 @@ class Meters:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.skipped = 0
+        self.pending: list[dict] = []
         self.quality.reset()
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -156,25 +157,40 @@ class Meters:
             self._update_quality(result.teacher.pseudo_labels, unlabeled)
 
     def _update_quality(self, pseudo_labels, unlabeled: list) -> None:
-        """Compare pseudo labels (weak view) with the hidden ground truth projected into it."""
+        """Keep what pseudo-label quality needs; ``compute`` measures it (the step never waits)."""
         for labels, (weak, _, hidden) in zip(pseudo_labels, unlabeled):
-            height, width = weak.image.shape[-2:]
-            gt_boxes, keep = project_boxes(hidden["boxes"], weak.matrix.to(hidden["boxes"].device), width, height)
-            gt_labels = hidden["labels"][keep]
+            sample = {"pseudo": labels, "matrix": weak.matrix, "size": tuple(weak.image.shape[-2:]), "hidden": hidden}
+            self.pending.append(sample)
+            self.recent.append({**sample, "image": weak.image})
+
+    def _measure_quality(self) -> None:
+        """Compare pending pseudo labels (weak view) with the hidden ground truth projected into it."""
+        for sample in self.pending:
+            labels = sample["pseudo"]
+            gt_boxes, gt_labels = hidden_ground_truth(sample)
             cls_keep = labels.cls_keep & (labels.scores > self.method.cls_pseudo_threshold)
             self.quality.update(
                 labels.boxes, labels.labels, labels.reg_boxes, cls_keep, labels.cls_labels, gt_boxes, gt_labels, labels.scores
             )
-            self.recent.append({"image": weak.image, "gt": (gt_boxes, gt_labels), "pseudo": labels})
+        self.pending.clear()
 
     def compute(self) -> dict[str, float]:
         scalars = {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
         scalars["train/skipped_steps_interval"] = float(self.skipped)
+        self._measure_quality()
         quality = self.quality.compute()
         if quality.get("pseudo/images", 0):
             scalars.update(quality)
         self.reset()
         return scalars
+
+
+def hidden_ground_truth(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden ground truth of an unlabeled image, projected into its weak view."""
+    height, width = sample["size"]
+    hidden = sample["hidden"]
+    boxes, keep = project_boxes(hidden["boxes"], sample["matrix"], width, height)
+    return boxes, hidden["labels"][keep]
 
 
 def log_pictures(tracker, recent, class_names: tuple[str, ...], step: int, limit: int) -> None:
@@ -183,7 +199,7 @@ def log_pictures(tracker, recent, class_names: tuple[str, ...], step: int, limit
         pseudo = sample["pseudo"]
         kept = pseudo.cls_keep
         picture = pseudo_label_picture(
-            sample["image"], *sample["gt"], pseudo.boxes, pseudo.labels,
+            sample["image"], *hidden_ground_truth(sample), pseudo.boxes, pseudo.labels,
             pseudo.reg_boxes[kept], pseudo.cls_labels[kept], class_names,
         )
         tracker.log_image(picture, f"pseudo_labels/step_{step:08d}_{index}.png")

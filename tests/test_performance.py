@@ -128,11 +128,12 @@ def _step_losses_and_grads(student, teacher, labeled, unlabeled, method) -> tupl
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_gives_the_same_losses_and_gradients(device, tmp_path, dataset_cache):
     cfg, method, student, labeled, unlabeled = _setup(tmp_path, dataset_cache, device)
+    apply_speed_settings(OmegaConf.merge(cfg.train, {"tf32": False}), student)  # compare formats only
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     student.train()
     losses, grads = _step_losses_and_grads(student, teacher, labeled, unlabeled, method)
 
-    fast_cfg = OmegaConf.merge(cfg.train, {"channels_last": True})
+    fast_cfg = OmegaConf.merge(cfg.train, {"channels_last": True, "tf32": False})
     fast_student = apply_speed_settings(fast_cfg, copy.deepcopy(student))
     fast_teacher = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     assert fast_student.detector.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -141,8 +142,13 @@ def test_channels_last_gives_the_same_losses_and_gradients(device, tmp_path, dat
     for name in losses:
         torch.testing.assert_close(fast_losses[name], losses[name], rtol=1e-3, atol=1e-5, msg=name)
     assert len(grads) == len(fast_grads)
-    worst = max(_relative_error(fast, slow) for fast, slow in zip(fast_grads, grads))
-    assert worst < 1e-3
+    # Errors against the scale of the whole gradient: some tensors' true gradient is ~0
+    # (biases before a normalisation), where a relative error per tensor means nothing
+    # (2.7% was seen there on an H100, with the losses equal to 1e-3).
+    scale = torch.cat([g.flatten() for g in grads]).double().norm()
+    worst = max(((fast.double() - slow.double()).norm() / scale).item() for fast, slow in zip(fast_grads, grads))
+    total = _relative_error(torch.cat([g.flatten() for g in fast_grads]), torch.cat([g.flatten() for g in grads]))
+    assert worst < 1e-3 and total < 1e-3, (worst, total)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on CUDA GPUs")
