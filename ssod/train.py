@@ -200,13 +200,14 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             meters.update(result, total, unlabeled, flags[0] > 0)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{total.item():.3f}", refresh=False)
 
             if state.step % train.log_every == 0 or state.step == train.iterations:
                 scalars = meters.compute()
                 seconds = (time.perf_counter() - interval_start) / max(state.step - interval_step, 1)
                 scalars.update(_schedule_scalars(optimizer, state, method, seconds))
                 tracker.log_metrics(scalars, state.step)
+                if progress is not None:  # the interval's mean loss: no extra wait for the device per step
+                    progress.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.3f}", refresh=False)
                 bad_files_logged = log_bad_files(tracker, state.bad_files, bad_files_logged)
                 final_metrics.update(scalars)
                 interval_start, interval_step = time.perf_counter(), state.step

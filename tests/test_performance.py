@@ -198,3 +198,24 @@ def test_polish_teacher_trains_in_mixed_precision(precision, tmp_path, dataset_c
     assert "val/teacher/bbox_AP" in result and "val/student/bbox_AP" in result
     checkpoint = torch.load(tmp_path / "outputs" / "checkpoints" / "step-00000003.pt", weights_only=True)
     assert checkpoint["step"] == 3
+
+
+def test_a_persistent_evaluation_loader_predicts_the_same_every_time(tmp_path, dataset_cache):
+    """Workers that persist between evaluations change no prediction and draw nothing from the training RNG."""
+    from ssod.engine import eval_loader, predict
+
+    cfg = compose(tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "supervised"))
+    data = build_data(cfg.data, tmp_path, need_unlabeled=False)
+    torch.manual_seed(0)
+    detector = build_model(cfg.model, OmegaConf.to_object(cfg.method), data.category_map.num_classes).detector
+    indices = list(range(len(data.val)))
+    reference = predict(detector, eval_loader(data.val, indices, batch_size=3), "cpu")
+    loader = eval_loader(data.val, indices, batch_size=3, num_workers=2)
+    rng = torch.get_rng_state()
+    runs = [predict(detector, loader, "cpu") for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(reference) == len(indices) and any(len(r["boxes"]) for r in reference)
+    for predictions in runs:
+        assert [p["image_id"] for p in predictions] == [p["image_id"] for p in reference]
+        for got, want in zip(predictions, reference):
+            assert all(torch.equal(got[key], want[key]) for key in ("boxes", "scores", "labels"))
