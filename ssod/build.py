@@ -41,12 +41,14 @@ def build_model(model_cfg: ModelConfig, method: MethodConfig, num_classes: int) 
 
 
 def apply_speed_settings(train: TrainConfig, model: nn.Module) -> nn.Module:
-    """Set TF32 for CUDA float32 work and, if asked, the channels_last format of ``model``.
+    """Set TF32 for CUDA float32 work (process-wide) and, if asked, the channels_last format of ``model``.
 
-    Call before copying the model into a teacher: the copy inherits the format.
+    ``train.tf32`` None leaves PyTorch's settings as they are. Call before copying the
+    model into a teacher: the copy inherits the format.
     """
-    torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
-    torch.backends.cudnn.allow_tf32 = bool(train.tf32)
+    if train.tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(train.tf32)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
     return model

@@ -21,7 +21,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from ssod.build import build_model
+from ssod.build import apply_speed_settings, build_model
 from ssod.checkpoint import find_resume_checkpoint, load_checkpoint
 from ssod.config import compose
 from ssod.data.pipeline import EvalView, resolve_files
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     view = EvalView(EvalTransform(cfg.data.test_size, cfg.data.test_max_size))
     dataset = load_split(json_path, images, category_map, view)
     method = OmegaConf.to_object(cfg.method)
-    model = build_model(cfg.model, method, category_map.num_classes)
+    model = apply_speed_settings(cfg.train, build_model(cfg.model, method, category_map.num_classes))
     model.load_state_dict(state[args.model])
     accelerator = Accelerator(cpu=args.cpu)
     detector = model.detector.to(accelerator.device)

@@ -164,14 +164,11 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                 total = weighted_total(result.losses, weights)
             # One small all-reduce decides, on every process together, whether to skip this
             # step (non-finite loss anywhere), whether to stop (a signal anywhere), and how
-            # many unreadable images all processes have met.
-            flags = accelerator.reduce(
-                torch.tensor(
-                    [float(not torch.isfinite(total)), float(interrupts.requested), float(len(state.bad_files))],
-                    device=accelerator.device,
-                ),
-                reduction="sum",
-            ).tolist()
+            # many unreadable images all processes have met. Its .tolist() is the step's one
+            # wait for the device in this loop (torchvision's RPN and samplers have their own).
+            host_flags = torch.tensor([float(interrupts.requested), float(len(state.bad_files))])
+            local = torch.cat([(~torch.isfinite(total.detach())).float().reshape(1), host_flags.to(accelerator.device)])
+            flags = accelerator.reduce(local, reduction="sum").tolist()
             stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, int(flags[2]))
             if flags[0] > 0:
                 optimizer.zero_grad(set_to_none=True)
@@ -247,8 +244,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         tracker.end(status)
         accelerator.wait_for_everyone()
         accelerator.free_memory()
-        # The next run in this process (a test, an in-process Optuna trial) may ask for
-        # another mixed precision: accelerate keeps it process-wide unless reset.
+        # The next run in this process (a test, a notebook) may ask for another mixed
+        # precision: accelerate keeps it process-wide unless reset (a private accelerate
+        # API; the process group, in PartialState, is kept).
         AcceleratorState._reset_state()
 
 

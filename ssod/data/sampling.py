@@ -107,7 +107,10 @@ def _kill_loader_workers() -> None:
     with SIGTERM and waits for them; our workers ignore SIGTERM, so a process leaving with
     live workers (an exception whose traceback still holds a loader) would wait forever.
     """
-    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    from torch.utils.data._utils.worker import _worker_loop
+
+    # Only DataLoader workers: other daemonic children (a multiprocessing.Pool) end their own way.
+    workers = [child for child in multiprocessing.active_children() if getattr(child, "_target", None) is _worker_loop]
     if not workers:
         return
     # PyTorch's SIGCHLD handler would raise "DataLoader worker killed" in the middle of this.
