@@ -210,13 +210,13 @@ def eval_loader(dataset, indices: list[int], batch_size: int = 4, num_workers: i
     from torch.utils.data import DataLoader
 
     from ssod.data.coco import list_collate
-    from ssod.data.sampling import ignore_stop_signals
+    from ssod.data.sampling import ignore_stop_signals, track_workers
 
-    return DataLoader(
+    return track_workers(DataLoader(
         dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=list_collate,
         pin_memory=pin_memory, persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
-    )
+    ))
 
 
 def shard(dataset, accelerator) -> list[int]:

@@ -11,8 +11,8 @@ sees exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import signal
+import weakref
 from typing import Iterator
 
 import torch
@@ -96,21 +96,32 @@ def infinite_loader(
         prefetch_factor=4 if num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
     )
-    return iter(loader)
+    return track_workers(iter(loader))
+
+
+# Our loaders and iterators, so that their workers can be found at exit.
+_LOADERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def track_workers(loader_or_iterator):
+    """Register a DataLoader (or its iterator) whose workers ``_kill_loader_workers`` may end."""
+    _LOADERS.add(loader_or_iterator)
+    return loader_or_iterator
 
 
 @atexit.register
 def _kill_loader_workers() -> None:
-    """At interpreter exit, SIGKILL DataLoader workers still alive.
+    """At interpreter exit, SIGKILL the workers of our DataLoaders still alive.
 
     multiprocessing's own exit handler (which runs after this one) ends daemonic children
     with SIGTERM and waits for them; our workers ignore SIGTERM, so a process leaving with
     live workers (an exception whose traceback still holds a loader) would wait forever.
+    Other daemonic children (a ``multiprocessing.Pool``'s) are left to end their own way.
     """
-    from torch.utils.data._utils.worker import _worker_loop
-
-    # Only DataLoader workers: other daemonic children (a multiprocessing.Pool) end their own way.
-    workers = [child for child in multiprocessing.active_children() if getattr(child, "_target", None) is _worker_loop]
+    workers = []
+    for tracked in list(_LOADERS):
+        iterator = getattr(tracked, "_iterator", None) or tracked  # a persistent loader keeps its iterator
+        workers += [w for w in getattr(iterator, "_workers", []) if w.is_alive()]
     if not workers:
         return
     # PyTorch's SIGCHLD handler would raise "DataLoader worker killed" in the middle of this.
