@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer
-from ssod.config import compose, flatten
+from ssod.config import compose, eval_workers, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.data.transforms import project_target
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     rows["data loading per batch"] = timed(lambda: (next(labeled_iter), next(unlabeled_iter)))
     if not args.no_mlflow:
         rows["mlflow logging per interval"] = _mlflow_cost(args)
-    eval_ips, model_ips = _eval_throughput(teacher.detector, data.val, device, args.eval_images, cfg.data.num_workers)
+    eval_ips, model_ips = _eval_throughput(teacher.detector, data.val, device, args.eval_images, eval_workers(cfg.data, device))
     ratios = {
         "polish / (supervised all + teacher inference)": rows["polish_teacher step"]
         / (rows["supervised step (labeled + unlabeled)"] + rows["teacher inference (weak views)"]),

@@ -62,8 +62,19 @@ class DataConfig:
     test_size: int = 800
     test_max_size: int = 1333
     num_workers: int = 2
+    # Evaluation loader workers; null: num_workers on a GPU, 0 on a CPU, where workers
+    # compete with the model for the same cores (measured: 94% of the model's throughput
+    # in-process against 80% with 2 workers, on 2 cores).
+    eval_num_workers: Optional[int] = None
     max_bad_image_fraction: float = 0.01
     val_max_images: Optional[int] = None
+
+
+def eval_workers(cfg: DataConfig, device) -> int:
+    """Workers of the evaluation loader on ``device`` (see ``DataConfig.eval_num_workers``)."""
+    if cfg.eval_num_workers is not None:
+        return cfg.eval_num_workers
+    return cfg.num_workers if getattr(device, "type", str(device)) == "cuda" else 0
 
 
 @dataclass

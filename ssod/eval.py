@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from ssod.build import apply_speed_settings, build_model
 from ssod.checkpoint import find_resume_checkpoint, load_checkpoint
-from ssod.config import compose
+from ssod.config import compose, eval_workers
 from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.coco import CategoryMap, load_coco, load_split
 from ssod.data.transforms import EvalTransform
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(state[args.model])
     accelerator = Accelerator(cpu=args.cpu)
     detector = model.detector.to(accelerator.device)
-    loader = eval_loader(dataset, shard(dataset, accelerator), num_workers=cfg.data.num_workers,
+    loader = eval_loader(dataset, shard(dataset, accelerator), num_workers=eval_workers(cfg.data, accelerator.device),
                          pin_memory=accelerator.device.type == "cuda")
     metrics = evaluate(detector, loader, accelerator)
     if metrics is None:

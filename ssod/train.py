@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer, build_scheduler
 from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, load_weights, set_rng_state
-from ssod.config import CONF_DIR, flatten
+from ssod.config import CONF_DIR, eval_workers, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.engine import compute_losses, eval_loader, evaluate, shard
@@ -139,7 +139,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         unlabeled_iter = None
         if data.unlabeled is not None:
             unlabeled_iter = infinite_loader(data.unlabeled, train.batch_unlabeled, train.seed + 1, rank, world, state.step, workers, pin)
-        val_loader = eval_loader(data.val, shard(data.val, accelerator), num_workers=workers, pin_memory=pin)
+        val_workers = eval_workers(cfg.data, accelerator.device)
+        val_loader = eval_loader(data.val, shard(data.val, accelerator), num_workers=val_workers, pin_memory=pin)
         if resumed:
             set_rng_state(resumed["rng"])  # after the loaders: creating them draws from the RNG
         meters = Meters(method, data.category_map.names)

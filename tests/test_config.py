@@ -39,3 +39,14 @@ def test_flatten_gives_dotted_resolved_keys():
     assert flat["train.lr"] == 0.01
     assert flat["train.output_dir"] == "outputs/abc"  # interpolation resolved
     assert flat["method.cls_samples"] == [15, 15]
+
+
+def test_evaluation_workers_default_to_none_on_a_cpu_and_num_workers_on_a_gpu():
+    import torch
+
+    from ssod.config import eval_workers
+
+    data = compose(["data.num_workers=3"]).data
+    assert eval_workers(data, torch.device("cpu")) == 0
+    assert eval_workers(data, torch.device("cuda")) == 3
+    assert eval_workers(compose(["data.eval_num_workers=2"]).data, torch.device("cpu")) == 2
