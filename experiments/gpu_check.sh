@@ -4,6 +4,8 @@
 #      bf16), with and without channels_last, and in float32 (TF32);
 #   2. the tests that run on CUDA when it is there (tests/test_performance.py).
 # Usage, from the repository root:  bash experiments/gpu_check.sh [OUT_DIR]
+# PROFILE=3 adds a torch.profiler table of 3 polish_teacher steps to each bench; ONLY_FIRST=1
+# stops after the first bench and the tests; BENCH_TIMEOUT / TEST_TIMEOUT bound each part.
 # Missing Python packages may be given as wheels in .whl/ (installed to /tmp/site).
 # The ImageNet file is replaced by random weights of the same layout (timing only), so the
 # model is the paper's: frozen BatchNorm and stem, three trainable stages.
@@ -44,7 +46,7 @@ bench() {  # bench NAME PRECISION OVERRIDES...
     shift 2
     echo "## $name" | tee -a "$OUT/bench.md"
     timeout "${BENCH_TIMEOUT:-150}" python3 -m ssod.bench --device cuda --precision "$precision" --no-mlflow \
-        --repeats 5 --warmup 2 --eval-images 16 \
+        --repeats 5 --warmup 2 --eval-images 16 ${PROFILE:+--profile "$PROFILE"} \
         --overrides "${PAPER[@]}" "$@" 2>"$OUT/bench-$name.err" | tee -a "$OUT/bench.md"
     echo | tee -a "$OUT/bench.md"
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import statistics
 import sys
 import tempfile
@@ -96,6 +97,8 @@ def parse_args(argv):
     parser.add_argument("--eval-images", type=int, default=32)
     parser.add_argument("--overrides", nargs="*", default=[])
     parser.add_argument("--no-mlflow", action="store_true", help="neither measure MLflow logging nor log the results")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many polish_teacher steps (torch.profiler) and print the top operators")
     return parser.parse_args(argv)
 
 
@@ -168,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad_steps:
         # A NaN step skips work (no proposals, nothing to polish): its time is not a real step's.
         report += f"\n\nWARNING: steps with a non-finite loss (their times are not a real step's): {bad_rows}"
+    if args.profile:
+        polish_step = make_step(student, teacher, optimizer, polish, weights, labeled, unlabeled, amp_dtype, [])
+        report += "\n\n" + _profile(polish_step, device, args.profile)
     print(report)
     if not args.no_mlflow:
         tracker = Tracker(default_tracking_uri(Path.cwd()), "ssod-bench")
@@ -256,13 +262,34 @@ def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tup
     return eval_ips, count / (time.perf_counter() - start)
 
 
+def _profile(step, device: torch.device, steps: int, rows: int = 25) -> str:
+    """Top operators of ``steps`` calls of ``step`` by self time (device time on a GPU).
+
+    On a GPU, compare the total host time with the device time: where the host's is much
+    larger, the GPU waits for Python and for synchronisations, not for kernels.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    _synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+    return f"profile of {steps} polish_teacher steps, sorted by {sort_by}:\n\n{table}"
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+    """``"polish / soft_teacher"`` -> ``"polish_soft_teacher"`` (MLflow metric names)."""
+    return re.sub(r"[^0-9a-zA-Z]+", "_", text).strip("_").lower()
 
 
 def _table(rows, ratios, eval_ips, model_ips, args, cfg, throughput, peak_gib) -> str:

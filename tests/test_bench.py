@@ -1,0 +1,30 @@
+"""``ssod-bench`` end to end on a tiny config: the table, the ratios, the profile and MLflow."""
+
+from __future__ import annotations
+
+import pytest
+
+from ssod.bench import main
+from tests.conftest import tiny_overrides
+
+
+@pytest.mark.slow
+def test_bench_prints_every_part_and_logs_the_ratios(tmp_path, dataset_cache, mlflow_uri, mlflow_store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.chdir(tmp_path)
+    overrides = [o for o in tiny_overrides(tmp_path, dataset_cache, mlflow_uri, "polish_teacher") if not o.startswith("method=")]
+    assert main(["--repeats", "1", "--warmup", "1", "--eval-images", "4", "--profile", "1", "--overrides", *overrides]) == 0
+    out = capsys.readouterr().out
+    for part in ("supervised step (labeled)", "supervised step (labeled + unlabeled)", "teacher inference",
+                 "polishing (train + polish)", "soft_teacher step", "polish_teacher step", "data loading per batch",
+                 "mlflow logging per interval", "evaluation", "model inference",
+                 "polish / (supervised all + teacher inference)", "polish / soft_teacher", "profile of 1 polish_teacher steps"):
+        assert part in out, part
+    assert "WARNING" not in out
+    run = mlflow_store.only_run("ssod-bench")
+    metrics = run.data.metrics
+    assert metrics["bench/nonfinite_steps"] == 0
+    assert metrics["bench/polish_teacher_step_s"] > 0 and metrics["bench/polish_teacher_step_images_per_s"] > 0
+    ratio = metrics["bench/ratio/polish_soft_teacher"]
+    assert ratio == pytest.approx(metrics["bench/polish_teacher_step_s"] / metrics["bench/soft_teacher_step_s"])
+    assert "bench.md" in mlflow_store.artifacts(run.info.run_id)
