@@ -207,16 +207,9 @@ def eval_loader(dataset, indices: list[int], batch_size: int = 4, num_workers: i
     not pay for starting them again (on a small validation set that was a third of its time).
     They stay alive, idle, between evaluations: ``num_workers`` processes per training process.
     """
-    from torch.utils.data import DataLoader
+    from ssod.data.sampling import worker_loader
 
-    from ssod.data.coco import list_collate
-    from ssod.data.sampling import ignore_stop_signals, track_workers
-
-    return track_workers(DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=list_collate,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
-    ))
+    return worker_loader(dataset, num_workers, pin_memory, prefetch_factor=2, batch_size=batch_size, sampler=indices)
 
 
 def shard(dataset, accelerator) -> list[int]:

@@ -86,17 +86,27 @@ def infinite_loader(
 ) -> Iterator:
     """An endless iterator of ``(items, metas)`` batches from ``dataset``."""
     sampler = InfiniteBatchSampler(len(dataset), batch_size, seed, rank, world_size, start_batch)
-    loader = DataLoader(
+    loader = worker_loader(dataset, num_workers, pin_memory, prefetch_factor=4, batch_sampler=sampler)
+    return track_workers(iter(loader))  # the caller may keep only the iterator
+
+
+def worker_loader(dataset: Dataset, num_workers: int, pin_memory: bool, prefetch_factor: int, **sampling) -> DataLoader:
+    """A DataLoader of ``(items, metas)`` batches with our worker rules, for every loader we make.
+
+    Workers persist, prefetch ``prefetch_factor`` batches each, leave stop signals to the
+    main process (``ignore_stop_signals``) and are tracked so that they end at exit.
+    ``sampling``: ``batch_sampler=...``, or ``batch_size=...`` with ``sampler=...``.
+    """
+    return track_workers(DataLoader(
         dataset,
-        batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=list_collate,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
-    )
-    return track_workers(iter(loader))
+        **sampling,
+    ))
 
 
 # Our loaders and iterators, so that their workers can be found at exit.
@@ -118,10 +128,11 @@ def _kill_loader_workers() -> None:
     live workers (an exception whose traceback still holds a loader) would wait forever.
     Other daemonic children (a ``multiprocessing.Pool``'s) are left to end their own way.
     """
-    workers = []
+    alive = {}  # by pid: a loader and its iterator may both be tracked
     for tracked in list(_LOADERS):
         iterator = getattr(tracked, "_iterator", None) or tracked  # a persistent loader keeps its iterator
-        workers += [w for w in getattr(iterator, "_workers", []) if w.is_alive()]
+        alive.update({w.pid: w for w in getattr(iterator, "_workers", []) if w.is_alive()})
+    workers = list(alive.values())
     if not workers:
         return
     # PyTorch's SIGCHLD handler would raise "DataLoader worker killed" in the middle of this.
