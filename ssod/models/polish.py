@@ -99,28 +99,27 @@ def pool_voted_features(
     roi_pool: MultiScaleRoIAlign,
     frac: float = 0.06,
     extra_boxes: list[Tensor] | None = None,
-):
-    """RoI features of every box and its six voted boxes, in one pooling call.
+) -> tuple[Tensor, Tensor]:
+    """RoI features of every box and its six voted boxes, and of extra boxes, in one pooling call.
 
     Args:
         features: FPN maps ``{name: [B, C, H_l, W_l]}``.
         boxes: per image ``[N_i, 4]``.
         image_sizes: per image ``(height, width)``.
-        extra_boxes: optional per image ``[M_i, 4]`` pooled alone (no votes) in the same call.
+        extra_boxes: optional per image ``[M_i, 4]``, pooled alone (no votes).
 
     Returns:
-        ``[sum N_i, 7, C, R, R]``, boxes in image order, votes as in ``vote_boxes``; with
-        ``extra_boxes``, also ``[sum M_i, C, R, R]`` for them, as a pair. Each box is pooled
+        ``[sum N_i, 7, C, R, R]``, boxes in image order, votes as in ``vote_boxes``, and
+        ``[sum M_i, C, R, R]`` for the extra boxes (empty without them). Each box is pooled
         on the FPN level of its own size, so sharing the call changes no value.
     """
     votes = [vote_boxes(image_boxes, frac).reshape(-1, 4) for image_boxes in boxes]
-    total = sum(image_boxes.shape[0] for image_boxes in boxes)
     if extra_boxes is None:
-        pooled = roi_pool(features, votes, image_sizes)
-        return pooled.reshape(total, NUM_VOTES, *pooled.shape[1:])
+        extra_boxes = [image_boxes.new_zeros((0, 4)) for image_boxes in boxes]
     pooled = roi_pool(features, [torch.cat([v, e.to(v.dtype)]) for v, e in zip(votes, extra_boxes)], image_sizes)
     # Rows are per image: that image's votes, then its extra boxes.
     chunks = pooled.split([n for v, e in zip(votes, extra_boxes) for n in (v.shape[0], e.shape[0])])
+    total = sum(image_boxes.shape[0] for image_boxes in boxes)
     voted = torch.cat(chunks[0::2]).reshape(total, NUM_VOTES, *pooled.shape[1:])
     return voted, torch.cat(chunks[1::2])
 
@@ -359,7 +358,7 @@ class Polisher(nn.Module):
         image_sizes: list[tuple[int, int]],
     ) -> list[PolishedPseudoLabels]:
         """Polish teacher detections (METHOD 4.4 steps 2-3); per image ``[K_i, ...]`` inputs."""
-        pooled = pool_voted_features(features, det_boxes, image_sizes, self.roi_pool, self.vote_frac)
+        pooled, _ = pool_voted_features(features, det_boxes, image_sizes, self.roi_pool, self.vote_frac)
         reg_boxes = self._polished_boxes(det_boxes, pooled, image_sizes)
         probs = self.category_net(pooled[:, 0]).float().softmax(dim=1)
         keep, cls_labels = polish_pseudo_labels(

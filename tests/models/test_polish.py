@@ -51,12 +51,12 @@ def test_pool_voted_features_groups_votes_per_box_across_images():
     pool, features = make_pool(), make_features()
     boxes = [torch.tensor([[2.0, 2.0, 20.0, 30.0], [10.0, 5.0, 60.0, 60.0], [0.0, 0.0, 8.0, 8.0]]),
              torch.tensor([[5.0, 5.0, 50.0, 25.0]])]
-    pooled = pool_voted_features(features, boxes, IMAGE_SIZES, pool, frac=0.06)
+    pooled, _ = pool_voted_features(features, boxes, IMAGE_SIZES, pool, frac=0.06)
     assert pooled.shape == (4, NUM_VOTES, CHANNELS, 7, 7)
     for vote in range(NUM_VOTES):
         alone = pool(features, [vote_boxes(b, 0.06)[:, vote] for b in boxes], IMAGE_SIZES)
         torch.testing.assert_close(pooled[:, vote], alone)
-    empty = pool_voted_features(features, [torch.zeros(0, 4), torch.zeros(0, 4)], IMAGE_SIZES, pool)
+    empty, _ = pool_voted_features(features, [torch.zeros(0, 4), torch.zeros(0, 4)], IMAGE_SIZES, pool)
     assert empty.shape == (0, NUM_VOTES, CHANNELS, 7, 7)
 
 
@@ -65,7 +65,7 @@ def test_one_pooling_call_for_both_networks_equals_separate_calls():
     boxes = [torch.tensor([[2.0, 2.0, 20.0, 30.0], [10.0, 5.0, 60.0, 60.0]]), torch.zeros(0, 4)]
     extra = [torch.tensor([[0.0, 0.0, 40.0, 40.0]]), torch.tensor([[5.0, 5.0, 50.0, 25.0], [1.0, 1.0, 9.0, 9.0]])]
     voted, alone = pool_voted_features(features, boxes, IMAGE_SIZES, pool, 0.06, extra)
-    assert torch.equal(voted, pool_voted_features(features, boxes, IMAGE_SIZES, pool, 0.06))
+    assert torch.equal(voted, pool_voted_features(features, boxes, IMAGE_SIZES, pool, 0.06)[0])
     assert torch.equal(alone, pool(features, extra, IMAGE_SIZES))
 
 
@@ -85,7 +85,7 @@ def test_polisher_losses_equal_pooling_each_network_separately():
     boxes, targets = box_polish_samples(gt_boxes, 20, polisher.box_scale, generator)
     cls_boxes, labels = category_polish_samples(gt_boxes, gt_labels, proposals, (5, 5), polisher.category_scales,
                                                 polisher.pos_iou, generator)
-    pooled = pool_voted_features(features, boxes, IMAGE_SIZES, polisher.roi_pool, polisher.vote_frac)
+    pooled, _ = pool_voted_features(features, boxes, IMAGE_SIZES, polisher.roi_pool, polisher.vote_frac)
     box_loss, _ = box_polish_loss(polisher._polished_boxes(boxes, pooled, IMAGE_SIZES), torch.cat(targets), torch.cat(boxes))
     cls_loss, _ = category_polish_loss(polisher.category_net(polisher.roi_pool(features, cls_boxes, IMAGE_SIZES)),
                                        torch.cat(labels))
