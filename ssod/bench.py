@@ -43,17 +43,15 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
     """Median wall time of ``fn`` (synchronising the GPU around each call)."""
     for _ in range(warmup):
         fn()
+    _synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
