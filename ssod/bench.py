@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
+from torch.profiler import record_function
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer
 from ssod.config import compose, eval_workers, flatten
@@ -65,12 +66,16 @@ def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, 
 
     def step():
         with torch.autocast(labeled[0][0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            result = compute_losses(student, teacher, labeled, unlabeled, method)
-            total = weighted_total(result.losses, weights)
-        total.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(teacher.detector, student.detector, 0.999)
+            with record_function("ssod::losses"):
+                result = compute_losses(student, teacher, labeled, unlabeled, method)
+                total = weighted_total(result.losses, weights)
+        with record_function("ssod::backward"):
+            total.backward()
+        with record_function("ssod::optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with record_function("ssod::ema"):
+            ema_update(teacher.detector, student.detector, 0.999)
         nonfinite.append(~torch.isfinite(total.detach()))
         return total
 
@@ -261,23 +266,63 @@ def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tup
 
 
 def _profile(step, device: torch.device, steps: int, rows: int = 25) -> str:
-    """Top operators of ``steps`` calls of ``step`` by self time (device time on a GPU).
+    """Where ``steps`` calls of ``step`` spend their time (torch.profiler), per step.
 
-    On a GPU, compare the total host time with the device time: where the host's is much
-    larger, the GPU waits for Python and for synchronisations, not for kernels.
+    Three tables: the step's named parts (``ssod::...`` ranges: host time, and on a GPU the
+    device time of the kernels they launch); the top operators by self device time (GPU) or
+    self host time; on a GPU also by host time. The first line compares the wall time with
+    the time the GPU was busy: where the wall time is much larger, the GPU waits for Python
+    and for host-device synchronisations, not for kernels.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     step()
     _synchronize(device)
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
         _synchronize(device)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows)
-    return f"profile of {steps} polish_teacher steps, sorted by {sort_by}:\n\n{table}"
+        wall = (time.perf_counter() - start) / steps
+    averages = prof.key_averages()
+    lines = [f"profile of {steps} polish_teacher steps: wall {wall * 1e3:.1f} ms per step (profiler on)"]
+    # On a GPU each named range appears twice: as a host range, whose device time is that of
+    # the kernels its operators launched, and as a span on the GPU's timeline (idle gaps included).
+    spans = {event.key: event for event in averages if _is_annotation(event) and _device_total(event) > 0}
+    if cuda:
+        busy = sum(_device_self(event) for event in averages if not _is_annotation(event)) / steps / 1e3
+        syncs = sum(event.count for event in averages if event.key in _SYNC_OPS) / steps
+        lines[0] += f", GPU busy {busy:.1f} ms per step, {syncs:.0f} host-device syncs per step"
+    parts = sorted((e for e in averages if e.key.startswith("ssod::") and e.cpu_time_total > 0), key=lambda e: e.key)
+    lines += ["", "| part | host ms | kernels ms | GPU span ms |", "| --- | --- | --- | --- |"]
+    for event in parts:
+        kernels = f"{_device_total(event) / steps / 1e3:.1f}" if cuda else ""
+        span = f"{_device_total(spans[event.key]) / steps / 1e3:.1f}" if event.key in spans else ""
+        lines.append(f"| {event.key} | {event.cpu_time_total / steps / 1e3:.1f} | {kernels} | {span} |")
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    lines += ["", f"sorted by {sort_by}:", averages.table(sort_by=sort_by, row_limit=rows)]
+    if cuda:
+        lines += ["sorted by cpu_time_total:", averages.table(sort_by="cpu_time_total", row_limit=rows)]
+    return "\n".join(lines)
+
+
+# Operators that make the host wait for the device.
+_SYNC_OPS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense"}
+
+
+def _is_annotation(event) -> bool:
+    """A ``record_function`` range's span on the GPU timeline (not a kernel)."""
+    return bool(getattr(event, "is_user_annotation", False)) and event.cpu_time_total == 0
+
+
+def _device_self(event) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def _device_total(event) -> float:
+    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
 
 
 def _synchronize(device: torch.device) -> None:

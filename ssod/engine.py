@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torchvision.models.detection.image_list import ImageList
 
 from ssod.config import MethodConfig
@@ -47,16 +48,20 @@ class SemiSupervisedModel(nn.Module):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Returns (losses, detached statistics); see ``ssod.losses`` for the keys."""
         detector = self.detector
-        images, _ = detector.transform(list(labeled_images) + list(strong_images))
-        features = detector.backbone(images.tensors)
+        with record_function("ssod::student_backbone"):
+            images, _ = detector.transform(list(labeled_images) + list(strong_images))
+            features = detector.backbone(images.tensors)
         count = len(labeled_images)
         head, tail = _split(images, features, count)
-        losses = supervised_losses(detector, head[0], head[1], list(labeled_targets))
+        with record_function("ssod::supervised_losses"):
+            losses = supervised_losses(detector, head[0], head[1], list(labeled_targets))
         if strong_images:
-            losses.update(unsupervised_losses(detector, tail[0], tail[1], pseudo_targets, background_weights))
+            with record_function("ssod::unsupervised_losses"):
+                losses.update(unsupervised_losses(detector, tail[0], tail[1], pseudo_targets, background_weights))
         stats: dict[str, Tensor] = {}
         if self.polisher is not None and polish_inputs is not None:
-            polish_losses, stats = self.polisher.losses(**polish_inputs)
+            with record_function("ssod::polisher_losses"):
+                polish_losses, stats = self.polisher.losses(**polish_inputs)
             losses.update(polish_losses)
         return losses, stats
 
@@ -92,13 +97,15 @@ def teacher_forward(
     detector = teacher.detector
     train_polisher = teacher.polisher is not None
     batch = (list(labeled_images) if train_polisher else []) + list(weak_images)
-    images, _ = detector.transform(batch)
-    features = detector.backbone(images.tensors)
-    proposals, _ = detector.rpn(images, features)
+    with record_function("ssod::teacher_backbone_rpn"):
+        images, _ = detector.transform(batch)
+        features = detector.backbone(images.tensors)
+        proposals, _ = detector.rpn(images, features)
     count = len(labeled_images) if train_polisher else 0
     (lab_images, lab_features), (weak_list, weak_features) = _split(images, features, count)
     sizes = weak_list.image_sizes
-    pseudo = _pseudo_labels(teacher, weak_features, proposals[count:], sizes, method) if weak_images else []
+    with record_function("ssod::pseudo_labels"):
+        pseudo = _pseudo_labels(teacher, weak_features, proposals[count:], sizes, method) if weak_images else []
     polish_inputs = None
     if train_polisher:
         polish_inputs = {
@@ -156,6 +163,7 @@ def make_background_weights(teacher: SemiSupervisedModel, out: TeacherOutput, we
     """Closure: student proposals (strong view) -> teacher background probability per proposal."""
 
     @torch.no_grad()
+    @record_function("ssod::background_weights")
     def background_weights(proposals: list[Tensor]) -> list[Tensor]:
         mapped = []
         for boxes, weak_m, strong_m, (height, width) in zip(proposals, weak_matrices, strong_matrices, out.weak_sizes):
@@ -194,7 +202,8 @@ def compute_losses(
     weak_matrices = [view.matrix for view in weak]
     strong_matrices = [view.matrix for view in strong]
     strong_sizes = [tuple(view.image.shape[-2:]) for view in strong]
-    pseudo_targets = project_pseudo_labels(out.pseudo_labels, weak_matrices, strong_matrices, strong_sizes, method)
+    with record_function("ssod::project_pseudo_labels"):
+        pseudo_targets = project_pseudo_labels(out.pseudo_labels, weak_matrices, strong_matrices, strong_sizes, method)
     background = make_background_weights(teacher, out, weak_matrices, strong_matrices) if method.background_weighting else None
     losses, stats = student(images, targets, [view.image for view in strong], pseudo_targets, background, out.polish_inputs)
     return StepResult(losses, stats, out)

@@ -139,27 +139,39 @@ def test_channels_last_gives_the_same_losses_and_gradients(device, tmp_path, dat
     apply_speed_settings(OmegaConf.merge(cfg.train, {"tf32": False}), student)  # compare formats only
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     student.train()
-    losses, grads = _step_losses_and_grads(student, teacher, labeled, unlabeled, method)
+    losses, _ = _step_losses_and_grads(student, teacher, labeled, unlabeled, method)
 
     fast_cfg = OmegaConf.merge(cfg.train, {"channels_last": True, "tf32": False})
     fast_student = apply_speed_settings(fast_cfg, copy.deepcopy(student))
     fast_teacher = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     assert fast_student.detector.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    fast_losses, fast_grads = _step_losses_and_grads(fast_student, fast_teacher, labeled, unlabeled, method)
+    fast_losses, _ = _step_losses_and_grads(fast_student, fast_teacher, labeled, unlabeled, method)
     assert losses.keys() == fast_losses.keys()
     for name in losses:
         torch.testing.assert_close(fast_losses[name], losses[name], rtol=1e-3, atol=1e-5, msg=name)
-    assert len(grads) == len(fast_grads)
-    # Per tensor, relative to its own gradient but with a floor at 1e-3 of the whole
-    # gradient: some tensors' true gradient is ~0 (biases before a normalisation), where a
-    # bare relative error means nothing (2.7% was seen there on an H100, losses equal to 1e-3).
-    scale = torch.cat([g.flatten() for g in grads]).double().norm()
-    worst = max(
-        ((fast.double() - slow.double()).norm() / torch.clamp(slow.double().norm(), min=1e-3 * scale)).item()
-        for fast, slow in zip(fast_grads, grads)
-    )
-    total = _relative_error(torch.cat([g.flatten() for g in fast_grads]), torch.cat([g.flatten() for g in grads]))
-    assert worst < 1e-2 and total < 1e-3, (worst, total)
+
+    # Gradients through the backbone and FPN, the layers whose format changes, against one
+    # fixed cotangent, in float64. The whole step's gradients are no measure: on a GPU the
+    # formats' last-bit differences reorder near-equal RPN scores of a random-weight model,
+    # so other proposals are sampled (an H100 gave losses equal to 1e-3, gradients 0.9%
+    # apart); and in float32 this random network amplifies rounding on its way back to the
+    # stem (0.3% there on a CPU, 1e-5 from layer2 on), where float64 leaves ~1e-12.
+    grads, fast_grads = (_backbone_gradients(copy.deepcopy(model).double(), labeled) for model in (student, fast_student))
+    assert len(grads) == len(fast_grads) > 0
+    for name, expected in grads.items():
+        assert _relative_error(fast_grads[name], expected) < 1e-9, name
+
+
+def _backbone_gradients(model, labeled) -> dict[str, torch.Tensor]:
+    """Gradients of the backbone + FPN parameters for a fixed random cotangent of every output map."""
+    detector = model.detector
+    detector.zero_grad(set_to_none=True)
+    images, _ = detector.transform([item[0].double() for item in labeled])
+    features = detector.backbone(images.tensors)
+    generator = torch.Generator().manual_seed(3)
+    cotangents = [torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device) for f in features.values()]
+    torch.autograd.backward(list(features.values()), cotangents)
+    return {name: p.grad.detach().clone() for name, p in detector.backbone.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on CUDA GPUs")
