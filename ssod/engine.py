@@ -22,8 +22,8 @@ from torch.profiler import record_function
 from torchvision.models.detection.image_list import ImageList
 
 from ssod.config import MethodConfig
-from ssod.data.transforms import project_boxes, relative_matrix
-from ssod.losses import _box_outputs, supervised_losses, unsupervised_losses
+from ssod.data.transforms import map_boxes, project_boxes, relative_matrix
+from ssod.losses import _box_outputs, detector_losses
 from ssod.models.boxes import valid_boxes_mask
 from ssod.models.polish import Polisher
 from ssod.models.teacher import PseudoLabels, filter_detections, regression_uncertainty
@@ -51,13 +51,10 @@ class SemiSupervisedModel(nn.Module):
         with record_function("ssod::student_backbone"):
             images, _ = detector.transform(list(labeled_images) + list(strong_images))
             features = detector.backbone(images.tensors)
-        count = len(labeled_images)
-        head, tail = _split(images, features, count)
-        with record_function("ssod::supervised_losses"):
-            losses = supervised_losses(detector, head[0], head[1], list(labeled_targets))
-        if strong_images:
-            with record_function("ssod::unsupervised_losses"):
-                losses.update(unsupervised_losses(detector, tail[0], tail[1], pseudo_targets, background_weights))
+        with record_function("ssod::detector_losses"):
+            # One RPN and one RoI pass over labeled images and strong views together.
+            pseudo = pseudo_targets if strong_images else None
+            losses = detector_losses(detector, images, features, list(labeled_targets), pseudo, background_weights)
         stats: dict[str, Tensor] = {}
         if self.polisher is not None and polish_inputs is not None:
             with record_function("ssod::polisher_losses"):
@@ -140,35 +137,45 @@ def _pseudo_labels(teacher: SemiSupervisedModel, features, proposals, sizes, met
     return [PseudoLabels.unpolished(*r) for r in raw]
 
 
-def project_pseudo_labels(pseudo: list[PseudoLabels], weak_matrices, strong_matrices, strong_sizes, method: MethodConfig):
+def project_pseudo_labels(pseudo: list[PseudoLabels], weak_to_strong: Tensor, strong_sizes, method: MethodConfig):
     """Classification (for RPN and RoI) and regression targets in the student's view.
 
+    ``weak_to_strong``: ``[B, 3, 3]``, per image the weak view -> strong view matrix.
     Returns ``{"rpn", "cls", "reg"}`` -> per-image ``{"boxes", "labels"}``; boxes leaving
     the strong view, or made degenerate, are dropped.
     """
-    rpn_targets, cls_targets, reg_targets = [], [], []
-    for labels, weak_m, strong_m, (height, width) in zip(pseudo, weak_matrices, strong_matrices, strong_sizes):
-        matrix = relative_matrix(weak_m, strong_m)
-        for out, target in (
-            (rpn_targets, labels.classification_target(method.rpn_pseudo_threshold)),
-            (cls_targets, labels.classification_target(method.cls_pseudo_threshold)),
-            (reg_targets, labels.regression_target()),
-        ):
-            boxes, keep = project_boxes(target["boxes"], matrix.to(target["boxes"].device), width, height)
-            out.append({"boxes": boxes, "labels": target["labels"][keep]})
-    return {"rpn": rpn_targets, "cls": cls_targets, "reg": reg_targets}
+    targets: dict[str, list[dict]] = {"rpn": [], "cls": [], "reg": []}
+    for labels, matrix, (height, width) in zip(pseudo, weak_to_strong, strong_sizes):
+        boxes, valid = map_boxes(labels.boxes, matrix, width, height)
+        cls = _kept(boxes, labels.cls_labels, labels.classification_keep(method.cls_pseudo_threshold) & valid)
+        same = method.rpn_pseudo_threshold == method.cls_pseudo_threshold
+        targets["cls"].append(cls)
+        targets["rpn"].append(dict(cls) if same else _kept(boxes, labels.cls_labels, labels.classification_keep(method.rpn_pseudo_threshold) & valid))
+        reg_boxes, reg_valid = map_boxes(labels.reg_boxes, matrix, width, height)
+        targets["reg"].append(_kept(reg_boxes, labels.labels, labels.reg_keep & reg_valid))
+    return targets
 
 
-def make_background_weights(teacher: SemiSupervisedModel, out: TeacherOutput, weak_matrices, strong_matrices):
-    """Closure: student proposals (strong view) -> teacher background probability per proposal."""
+def _kept(boxes: Tensor, labels: Tensor, keep: Tensor) -> dict[str, Tensor]:
+    """A float32 target of the kept rows; one host-device sync (the index) serves boxes and labels."""
+    index = keep.nonzero().squeeze(1)
+    return {"boxes": boxes[index].float(), "labels": labels[index]}
+
+
+def make_background_weights(teacher: SemiSupervisedModel, out: TeacherOutput, strong_to_weak: Tensor):
+    """Closure: student proposals (strong view) -> teacher background probability per proposal.
+
+    ``strong_to_weak``: ``[B, 3, 3]``, per image the strong view -> weak view matrix. Every
+    proposal is pooled (clipped to the weak view), none dropped, so weights stay aligned.
+    """
 
     @torch.no_grad()
     @record_function("ssod::background_weights")
     def background_weights(proposals: list[Tensor]) -> list[Tensor]:
-        mapped = []
-        for boxes, weak_m, strong_m, (height, width) in zip(proposals, weak_matrices, strong_matrices, out.weak_sizes):
-            matrix = relative_matrix(strong_m, weak_m).to(boxes.device)
-            mapped.append(project_boxes(boxes.detach(), matrix, width, height, min_size=0.0)[0])
+        mapped = [
+            map_boxes(boxes.detach(), matrix, width, height, min_size=0.0)[0].to(boxes.dtype)
+            for boxes, matrix, (height, width) in zip(proposals, strong_to_weak, out.weak_sizes)
+        ]
         logits, _ = _box_outputs(teacher.detector, out.weak_features, mapped, out.weak_sizes)
         return list(logits.float().softmax(dim=1)[:, 0].split([m.shape[0] for m in mapped]))
 
@@ -199,12 +206,15 @@ def compute_losses(
     weak = [item[0] for item in unlabeled]
     strong = [item[1] for item in unlabeled]
     out = teacher_forward(teacher, images, targets, [view.image for view in weak], method)
-    weak_matrices = [view.matrix for view in weak]
-    strong_matrices = [view.matrix for view in strong]
+    weak_matrices = torch.stack([view.matrix for view in weak])
+    strong_matrices = torch.stack([view.matrix for view in strong])
     strong_sizes = [tuple(view.image.shape[-2:]) for view in strong]
     with record_function("ssod::project_pseudo_labels"):
-        pseudo_targets = project_pseudo_labels(out.pseudo_labels, weak_matrices, strong_matrices, strong_sizes, method)
-    background = make_background_weights(teacher, out, weak_matrices, strong_matrices) if method.background_weighting else None
+        weak_to_strong = relative_matrix(weak_matrices, strong_matrices)
+        pseudo_targets = project_pseudo_labels(out.pseudo_labels, weak_to_strong, strong_sizes, method)
+    background = None
+    if method.background_weighting:
+        background = make_background_weights(teacher, out, relative_matrix(strong_matrices, weak_matrices))
     losses, stats = student(images, targets, [view.image for view in strong], pseudo_targets, background, out.polish_inputs)
     return StepResult(losses, stats, out)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 BackgroundWeights = Callable[[list[Tensor]], list[Tensor]]
 
@@ -29,19 +30,120 @@ def _box_outputs(detector, features: dict[str, Tensor], proposals: list[Tensor],
     return heads.box_predictor(pooled)
 
 
+class _RPNPass:
+    """The RPN's head, anchors and proposals for a whole batch, computed once.
+
+    ``loss(first, targets)`` is torchvision's RPN loss on images ``first .. first + len(targets)``
+    alone, as if the RPN had run on those images only: the head, the anchors and each image's
+    proposals work image by image, so one pass serves several groups of images with their own
+    targets and their own loss normalisation. Each ``loss`` call samples anchors from the global
+    RNG, as ``rpn.forward`` does; calling them in the old order keeps the old random draws.
+    """
+
+    def __init__(self, rpn, images: ImageList, features: dict[str, Tensor]) -> None:
+        maps = list(features.values())
+        objectness, deltas = rpn.head(maps)
+        self.rpn = rpn
+        self.anchors = rpn.anchor_generator(images, maps)
+        per_level = [o[0].numel() for o in objectness]
+        self.objectness, self.deltas = concat_box_prediction_layers(objectness, deltas)
+        self.per_image = sum(per_level)
+        decoded = rpn.box_coder.decode(self.deltas.detach(), self.anchors).view(len(self.anchors), -1, 4)
+        boxes, _ = rpn.filter_proposals(decoded, self.objectness, images.image_sizes, per_level)
+        # Gradients never flow into the proposals (torchvision's convention).
+        self.proposals = [b.detach() for b in boxes]
+
+    def loss(self, first: int, targets: list[dict]) -> tuple[Tensor, Tensor]:
+        """(objectness loss, box loss) of images ``first ..`` against ``targets``."""
+        rows = slice(first * self.per_image, (first + len(targets)) * self.per_image)
+        anchors = self.anchors[first : first + len(targets)]
+        labels, matched = self.rpn.assign_targets_to_anchors(anchors, targets)
+        regression_targets = self.rpn.box_coder.encode(matched, anchors)
+        return self.rpn.compute_loss(self.objectness[rows], self.deltas[rows], labels, regression_targets)
+
+
+def detector_losses(
+    detector,
+    images: ImageList,
+    features: dict[str, Tensor],
+    targets: list[dict],
+    pseudo_targets: Optional[Mapping[str, list[dict]]] = None,
+    background_weights: Optional[BackgroundWeights] = None,
+) -> dict[str, Tensor]:
+    """Supervised losses on the first ``len(targets)`` images, unsupervised ones on the rest.
+
+    ``images``/``features``: the batch, labeled images first, then the strong views (which
+    need ``pseudo_targets``, see ``unsupervised_losses``). One RPN pass and one RoI pass serve
+    the whole batch; every loss equals that of separate passes over the two groups (RPN, RoI
+    pooling and the box head work image by image, box by box), and the samplers draw from the
+    RNG in the same order as separate passes would.
+    """
+    heads = detector.roi_heads
+    count = len(targets)
+    rpn = _RPNPass(detector.rpn, images, features)
+    losses: dict[str, Tensor] = {}
+    # The boxes of the single RoI pass, per image in batch order, as pieces: each labeled
+    # image's samples; each strong view's classification samples, then its positive
+    # regression samples (the regression loss reads positives only).
+    pieces: list[list[Tensor]] = []
+    if count:
+        losses["sup/rpn_cls"], losses["sup/rpn_reg"] = rpn.loss(0, targets)
+        sup_proposals, _, sup_labels, sup_deltas = heads.select_training_samples(rpn.proposals[:count], targets)
+        pieces += [[p] for p in sup_proposals]
+    if pseudo_targets is not None:
+        unsup = _sample_unsupervised(heads, rpn, count, pseudo_targets)
+        losses["unsup/rpn_cls"], losses["unsup/rpn_reg"] = unsup["rpn"]
+        pieces += [[c, r] for c, r in zip(unsup["cls_proposals"], unsup["reg_proposals"])]
+    if len(pieces) != len(images.image_sizes):
+        raise ValueError(f"{len(images.image_sizes)} images but targets for {len(pieces)}: strong views need pseudo_targets")
+    rois = [torch.cat(piece) for piece in pieces]
+    class_logits, box_regression = _box_outputs(detector, features, rois, images.image_sizes)
+    sizes = [len(boxes) for piece in pieces for boxes in piece]
+    logits, regression = class_logits.split(sizes), box_regression.split(sizes)
+    if count:
+        losses["sup/roi_cls"], losses["sup/roi_reg"] = fastrcnn_loss(
+            torch.cat(logits[:count]), torch.cat(regression[:count]), sup_labels, sup_deltas
+        )
+    if pseudo_targets is not None:
+        labels = torch.cat(unsup["cls_labels"])
+        weights = torch.ones_like(labels, dtype=class_logits.dtype)
+        if background_weights is not None:
+            teacher_bg = torch.cat(background_weights(unsup["cls_proposals"])).to(weights.dtype)
+            weights = torch.where(labels == 0, teacher_bg, weights)
+        per_sample = F.cross_entropy(torch.cat(logits[count::2]).float(), labels, reduction="none")
+        losses["unsup/roi_cls"] = (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
+        reg_labels = torch.cat(unsup["reg_labels"])
+        losses["unsup/roi_reg"] = box_regression_loss(
+            torch.cat(regression[count + 1 :: 2]).float(), reg_labels, torch.cat(unsup["reg_deltas"]), unsup["reg_samples"]
+        )
+    return losses
+
+
+def _sample_unsupervised(heads, rpn: _RPNPass, first: int, pseudo_targets: Mapping[str, list[dict]]) -> dict:
+    """RPN loss and the two RoI samplings (classification, regression) of the strong views.
+
+    Both samplings start from the same proposals. Of the regression sampling only the
+    positives are kept (with ``reg_samples``, the size of the whole sampling, for the loss).
+    """
+    proposals = rpn.proposals[first:]
+    rpn_loss = rpn.loss(first, pseudo_targets["rpn"])
+    cls_proposals, _, cls_labels, _ = heads.select_training_samples(proposals, pseudo_targets["cls"])
+    reg_proposals, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, pseudo_targets["reg"])
+    positive = [torch.where(labels > 0)[0] for labels in reg_labels]
+    return {
+        "rpn": rpn_loss,
+        "cls_proposals": cls_proposals,
+        "cls_labels": cls_labels,
+        "reg_proposals": [p[i] for p, i in zip(reg_proposals, positive)],
+        "reg_labels": [p[i] for p, i in zip(reg_labels, positive)],
+        "reg_deltas": [p[i] for p, i in zip(reg_deltas, positive)],
+        "reg_samples": sum(len(labels) for labels in reg_labels),
+    }
+
+
 def supervised_losses(detector, images: ImageList, features: dict[str, Tensor], targets: list[dict]) -> dict[str, Tensor]:
     """Standard Faster R-CNN losses on labeled images (detector in train mode)."""
-    proposals, rpn = detector.rpn(images, features, targets)
-    heads = detector.roi_heads
-    proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
-    class_logits, box_regression = _box_outputs(detector, features, proposals, images.image_sizes)
-    roi_cls, roi_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-    return {
-        "sup/rpn_cls": rpn["loss_objectness"],
-        "sup/rpn_reg": rpn["loss_rpn_box_reg"],
-        "sup/roi_cls": roi_cls,
-        "sup/roi_reg": roi_reg,
-    }
+    return detector_losses(detector, images, features, targets)
 
 
 def box_regression_loss(box_regression: Tensor, labels: Tensor, regression_targets: Tensor, num_samples: int) -> Tensor:
@@ -69,39 +171,7 @@ def unsupervised_losses(
     teacher background probability (Soft Teacher); negatives are weighted by it, positives
     by 1, and the classification loss is normalised by the sum of weights.
     """
-    heads = detector.roi_heads
-    cls_targets, reg_targets = pseudo_targets["cls"], pseudo_targets["reg"]
-    proposals, rpn = detector.rpn(images, features, pseudo_targets["rpn"])
-    # Both samplings start from the same proposals; gradients never flow into them.
-    proposals = [p.detach() for p in proposals]
-
-    cls_proposals, _, cls_labels, _ = heads.select_training_samples(proposals, cls_targets)
-    reg_proposals, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, reg_targets)
-    # One RoI pass for both samplings: RoIAlign and the box head work box by box, so the
-    # outputs equal two separate passes, at the cost of one feature-gradient buffer.
-    both = [torch.cat([c, r]) for c, r in zip(cls_proposals, reg_proposals)]
-    is_cls = torch.cat([
-        torch.arange(len(c) + len(r), device=c.device) < len(c) for c, r in zip(cls_proposals, reg_proposals)
-    ])
-    class_logits, box_regression = _box_outputs(detector, features, both, images.image_sizes)
-    class_logits, box_regression = class_logits[is_cls], box_regression[~is_cls]
-
-    labels = torch.cat(cls_labels)
-    weights = torch.ones_like(labels, dtype=class_logits.dtype)
-    if background_weights is not None:
-        teacher_bg = torch.cat(background_weights(cls_proposals)).to(weights.dtype)
-        weights = torch.where(labels == 0, teacher_bg, weights)
-    per_sample = F.cross_entropy(class_logits.float(), labels, reduction="none")
-    roi_cls = (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
-
-    reg_labels_flat = torch.cat(reg_labels)
-    roi_reg = box_regression_loss(box_regression.float(), reg_labels_flat, torch.cat(reg_deltas), reg_labels_flat.numel())
-    return {
-        "unsup/rpn_cls": rpn["loss_objectness"],
-        "unsup/rpn_reg": rpn["loss_rpn_box_reg"],
-        "unsup/roi_cls": roi_cls,
-        "unsup/roi_reg": roi_reg,
-    }
+    return detector_losses(detector, images, features, [], pseudo_targets, background_weights)
 
 
 def weighted_total(losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:

@@ -88,31 +88,74 @@ def test_weighted_total_applies_weights_and_refuses_unweighted_losses():
         weighted_total({"mystery": torch.tensor(1.0)}, weights)
 
 
-def test_single_roi_pass_equals_separate_passes(detector_and_features):
-    """The merged cls+reg RoI pass (a speed-up) gives the losses of two separate passes."""
+def _separate_passes(detector, images, features, count, targets, pseudo, background):
+    """The losses as computed before the single pass: torchvision's RPN forward and one RoI
+    pass per group, and a second RoI pass for every regression sample of the strong views."""
     import torch.nn.functional as F
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
 
     from ssod.losses import _box_outputs, box_regression_loss
 
-    detector, images, features = detector_and_features
-    boxes = torch.tensor([[10.0, 10, 40, 40], [30, 5, 60, 25]])
-    targets = {"rpn": _targets(2, boxes), "cls": _targets(2, boxes[:1]), "reg": _targets(2, boxes + 2)}
-    torch.manual_seed(7)
-    merged = unsupervised_losses(detector, images, features, targets)
-
-    torch.manual_seed(7)
     heads = detector.roi_heads
-    proposals, _ = detector.rpn(images, features, targets["rpn"])
+    sizes = images.image_sizes
+    head = ImageList(images.tensors[:count], sizes[:count]), {k: v[:count] for k, v in features.items()}
+    tail = ImageList(images.tensors[count:], sizes[count:]), {k: v[count:] for k, v in features.items()}
+    proposals, rpn = detector.rpn(*head, targets)
+    proposals, _, labels, deltas = heads.select_training_samples(proposals, targets)
+    logits, regression = _box_outputs(detector, head[1], proposals, sizes[:count])
+    losses = dict(zip(("sup/roi_cls", "sup/roi_reg"), fastrcnn_loss(logits, regression, labels, deltas)))
+    losses.update({"sup/rpn_cls": rpn["loss_objectness"], "sup/rpn_reg": rpn["loss_rpn_box_reg"]})
+    proposals, rpn = detector.rpn(*tail, pseudo["rpn"])
     proposals = [p.detach() for p in proposals]
-    cls_props, _, cls_labels, _ = heads.select_training_samples(proposals, targets["cls"])
-    reg_props, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, targets["reg"])
-    logits, _ = _box_outputs(detector, features, cls_props, images.image_sizes)
-    _, regression = _box_outputs(detector, features, reg_props, images.image_sizes)
-    expected_cls = F.cross_entropy(logits, torch.cat(cls_labels))
+    cls_props, _, cls_labels, _ = heads.select_training_samples(proposals, pseudo["cls"])
+    reg_props, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, pseudo["reg"])
+    logits, _ = _box_outputs(detector, tail[1], cls_props, sizes[count:])
+    _, regression = _box_outputs(detector, tail[1], reg_props, sizes[count:])
+    labels = torch.cat(cls_labels)
+    weights = torch.where(labels == 0, torch.cat(background(cls_props)), torch.ones_like(labels, dtype=logits.dtype))
+    losses["unsup/roi_cls"] = (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()
     labels = torch.cat(reg_labels)
-    expected_reg = box_regression_loss(regression, labels, torch.cat(reg_deltas), labels.numel())
-    assert torch.allclose(merged["unsup/roi_cls"], expected_cls, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(merged["unsup/roi_reg"], expected_reg, rtol=1e-5, atol=1e-6)
+    losses["unsup/roi_reg"] = box_regression_loss(regression, labels, torch.cat(reg_deltas), labels.numel())
+    losses.update({"unsup/rpn_cls": rpn["loss_objectness"], "unsup/rpn_reg": rpn["loss_rpn_box_reg"]})
+    return losses
+
+
+def test_one_pass_over_labeled_and_strong_images_equals_separate_passes():
+    """One RPN and one RoI pass for the whole batch (a speed-up) gives the losses and the
+    gradients of separate passes per group, with the same random sampling."""
+    from ssod.losses import detector_losses
+
+    torch.manual_seed(0)
+    detector = build_detector(TINY, num_classes=3).train()
+    images, _ = detector.transform([torch.rand(3, 64, 80), torch.rand(3, 72, 64), torch.rand(3, 56, 64), torch.rand(3, 64, 64)])
+    features = detector.backbone(images.tensors)
+    boxes = torch.tensor([[10.0, 10, 40, 40], [30, 5, 60, 25], [2, 30, 20, 60]])
+    targets = [{"boxes": boxes[:2], "labels": torch.tensor([1, 2])}, {"boxes": boxes[2:], "labels": torch.tensor([3])}]
+    pseudo = {"rpn": _targets(2, boxes), "cls": [_targets(1, boxes[:1])[0], _empty()], "reg": _targets(2, boxes + 2)}
+
+    def background(proposals):  # any fixed function of the boxes will do
+        return [torch.sigmoid(p[:, 0] / 10 - p[:, 3] / 20) for p in proposals]
+
+    results = []
+    for losses_of in (detector_losses, None):
+        torch.manual_seed(7)
+        detector.zero_grad(set_to_none=True)
+        if losses_of is None:
+            losses = _separate_passes(detector, images, features, 2, targets, pseudo, background)
+        else:
+            losses = losses_of(detector, images, features, targets, pseudo, background)
+        sum(losses.values()).backward(retain_graph=True)
+        grads = {n: p.grad.clone() for n, p in detector.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (one, one_grads), (separate, separate_grads) = results
+    assert one.keys() == separate.keys() and len(one) == 8
+    assert one["unsup/roi_reg"] > 0 and one["sup/roi_reg"] > 0  # the regression paths are exercised
+    for name in one:
+        torch.testing.assert_close(one[name], separate[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert one_grads.keys() == separate_grads.keys()
+    for name in one_grads:
+        torch.testing.assert_close(one_grads[name], separate_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_box_regression_loss_without_any_sample_is_zero_and_connected():

@@ -67,27 +67,40 @@ def to_float_image(image: Image.Image | Tensor) -> Tensor:
     return F.to_dtype(image.as_subclass(Tensor), torch.float32, scale=True)
 
 
-def project_boxes(
-    boxes: Tensor, matrix: Tensor, width: int, height: int, min_size: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """Map boxes through `matrix` and clip them to the view.
+def map_boxes(boxes: Tensor, matrix: Tensor, width: int, height: int, min_size: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Map boxes through `matrix` and clip them to the view, keeping every row.
 
     boxes: [N, 4] xyxy absolute pixels in the source coordinates; matrix: [3, 3] source ->
     destination; width, height: the destination canvas. Each box becomes the axis-aligned
     box enclosing its 4 transformed corners, clipped to [0, width] x [0, height].
-    Returns (kept boxes [M, 4] in the dtype of `boxes`, keep [N] bool): boxes narrower or
-    lower than `min_size` after clipping (or not finite) are dropped, never asserted on,
-    so that labels and scores can be filtered with `keep`.
+    Returns (mapped [N, 4] float64, valid [N] bool): valid where the box is at least
+    `min_size` wide and high after clipping, and finite. Nothing here waits for a GPU.
     """
     ones = torch.ones_like(boxes)
     corners = torch.stack([boxes[:, [0, 2, 0, 2]], boxes[:, [1, 1, 3, 3]], ones], dim=-1)
     mapped = corners.to(torch.float64) @ matrix.to(boxes.device, torch.float64).T  # [N, 4 corners, 3]
     points = mapped[..., :2] / mapped[..., 2:]
-    canvas = torch.tensor([width, height], dtype=torch.float64, device=boxes.device)
-    lower = points.amin(dim=1).clamp(min=torch.zeros_like(canvas), max=canvas)
-    upper = points.amax(dim=1).clamp(min=torch.zeros_like(canvas), max=canvas)
-    projected = torch.cat([lower, upper], dim=1)
-    keep = ((upper - lower) >= min_size).all(dim=1) & projected.isfinite().all(dim=1)
+    # Python-number bounds: a bound tensor made on the host would be a blocking copy to a GPU.
+    lower, upper = points.amin(dim=1), points.amax(dim=1)
+    projected = torch.stack(
+        [lower[:, 0].clamp(0, width), lower[:, 1].clamp(0, height), upper[:, 0].clamp(0, width), upper[:, 1].clamp(0, height)],
+        dim=1,
+    )
+    size = projected[:, 2:] - projected[:, :2]
+    valid = (size >= min_size).all(dim=1) & projected.isfinite().all(dim=1)
+    return projected, valid
+
+
+def project_boxes(
+    boxes: Tensor, matrix: Tensor, width: int, height: int, min_size: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """`map_boxes`, then only the valid boxes.
+
+    Returns (kept boxes [M, 4] in the dtype of `boxes`, keep [N] bool): boxes narrower or
+    lower than `min_size` after clipping (or not finite) are dropped, never asserted on,
+    so that labels and scores can be filtered with `keep`.
+    """
+    projected, keep = map_boxes(boxes, matrix, width, height, min_size)
     return projected[keep].to(boxes.dtype), keep
 
 
@@ -105,9 +118,12 @@ def project_target(
 
 
 def relative_matrix(src_matrix: Tensor, dst_matrix: Tensor) -> Tensor:
-    """[3, 3] matrix mapping src-view pixels to dst-view pixels, both views being of the
-    same original image (e.g. teacher's weak view -> student's strong view)."""
-    return dst_matrix.to(torch.float64) @ torch.linalg.inv(src_matrix.to(torch.float64))
+    """[..., 3, 3] matrices mapping src-view pixels to dst-view pixels, both views being of
+    the same original image (e.g. teacher's weak view -> student's strong view). Batched
+    matrices give a batch; the inverse does not check for singularity (a view's matrix never
+    is), so nothing here waits for a GPU."""
+    inverse, _ = torch.linalg.inv_ex(src_matrix.to(torch.float64))
+    return dst_matrix.to(torch.float64) @ inverse
 
 
 def sample_short_side(

@@ -66,8 +66,12 @@ class PseudoLabels:
         keep = torch.ones_like(scores, dtype=torch.bool)
         return cls(boxes, labels, scores, boxes, keep, keep.clone(), labels)
 
+    def classification_keep(self, score_thr: float) -> Tensor:
+        """[K] bool: the raw boxes that are classification targets at ``score_thr``."""
+        return self.cls_keep & (self.scores > score_thr)
+
     def classification_target(self, score_thr: float) -> dict[str, Tensor]:
-        keep = self.cls_keep & (self.scores > score_thr)
+        keep = self.classification_keep(score_thr)
         return {"boxes": self.boxes[keep], "labels": self.cls_labels[keep]}
 
     def regression_target(self) -> dict[str, Tensor]:
@@ -111,6 +115,7 @@ def filter_detections(detections: list[dict[str, Tensor]], score_thr: float) -> 
     """Teacher detections -> (boxes, labels, scores) with valid boxes and score > thr."""
     out = []
     for det in detections:
-        keep = (det["scores"] > score_thr) & valid_boxes_mask(det["boxes"])
+        # One index for the three tensors: one host-device sync instead of three.
+        keep = ((det["scores"] > score_thr) & valid_boxes_mask(det["boxes"])).nonzero().squeeze(1)
         out.append((det["boxes"][keep], det["labels"][keep], det["scores"][keep]))
     return out

@@ -1,0 +1,58 @@
+"""ssod.engine: pseudo labels carried from the teacher's weak view into the student's strong view."""
+
+import math
+
+import pytest
+import torch
+
+from ssod.config import MethodConfig
+from ssod.data.transforms import project_boxes, relative_matrix
+from ssod.engine import project_pseudo_labels
+from ssod.models.teacher import PseudoLabels
+
+
+def _matrix(scale: float, angle_degrees: float = 0.0, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    cos, sin = math.cos(math.radians(angle_degrees)), math.sin(math.radians(angle_degrees))
+    return torch.tensor([[scale * cos, -scale * sin, shift[0]], [scale * sin, scale * cos, shift[1]], [0, 0, 1]], dtype=torch.float64)
+
+
+def _pseudo() -> PseudoLabels:
+    boxes = torch.tensor([[5.0, 5, 30, 30], [40, 10, 70, 50], [90, 90, 99, 99], [10, 60, 12, 61], [20, 20, 50, 45]])
+    return PseudoLabels(
+        boxes, torch.tensor([1, 2, 3, 1, 2]), torch.tensor([0.95, 0.6, 0.8, 0.99, 0.3]), boxes + 2.0,
+        reg_keep=torch.tensor([True, True, True, False, True]),
+        cls_keep=torch.tensor([True, True, True, True, False]),
+        cls_labels=torch.tensor([1, 3, 3, 1, 2]),
+    )
+
+
+@pytest.mark.parametrize("thresholds", [(0.5, 0.5), (0.7, 0.9)], ids=["same", "different"])
+def test_projected_targets_equal_each_target_projected_alone(thresholds):
+    """The batched projection (one mapping per box set, one index per target) gives what
+    projecting each target of ``PseudoLabels`` through ``project_boxes`` gives."""
+    rpn_thr, cls_thr = thresholds
+    method = MethodConfig(rpn_pseudo_threshold=rpn_thr, cls_pseudo_threshold=cls_thr)
+    pseudo = [_pseudo(), _pseudo()]
+    weak = torch.stack([_matrix(0.8), _matrix(1.2, shift=(3, 4))])
+    # The second strong view rotates and shifts boxes partly out of its 80 x 90 canvas.
+    strong = torch.stack([_matrix(1.0, 10.0), _matrix(1.1, -25.0, (-45, 10))])
+    sizes = [(90, 80), (90, 80)]
+    targets = project_pseudo_labels(pseudo, relative_matrix(weak, strong), sizes, method)
+
+    for index, labels in enumerate(pseudo):
+        matrix = relative_matrix(weak[index], strong[index])
+        expected = {
+            "rpn": labels.classification_target(rpn_thr),
+            "cls": labels.classification_target(cls_thr),
+            "reg": labels.regression_target(),
+        }
+        for name, target in expected.items():
+            boxes, keep = project_boxes(target["boxes"], matrix, 80, 90)
+            actual = targets[name][index]
+            assert actual["boxes"].dtype == torch.float32
+            torch.testing.assert_close(actual["boxes"], boxes, msg=name)
+            assert torch.equal(actual["labels"], target["labels"][keep]), name
+    # The rules drop boxes in the first view (thresholds, keep masks), the canvas more in the second.
+    counts = {name: [len(t["boxes"]) for t in per_image] for name, per_image in targets.items()}
+    assert all(0 < per_image[0] < 5 for per_image in counts.values()), counts
+    assert sum(per_image[1] for per_image in counts.values()) < sum(per_image[0] for per_image in counts.values()), counts
