@@ -13,6 +13,7 @@ student's view.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -118,7 +119,8 @@ def teacher_forward(
 def _pseudo_labels(teacher: SemiSupervisedModel, features, proposals, sizes, method: MethodConfig) -> list[PseudoLabels]:
     """Teacher detections above the initial threshold, polished or filtered by the method."""
     detector = teacher.detector
-    detections, _ = detector.roi_heads(features, proposals, sizes)
+    with _score_threshold(detector.roi_heads, method.pseudo_label_initial_score_thr):
+        detections, _ = detector.roi_heads(features, proposals, sizes)
     raw = filter_detections(detections, method.pseudo_label_initial_score_thr)
     if teacher.polisher is not None:
         polished = teacher.polisher.polish(features, *map(list, zip(*raw)), sizes)
@@ -135,6 +137,23 @@ def _pseudo_labels(teacher: SemiSupervisedModel, features, proposals, sizes, met
             pseudo.append(PseudoLabels(b, l, s, b, u < method.reg_uncertainty_thr, keep, l))
         return pseudo
     return [PseudoLabels.unpolished(*r) for r in raw]
+
+
+@contextmanager
+def _score_threshold(heads, threshold: float):
+    """Let the RoI heads drop detections scoring at most ``threshold`` before their NMS.
+
+    The detections above it are exactly those of the full post-processing (a box is only
+    ever suppressed by a higher-scoring one, and the per-image cap keeps the best first);
+    the NMS and the host work behind it shrink from every candidate above the detector's
+    own threshold (0.05) to the few above the pseudo-label threshold.
+    """
+    saved = heads.score_thresh
+    heads.score_thresh = max(saved, threshold)
+    try:
+        yield
+    finally:
+        heads.score_thresh = saved
 
 
 def project_pseudo_labels(pseudo: list[PseudoLabels], weak_to_strong: Tensor, strong_sizes, method: MethodConfig):

@@ -56,3 +56,36 @@ def test_projected_targets_equal_each_target_projected_alone(thresholds):
     counts = {name: [len(t["boxes"]) for t in per_image] for name, per_image in targets.items()}
     assert all(0 < per_image[0] < 5 for per_image in counts.values()), counts
     assert sum(per_image[1] for per_image in counts.values()) < sum(per_image[0] for per_image in counts.values()), counts
+
+
+@pytest.mark.parametrize("cap", [20, 1000], ids=["capped", "uncapped"])
+def test_teacher_threshold_before_nms_keeps_the_same_detections(cap):
+    """Dropping low scores before the NMS (a speed-up) changes no detection above the threshold,
+    whether the per-image cap or the threshold decides which detections are left."""
+    from ssod.config import ModelConfig
+    from ssod.engine import _score_threshold
+    from ssod.models.detector import build_detector
+    from ssod.models.teacher import filter_detections
+
+    torch.manual_seed(0)
+    model = ModelConfig(arch="resnet18_fpn", fpn_channels=16, box_head_dim=32, anchor_sizes=[8, 16, 32, 64, 128],
+                        rpn_post_nms_top_n_test=300, box_detections_per_img=cap)
+    detector = build_detector(model, num_classes=3).eval()
+    with torch.no_grad():
+        # Hundreds of overlapping candidates with scores on both sides of 0.5.
+        detector.roi_heads.box_predictor.cls_score.weight.mul_(5.0)
+        images, _ = detector.transform([torch.rand(3, 96, 96), torch.rand(3, 80, 112)])
+        features = detector.backbone(images.tensors)
+        proposals, _ = detector.rpn(images, features)
+        full, _ = detector.roi_heads(features, proposals, images.image_sizes)
+        with _score_threshold(detector.roi_heads, 0.5):
+            early, _ = detector.roi_heads(features, proposals, images.image_sizes)
+    assert detector.roi_heads.score_thresh == model.box_score_thresh  # restored
+    expected, actual = filter_detections(full, 0.5), filter_detections(early, 0.5)
+    kept = [len(boxes) for boxes, _, _ in expected]
+    if cap == 20:
+        assert kept == [20, 20]  # the cap decided
+    else:
+        assert all(0 < n < len(d["scores"]) for n, d in zip(kept, full))  # the threshold decided
+    for (boxes, labels, scores), (e_boxes, e_labels, e_scores) in zip(actual, expected):
+        assert torch.equal(boxes, e_boxes) and torch.equal(labels, e_labels) and torch.equal(scores, e_scores)
