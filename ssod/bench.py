@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
+from torch.autograd import DeviceType
 from torch.profiler import record_function
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer
@@ -156,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     rows["data loading per batch"] = timed(lambda: (next(labeled_iter), next(unlabeled_iter)))
     if not args.no_mlflow:
         rows["mlflow logging per interval"] = _mlflow_cost(args)
-    eval_ips, model_ips = _eval_throughput(teacher.detector, data.val, device, args.eval_images, eval_workers(cfg.data, device))
+    speeds = _eval_throughput(teacher.detector, data.val, device, args.eval_images, eval_workers(cfg.data, device))
     ratios = {
         "polish / (supervised all + teacher inference)": rows["polish_teacher step"]
         / (rows["supervised step (labeled + unlabeled)"] + rows["teacher inference (weak views)"]),
         "polish / soft_teacher": rows["polish_teacher step"] / rows["soft_teacher step"],
-        "eval / model inference throughput": eval_ips / model_ips,
+        "eval / model inference throughput": speeds["eval"] / speeds["model"],
     }
     if not args.no_mlflow:
         interval = cfg.train.log_every * rows["polish_teacher step"]
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
               "soft_teacher step": len(labeled) + len(unlabeled), "polish_teacher step": len(labeled) + len(unlabeled)}
     throughput = {name: images[name] / rows[name] for name in images}
     peak_gib = {name: peaks[i] for i, name in enumerate(rows) if i in peaks}
-    report = _table(rows, ratios, eval_ips, model_ips, args, cfg, throughput, peak_gib)
+    report = _table(rows, ratios, speeds, args, cfg, throughput, peak_gib)
     if bad_steps:
         # A NaN step skips work (no proposals, nothing to polish): its time is not a real step's.
         report += f"\n\nWARNING: steps with a non-finite loss (their times are not a real step's): {bad_rows}"
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         tracker.log_params({**flatten(cfg), "bench.device": args.device, "bench.precision": args.precision})
         tracker.log_metrics({f"bench/{_slug(k)}_s": v for k, v in rows.items()}, 0)
         tracker.log_metrics({f"bench/ratio/{_slug(k)}": v for k, v in ratios.items()}, 0)
-        tracker.log_metrics({"bench/eval_images_per_s": eval_ips, "bench/model_images_per_s": model_ips, "bench/nonfinite_steps": bad_steps}, 0)
+        tracker.log_metrics({f"bench/{name}_images_per_s": value for name, value in speeds.items()}, 0)
+        tracker.log_metrics({"bench/nonfinite_steps": bad_steps}, 0)
         tracker.log_metrics({f"bench/{_slug(k)}_images_per_s": v for k, v in throughput.items()}, 0)
         tracker.log_metrics({f"bench/{_slug(k)}_peak_gib": v for k, v in peak_gib.items()}, 0)
         tracker.log_text(report, "bench.md")
@@ -238,8 +240,9 @@ def _mlflow_cost(args) -> float:
     return seconds
 
 
-def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tuple[float, float]:
-    """Images/s of ``predict`` (loading, inference, mapping back) and of the bare detector.
+def _eval_throughput(detector, dataset, device, count: int, workers: int) -> dict[str, float]:
+    """Images/s of ``predict`` (loading, inference, mapping back: ``eval``), of its loader
+    alone (``eval_loader``) and of the bare detector (``model``).
 
     The loader is built once and warmed up, as in training, where it persists between
     evaluations; the bare detector gets the same images already in memory, same batches.
@@ -253,6 +256,11 @@ def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tup
     predict(detector, loader, device)
     _synchronize(device)
     eval_ips = count / (time.perf_counter() - start)
+    # The loader alone: where it is slower than the model, evaluation waits for the data.
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    loader_ips = count / (time.perf_counter() - start)
     images = [dataset[i][0][0].to(device) for i in indices]
     with torch.no_grad():
         detector(images[:4])
@@ -262,7 +270,7 @@ def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tup
             outputs = detector(images[first : first + 4])
             [output["boxes"].cpu() for output in outputs]  # predict hands back CPU tensors too
         _synchronize(device)
-    return eval_ips, count / (time.perf_counter() - start)
+    return {"eval": eval_ips, "eval_loader": loader_ips, "model": count / (time.perf_counter() - start)}
 
 
 def _profile(step, device: torch.device, steps: int, rows: int = 25) -> str:
@@ -290,12 +298,12 @@ def _profile(step, device: torch.device, steps: int, rows: int = 25) -> str:
     lines = [f"profile of {steps} polish_teacher steps: wall {wall * 1e3:.1f} ms per step (profiler on)"]
     # On a GPU each named range appears twice: as a host range, whose device time is that of
     # the kernels its operators launched, and as a span on the GPU's timeline (idle gaps included).
-    spans = {event.key: event for event in averages if _is_annotation(event) and _device_total(event) > 0}
+    spans = {event.key: event for event in averages if _on_gpu(event) and event.is_user_annotation}
     if cuda:
-        busy = sum(_device_self(event) for event in averages if not _is_annotation(event)) / steps / 1e3
+        busy = sum(_device_self(event) for event in averages if _on_gpu(event) and not event.is_user_annotation) / steps / 1e3
         syncs = sum(event.count for event in averages if event.key in _SYNC_OPS) / steps
         lines[0] += f", GPU busy {busy:.1f} ms per step, {syncs:.0f} host-device syncs per step"
-    parts = sorted((e for e in averages if e.key.startswith("ssod::") and e.cpu_time_total > 0), key=lambda e: e.key)
+    parts = sorted((e for e in averages if e.key.startswith("ssod::") and not _on_gpu(e)), key=lambda e: e.key)
     lines += ["", "| part | host ms | kernels ms | GPU span ms |", "| --- | --- | --- | --- |"]
     for event in parts:
         kernels = f"{_device_total(event) / steps / 1e3:.1f}" if cuda else ""
@@ -312,9 +320,9 @@ def _profile(step, device: torch.device, steps: int, rows: int = 25) -> str:
 _SYNC_OPS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense"}
 
 
-def _is_annotation(event) -> bool:
-    """A ``record_function`` range's span on the GPU timeline (not a kernel)."""
-    return bool(getattr(event, "is_user_annotation", False)) and event.cpu_time_total == 0
+def _on_gpu(event) -> bool:
+    """A kernel, a copy, or a ``record_function`` range's span, on the GPU's timeline."""
+    return event.device_type != DeviceType.CPU
 
 
 def _device_self(event) -> float:
@@ -335,7 +343,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", text).strip("_").lower()
 
 
-def _table(rows, ratios, eval_ips, model_ips, args, cfg, throughput, peak_gib) -> str:
+def _table(rows, ratios, speeds, args, cfg, throughput, peak_gib) -> str:
     def cells(name: str) -> str:
         ips = f"{throughput[name]:.2f}" if name in throughput else ""
         peak = f"{peak_gib[name]:.2f}" if name in peak_gib else ""
@@ -350,8 +358,9 @@ def _table(rows, ratios, eval_ips, model_ips, args, cfg, throughput, peak_gib) -
         "| part | seconds | images/s | peak GiB |",
         "| --- | --- | --- | --- |",
         *[cells(name) for name in rows],
-        f"| evaluation | | {eval_ips:.2f} | |",
-        f"| model inference | | {model_ips:.2f} | |",
+        f"| evaluation | | {speeds['eval']:.2f} | |",
+        f"| evaluation loader alone | | {speeds['eval_loader']:.2f} | |",
+        f"| model inference | | {speeds['model']:.2f} | |",
         "",
         "| ratio | value |",
         "| --- | --- |",

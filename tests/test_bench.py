@@ -17,14 +17,19 @@ def test_bench_prints_every_part_and_logs_the_ratios(tmp_path, dataset_cache, ml
     out = capsys.readouterr().out
     for part in ("supervised step (labeled)", "supervised step (labeled + unlabeled)", "teacher inference",
                  "polishing (train + polish)", "soft_teacher step", "polish_teacher step", "data loading per batch",
-                 "mlflow logging per interval", "evaluation", "model inference",
+                 "mlflow logging per interval", "evaluation", "evaluation loader alone", "model inference",
                  "polish / (supervised all + teacher inference)", "polish / soft_teacher", "profile of 1 polish_teacher steps"):
         assert part in out, part
     assert "WARNING" not in out
+    # The profile's named parts of the step, with their host time.
+    for part in ("ssod::teacher_backbone_rpn", "ssod::pseudo_labels", "ssod::detector_losses", "ssod::polisher_losses",
+                 "ssod::backward"):
+        assert f"| {part} |" in out, part
     run = mlflow_store.only_run("ssod-bench")
     metrics = run.data.metrics
     assert metrics["bench/nonfinite_steps"] == 0
     assert metrics["bench/polish_teacher_step_s"] > 0 and metrics["bench/polish_teacher_step_images_per_s"] > 0
     ratio = metrics["bench/ratio/polish_soft_teacher"]
     assert ratio == pytest.approx(metrics["bench/polish_teacher_step_s"] / metrics["bench/soft_teacher_step_s"])
+    assert metrics["bench/eval_images_per_s"] > 0 and metrics["bench/eval_loader_images_per_s"] > 0
     assert "bench.md" in mlflow_store.artifacts(run.info.run_id)

@@ -76,9 +76,12 @@ def map_boxes(boxes: Tensor, matrix: Tensor, width: int, height: int, min_size: 
     Returns (mapped [N, 4] float64, valid [N] bool): valid where the box is at least
     `min_size` wide and high after clipping, and finite. Nothing here waits for a GPU.
     """
-    ones = torch.ones_like(boxes)
-    corners = torch.stack([boxes[:, [0, 2, 0, 2]], boxes[:, [1, 1, 3, 3]], ones], dim=-1)
-    mapped = corners.to(torch.float64) @ matrix.to(boxes.device, torch.float64).T  # [N, 4 corners, 3]
+    x1, y1, x2, y2 = boxes.to(torch.float64).unbind(dim=1)
+    # Corners as [N, 4, 3] homogeneous points (stacked, not indexed with a Python list: that
+    # index would be a blocking copy to a GPU).
+    corners = torch.stack([torch.stack([x1, x2, x1, x2], dim=1), torch.stack([y1, y1, y2, y2], dim=1)], dim=-1)
+    corners = torch.cat([corners, torch.ones_like(corners[..., :1])], dim=-1)
+    mapped = corners @ matrix.to(boxes.device, torch.float64).T  # [N, 4 corners, 3]
     points = mapped[..., :2] / mapped[..., 2:]
     # Python-number bounds: a bound tensor made on the host would be a blocking copy to a GPU.
     lower, upper = points.amin(dim=1), points.amax(dim=1)

@@ -10,6 +10,7 @@ Polishing Teacher (``snowdusky/DualPolishLearning``, ``ssod/models/polish_teache
 :func:`jitter_boxes` and :func:`vote_boxes` for the exact patterns.
 """
 
+import functools
 import math
 
 import torch
@@ -104,9 +105,15 @@ def vote_boxes(boxes: Tensor, frac: float = 0.06) -> Tensor:
     ``[16, 23, 116, 73]``, ``[4, 17, 116, 73]``, ``[-2, 14, 122, 76]``. Voted boxes are
     not clipped to the image (nor are they in the reference).
     """
-    signs = boxes.new_tensor(((0.0, 0.0, 0.0, 0.0),) + VOTE_SIGNS)  # [7, 4]
-    offsets = signs[None] * (_half_sizes(boxes) * frac)[:, None]
+    offsets = _vote_signs(boxes.device, boxes.dtype)[None] * (_half_sizes(boxes) * frac)[:, None]
     return boxes[:, None, :] + offsets
+
+
+@functools.lru_cache(maxsize=None)
+def _vote_signs(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[7, 4]``: no offset for the box itself, then ``VOTE_SIGNS``; made once per device and
+    dtype (a tensor made from Python numbers on each call is a blocking copy to a GPU)."""
+    return torch.tensor(((0.0, 0.0, 0.0, 0.0),) + VOTE_SIGNS, dtype=dtype).to(device)
 
 
 def encode_deltas(boxes: Tensor, targets: Tensor) -> Tensor:

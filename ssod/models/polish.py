@@ -113,7 +113,8 @@ def pool_voted_features(
         ``[sum M_i, C, R, R]`` for the extra boxes (empty without them). Each box is pooled
         on the FPN level of its own size, so sharing the call changes no value.
     """
-    votes = [vote_boxes(image_boxes, frac).reshape(-1, 4) for image_boxes in boxes]
+    counts = [image_boxes.shape[0] * NUM_VOTES for image_boxes in boxes]
+    votes = vote_boxes(torch.cat(boxes), frac).reshape(-1, 4).split(counts)
     if extra_boxes is None:
         extra_boxes = [image_boxes.new_zeros((0, 4)) for image_boxes in boxes]
     pooled = roi_pool(features, [torch.cat([v, e.to(v.dtype)]) for v, e in zip(votes, extra_boxes)], image_sizes)
