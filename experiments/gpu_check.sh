@@ -39,14 +39,14 @@ print("stand-in ImageNet weights at", path)
 EOF
 
 PAPER=(experiment=coco_partial data=synthetic "data.synthetic.image_size=[800,1333]"
-       "data.synthetic.object_size=[24,400]" data.synthetic.num_train=30 data.synthetic.num_val=64
+       "data.synthetic.object_size=[24,400]" data.synthetic.num_train=30 data.synthetic.num_val=256
        "data.train_min_sizes=[800,800]" data.train_max_size=1333 data.test_size=800 data.num_workers=8)
 bench() {  # bench NAME PRECISION OVERRIDES...
     local name=$1 precision=$2
     shift 2
     echo "## $name" | tee -a "$OUT/bench.md"
     timeout "${BENCH_TIMEOUT:-150}" python3 -m ssod.bench --device cuda --precision "$precision" --no-mlflow \
-        --repeats 5 --warmup 2 --eval-images 64 ${PROFILE:+--profile "$PROFILE"} \
+        --repeats 5 --warmup 2 --eval-images 256 ${PROFILE:+--profile "$PROFILE"} \
         --overrides "${PAPER[@]}" "$@" 2>"$OUT/bench-$name.err" | tee -a "$OUT/bench.md"
     echo | tee -a "$OUT/bench.md"
 }

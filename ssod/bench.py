@@ -30,11 +30,12 @@ from torch.autograd import DeviceType
 from torch.profiler import record_function
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer
+from ssod.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_weights
 from ssod.config import compose, eval_workers, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.data.transforms import project_target
-from ssod.engine import SemiSupervisedModel, compute_losses, eval_loader, predict
+from ssod.engine import SemiSupervisedModel, compute_losses, eval_loader, predict, teacher_forward
 from ssod.losses import weighted_total
 from ssod.models.teacher import ema_update
 from ssod.tracking import Tracker, default_tracking_uri
@@ -101,6 +102,10 @@ def parse_args(argv):
     parser.add_argument("--eval-images", type=int, default=32)
     parser.add_argument("--overrides", nargs="*", default=[])
     parser.add_argument("--no-mlflow", action="store_true", help="neither measure MLflow logging nor log the results")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="student and teacher weights of a training checkpoint (a file, or a run's checkpoint "
+                             "directory: its newest); random weights give no pseudo labels, so the steps then "
+                             "polish and project empty sets")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile this many polish_teacher steps (torch.profiler) and print the top operators")
     return parser.parse_args(argv)
@@ -118,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data(cfg.data, Path.cwd(), need_unlabeled=True)
     student = apply_speed_settings(cfg.train, build_model(cfg.model, polish, data.category_map.num_classes).to(device))
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    weights_note = _load_trained(args.checkpoint, student, teacher) if args.checkpoint else "random weights"
     soft_student = SemiSupervisedModel(student.detector)
     soft_teacher = SemiSupervisedModel(teacher.detector)
-    # The learning rate of the first warm-up step: the bench repeats steps on one batch from
-    # random weights, and the full rate can diverge there (a NaN step does less work).
+    # The learning rate of the first warm-up step: the bench repeats steps on one batch, from
+    # random weights too, and the full rate can diverge there (a NaN step does less work).
     optimizer = build_optimizer(OmegaConf.merge(cfg.train, {"lr": cfg.train.lr * cfg.train.warmup_factor}), student)
     pin = device.type == "cuda"
     labeled_iter = infinite_loader(data.labeled, cfg.train.batch_labeled, 0, 0, 1, 0, cfg.data.num_workers, pin)
@@ -157,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     rows["data loading per batch"] = timed(lambda: (next(labeled_iter), next(unlabeled_iter)))
     if not args.no_mlflow:
         rows["mlflow logging per interval"] = _mlflow_cost(args)
-    speeds = _eval_throughput(teacher.detector, data.val, device, args.eval_images, eval_workers(cfg.data, device))
+    speeds, rows["evaluation loader: first batch"] = _eval_throughput(
+        teacher.detector, data.val, device, args.eval_images, eval_workers(cfg.data, device)
+    )
     ratios = {
         "polish / (supervised all + teacher inference)": rows["polish_teacher step"]
         / (rows["supervised step (labeled + unlabeled)"] + rows["teacher inference (weak views)"]),
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
               "soft_teacher step": len(labeled) + len(unlabeled), "polish_teacher step": len(labeled) + len(unlabeled)}
     throughput = {name: images[name] / rows[name] for name in images}
     peak_gib = {name: peaks[i] for i, name in enumerate(rows) if i in peaks}
-    report = _table(rows, ratios, speeds, args, cfg, throughput, peak_gib)
+    pseudo = _pseudo_label_counts(teacher, labeled, unlabeled, polish, amp_dtype)
+    report = f"{weights_note}; {pseudo}\n" + _table(rows, ratios, speeds, args, cfg, throughput, peak_gib)
     if bad_steps:
         # A NaN step skips work (no proposals, nothing to polish): its time is not a real step's.
         report += f"\n\nWARNING: steps with a non-finite loss (their times are not a real step's): {bad_rows}"
@@ -182,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_mlflow:
         tracker = Tracker(default_tracking_uri(Path.cwd()), "ssod-bench")
         tracker.start(f"bench-{args.device}-{args.precision}")
-        tracker.log_params({**flatten(cfg), "bench.device": args.device, "bench.precision": args.precision})
+        tracker.log_params({**flatten(cfg), "bench.device": args.device, "bench.precision": args.precision,
+                            "bench.checkpoint": args.checkpoint or ""})
         tracker.log_metrics({f"bench/{_slug(k)}_s": v for k, v in rows.items()}, 0)
         tracker.log_metrics({f"bench/ratio/{_slug(k)}": v for k, v in ratios.items()}, 0)
         tracker.log_metrics({f"bench/{name}_images_per_s": value for name, value in speeds.items()}, 0)
@@ -192,6 +202,33 @@ def main(argv: list[str] | None = None) -> int:
         tracker.log_text(report, "bench.md")
         tracker.end("FINISHED")
     return 0
+
+
+def _load_trained(path: str, student, teacher) -> str:
+    """Load a training checkpoint's student and teacher weights; returns what was loaded."""
+    found = Path(path)
+    if found.is_dir():
+        checkpoints = list_checkpoints(found)
+        if not checkpoints:
+            raise CheckpointError(f"--checkpoint {path}: no complete checkpoint in that directory")
+        found = checkpoints[-1][1]
+    state = load_checkpoint(found)
+    load_weights(student, state["student"])
+    load_weights(teacher, state["teacher"])
+    return f"weights of {found} (step {state['step']})"
+
+
+@torch.no_grad()
+def _pseudo_label_counts(teacher, labeled, unlabeled, method, amp_dtype) -> str:
+    """The teacher's pseudo labels per unlabeled image on the bench's batch (the work they cause)."""
+    images = [item[0] for item in labeled]
+    targets = [item[1] for item in labeled]
+    with torch.autocast(images[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = teacher_forward(teacher, images, targets, [u[0].image for u in unlabeled], method)
+    count = len(unlabeled)
+    raw = sum(len(p.boxes) for p in out.pseudo_labels) / count
+    kept = sum(int(p.classification_keep(method.cls_pseudo_threshold).sum()) for p in out.pseudo_labels) / count
+    return f"pseudo labels per unlabeled image: {raw:.1f} raw, {kept:.1f} for classification"
 
 
 def _inference(detector, images, amp_dtype):
@@ -240,9 +277,10 @@ def _mlflow_cost(args) -> float:
     return seconds
 
 
-def _eval_throughput(detector, dataset, device, count: int, workers: int) -> dict[str, float]:
+def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tuple[dict[str, float], float]:
     """Images/s of ``predict`` (loading, inference, mapping back: ``eval``), of its loader
-    alone (``eval_loader``) and of the bare detector (``model``).
+    alone (``eval_loader``) and of the bare detector (``model``); and the seconds the loader
+    takes to its first batch.
 
     The loader is built once and warmed up, as in training, where it persists between
     evaluations; the bare detector gets the same images already in memory, same batches.
@@ -256,9 +294,14 @@ def _eval_throughput(detector, dataset, device, count: int, workers: int) -> dic
     predict(detector, loader, device)
     _synchronize(device)
     eval_ips = count / (time.perf_counter() - start)
-    # The loader alone: where it is slower than the model, evaluation waits for the data.
+    # The loader alone: where it is slower than the model, evaluation waits for the data. Its
+    # first batch comes after one worker has made a whole batch: a fixed cost per evaluation
+    # that a short one (the bench's) feels far more than a full validation set.
     start = time.perf_counter()
-    for _ in loader:
+    batches = iter(loader)
+    next(batches)
+    first_batch = time.perf_counter() - start
+    for _ in batches:
         pass
     loader_ips = count / (time.perf_counter() - start)
     images = [dataset[i][0][0].to(device) for i in indices]
@@ -270,7 +313,7 @@ def _eval_throughput(detector, dataset, device, count: int, workers: int) -> dic
             outputs = detector(images[first : first + 4])
             [output["boxes"].cpu() for output in outputs]  # predict hands back CPU tensors too
         _synchronize(device)
-    return {"eval": eval_ips, "eval_loader": loader_ips, "model": count / (time.perf_counter() - start)}
+    return {"eval": eval_ips, "eval_loader": loader_ips, "model": count / (time.perf_counter() - start)}, first_batch
 
 
 def _profile(step, device: torch.device, steps: int, rows: int = 25) -> str:

@@ -21,6 +21,7 @@ def test_bench_prints_every_part_and_logs_the_ratios(tmp_path, dataset_cache, ml
                  "polish / (supervised all + teacher inference)", "polish / soft_teacher", "profile of 1 polish_teacher steps"):
         assert part in out, part
     assert "WARNING" not in out
+    assert "random weights; pseudo labels per unlabeled image:" in out
     # The profile's named parts of the step, with their host time.
     for part in ("ssod::teacher_backbone_rpn", "ssod::pseudo_labels", "ssod::detector_losses", "ssod::polisher_losses",
                  "ssod::backward"):
@@ -33,3 +34,32 @@ def test_bench_prints_every_part_and_logs_the_ratios(tmp_path, dataset_cache, ml
     assert ratio == pytest.approx(metrics["bench/polish_teacher_step_s"] / metrics["bench/soft_teacher_step_s"])
     assert metrics["bench/eval_images_per_s"] > 0 and metrics["bench/eval_loader_images_per_s"] > 0
     assert "bench.md" in mlflow_store.artifacts(run.info.run_id)
+
+
+@pytest.mark.slow
+def test_bench_times_a_trained_checkpoint_with_its_pseudo_labels(tmp_path, dataset_cache, capsys, monkeypatch):
+    """``--checkpoint`` loads student and teacher: the teacher's pseudo labels then exist and are counted."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ssod.build import build_model
+    from ssod.checkpoint import save_checkpoint
+    from ssod.config import compose
+    from ssod.data.pipeline import build_data
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [o for o in tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher") if not o.startswith("method=")]
+    cfg = compose(["method=polish_teacher", *overrides])
+    classes = build_data(cfg.data, tmp_path, need_unlabeled=False).category_map.num_classes
+    model = build_model(cfg.model, OmegaConf.to_object(cfg.method), classes)
+    teacher = build_model(cfg.model, OmegaConf.to_object(cfg.method), classes)
+    with torch.no_grad():  # a teacher sure of class 1 everywhere: every detection is a pseudo label
+        teacher.detector.roi_heads.box_predictor.cls_score.bias[1] = 20.0
+    save_checkpoint(tmp_path / "run", 40, {"step": 40, "student": model.state_dict(), "teacher": teacher.state_dict()})
+
+    assert main(["--no-mlflow", "--repeats", "1", "--warmup", "1", "--eval-images", "4", "--checkpoint", str(tmp_path / "run"),
+                 "--overrides", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "step 40" in out
+    raw = float(out.split("pseudo labels per unlabeled image: ")[1].split(" raw")[0])
+    assert raw > 0
