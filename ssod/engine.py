@@ -167,9 +167,12 @@ def project_pseudo_labels(pseudo: list[PseudoLabels], weak_to_strong: Tensor, st
     for labels, matrix, (height, width) in zip(pseudo, weak_to_strong, strong_sizes):
         boxes, valid = map_boxes(labels.boxes, matrix, width, height)
         cls = _kept(boxes, labels.cls_labels, labels.classification_keep(method.cls_pseudo_threshold) & valid)
-        same = method.rpn_pseudo_threshold == method.cls_pseudo_threshold
+        if method.rpn_pseudo_threshold == method.cls_pseudo_threshold:
+            rpn = dict(cls)
+        else:
+            rpn = _kept(boxes, labels.cls_labels, labels.classification_keep(method.rpn_pseudo_threshold) & valid)
         targets["cls"].append(cls)
-        targets["rpn"].append(dict(cls) if same else _kept(boxes, labels.cls_labels, labels.classification_keep(method.rpn_pseudo_threshold) & valid))
+        targets["rpn"].append(rpn)
         reg_boxes, reg_valid = map_boxes(labels.reg_boxes, matrix, width, height)
         targets["reg"].append(_kept(reg_boxes, labels.labels, labels.reg_keep & reg_valid))
     return targets

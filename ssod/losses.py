@@ -8,10 +8,15 @@ torchvision's contract: ``boxes`` [N, 4] float xyxy in the image's own (view) pi
 The unsupervised losses are disentangled (METHOD 5): RPN and RoI classification learn
 from the classification pseudo labels, RoI regression from the (polished) regression
 pseudo labels, each with its own proposal sampling.
+
+``detector_losses`` computes both kinds for a batch of labeled images and strong views in
+one RPN pass and one RoI pass (the training step's path); ``supervised_losses`` and
+``unsupervised_losses`` are its one-group cases.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -92,8 +97,8 @@ def detector_losses(
         pieces += [[p] for p in sup_proposals]
     if pseudo_targets is not None:
         unsup = _sample_unsupervised(heads, rpn, count, pseudo_targets)
-        losses["unsup/rpn_cls"], losses["unsup/rpn_reg"] = unsup["rpn"]
-        pieces += [[c, r] for c, r in zip(unsup["cls_proposals"], unsup["reg_proposals"])]
+        losses["unsup/rpn_cls"], losses["unsup/rpn_reg"] = unsup.rpn_loss
+        pieces += [[c, r] for c, r in zip(unsup.cls_proposals, unsup.reg_proposals)]
     if len(pieces) != len(images.image_sizes):
         raise ValueError(f"{len(images.image_sizes)} images but targets for {len(pieces)}: strong views need pseudo_targets")
     rois = [torch.cat(piece) for piece in pieces]
@@ -105,40 +110,53 @@ def detector_losses(
             torch.cat(logits[:count]), torch.cat(regression[:count]), sup_labels, sup_deltas
         )
     if pseudo_targets is not None:
-        labels = torch.cat(unsup["cls_labels"])
+        labels = torch.cat(unsup.cls_labels)
         weights = torch.ones_like(labels, dtype=class_logits.dtype)
         if background_weights is not None:
-            teacher_bg = torch.cat(background_weights(unsup["cls_proposals"])).to(weights.dtype)
+            teacher_bg = torch.cat(background_weights(unsup.cls_proposals)).to(weights.dtype)
             weights = torch.where(labels == 0, teacher_bg, weights)
         per_sample = F.cross_entropy(torch.cat(logits[count::2]).float(), labels, reduction="none")
         losses["unsup/roi_cls"] = (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
-        reg_labels = torch.cat(unsup["reg_labels"])
+        reg_labels = torch.cat(unsup.reg_labels)
         losses["unsup/roi_reg"] = box_regression_loss(
-            torch.cat(regression[count + 1 :: 2]).float(), reg_labels, torch.cat(unsup["reg_deltas"]), unsup["reg_samples"]
+            torch.cat(regression[count + 1 :: 2]).float(), reg_labels, torch.cat(unsup.reg_deltas), unsup.reg_samples
         )
     return losses
 
 
-def _sample_unsupervised(heads, rpn: _RPNPass, first: int, pseudo_targets: Mapping[str, list[dict]]) -> dict:
+@dataclass
+class _UnsupervisedSamples:
+    """The strong views' RPN loss and RoI samples, per image (see ``_sample_unsupervised``)."""
+
+    rpn_loss: tuple[Tensor, Tensor]
+    cls_proposals: list[Tensor]
+    cls_labels: list[Tensor]
+    reg_proposals: list[Tensor]  # positives only
+    reg_labels: list[Tensor]
+    reg_deltas: list[Tensor]
+    reg_samples: int  # the size of the whole regression sampling: its loss's normaliser
+
+
+def _sample_unsupervised(heads, rpn: _RPNPass, first: int, pseudo_targets: Mapping[str, list[dict]]) -> _UnsupervisedSamples:
     """RPN loss and the two RoI samplings (classification, regression) of the strong views.
 
     Both samplings start from the same proposals. Of the regression sampling only the
-    positives are kept (with ``reg_samples``, the size of the whole sampling, for the loss).
+    positives are kept: its loss reads no other sample.
     """
     proposals = rpn.proposals[first:]
     rpn_loss = rpn.loss(first, pseudo_targets["rpn"])
     cls_proposals, _, cls_labels, _ = heads.select_training_samples(proposals, pseudo_targets["cls"])
     reg_proposals, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, pseudo_targets["reg"])
     positive = [torch.where(labels > 0)[0] for labels in reg_labels]
-    return {
-        "rpn": rpn_loss,
-        "cls_proposals": cls_proposals,
-        "cls_labels": cls_labels,
-        "reg_proposals": [p[i] for p, i in zip(reg_proposals, positive)],
-        "reg_labels": [p[i] for p, i in zip(reg_labels, positive)],
-        "reg_deltas": [p[i] for p, i in zip(reg_deltas, positive)],
-        "reg_samples": sum(len(labels) for labels in reg_labels),
-    }
+    return _UnsupervisedSamples(
+        rpn_loss,
+        cls_proposals,
+        cls_labels,
+        [p[i] for p, i in zip(reg_proposals, positive)],
+        [p[i] for p, i in zip(reg_labels, positive)],
+        [p[i] for p, i in zip(reg_deltas, positive)],
+        sum(len(labels) for labels in reg_labels),
+    )
 
 
 def supervised_losses(detector, images: ImageList, features: dict[str, Tensor], targets: list[dict]) -> dict[str, Tensor]:
