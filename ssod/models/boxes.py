@@ -110,10 +110,18 @@ def vote_boxes(boxes: Tensor, frac: float = 0.06) -> Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A small constant tensor of ``values``, made once per device and dtype.
+
+    A tensor made from Python numbers on every call is a blocking copy to a GPU: the host
+    waits for all queued work first. Never modify the returned tensor in place.
+    """
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
 def _vote_signs(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``[7, 4]``: no offset for the box itself, then ``VOTE_SIGNS``; made once per device and
-    dtype (a tensor made from Python numbers on each call is a blocking copy to a GPU)."""
-    return torch.tensor(((0.0, 0.0, 0.0, 0.0),) + VOTE_SIGNS, dtype=dtype).to(device)
+    """``[7, 4]``: no offset for the box itself, then ``VOTE_SIGNS``."""
+    return device_constant(((0.0, 0.0, 0.0, 0.0),) + VOTE_SIGNS, device, dtype)
 
 
 def encode_deltas(boxes: Tensor, targets: Tensor) -> Tensor:

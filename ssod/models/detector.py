@@ -29,9 +29,12 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.models.detection._utils import BoxCoder, encode_boxes
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from ssod.config import ModelConfig
+from ssod.models.boxes import device_constant
 
 WEIGHT_ENUMS = {
     "resnet50_fpn": ResNet50_Weights,
@@ -41,10 +44,63 @@ WEIGHT_ENUMS = {
 
 
 class PaddingOnlyTransform(GeneralizedRCNNTransform):
-    """Normalise and batch images without resizing them (the data pipeline resizes)."""
+    """Normalise and batch images without resizing them (the data pipeline resizes).
+
+    torchvision makes the mean and std tensors from Python numbers for every image, and
+    maps detections back with size ratios made the same way: each a blocking copy to a GPU.
+    Here they are made once per device, and detections need no mapping back (no image was
+    resized). The values are torchvision's.
+    """
 
     def resize(self, image, target=None):
         return image, target
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"expected float images in [0, 1], got {image.dtype}")
+        mean = device_constant(tuple(self.image_mean), image.device, image.dtype)
+        std = device_constant(tuple(self.image_std), image.device, image.dtype)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        return result
+
+
+class ConstantWeightsBoxCoder(BoxCoder):
+    """torchvision's box coder with its weights made once per device (see ``device_constant``)."""
+
+    def encode_single(self, reference_boxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        weights = device_constant(tuple(self.weights), reference_boxes.device, reference_boxes.dtype)
+        return encode_boxes(reference_boxes, proposals, weights)
+
+
+class LevelSortedRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` with one host-device synchronisation per call.
+
+    torchvision selects each pyramid level's boxes with ``torch.where``, a wait for the GPU
+    per level. Here the boxes are sorted by level and split with counts that come to the
+    host once. Each box is pooled by the same ``roi_align`` call on the same level, so the
+    values (and gradients) are torchvision's.
+    """
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        features = [x[name] for name in self.featmap_names if name in x]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        if len(features) == 1:
+            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+        levels = self.map_levels(boxes)
+        order = torch.argsort(levels, stable=True)
+        counts = torch.bincount(levels, minlength=len(features)).tolist()  # the one wait
+        pooled = [
+            roi_align(feature, level_rois, self.output_size, scale, self.sampling_ratio).to(features[0].dtype)
+            for feature, level_rois, scale in zip(features, rois[order].split(counts), self.scales)
+        ]
+        # Row i of the sorted result belongs to box order[i]; the dtype is the first level's,
+        # as torchvision's.
+        merged = torch.cat(pooled)
+        return merged.index_copy(0, order, merged)
 
 
 def resolve_backbone_weights(arch: str, name: Optional[str]):
@@ -168,6 +224,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     box_head = TwoMLPHead(backbone.out_channels * resolution**2, cfg.box_head_dim)
     model = FasterRCNN(
         backbone,
+        box_roi_pool=LevelSortedRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=resolution, sampling_ratio=2),
         box_head=box_head,
         box_predictor=Float32Predictor(cfg.box_head_dim, num_classes + 1),
         rpn_anchor_generator=anchors,
@@ -186,6 +243,8 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     model.transform = PaddingOnlyTransform(
         min_size=1, max_size=1, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
     )
+    model.rpn.box_coder = ConstantWeightsBoxCoder(model.rpn.box_coder.weights)
+    model.roi_heads.box_coder = ConstantWeightsBoxCoder(model.roi_heads.box_coder.weights)
     return model
 
 

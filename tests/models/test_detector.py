@@ -6,6 +6,8 @@ import torch
 from ssod.config import ModelConfig
 from ssod.models.detector import build_detector, resolve_backbone_weights
 
+TINY = ModelConfig(arch="resnet18_fpn", fpn_channels=16, box_head_dim=32, anchor_sizes=[8, 16, 32, 64, 128])
+
 
 @pytest.mark.parametrize("arch", ["resnet18_fpn", "mobilenet_v3_fpn"])
 def test_small_architectures_predict_in_input_pixels(arch):
@@ -65,3 +67,51 @@ def test_unknown_weights_name_is_a_clear_error():
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="model.arch"):
         build_detector(ModelConfig(arch="vgg"), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_level_sorted_roi_align_equals_torchvision(dtype):
+    """One host-device wait per call instead of one per level (a speed-up): the same values
+    and gradients as torchvision's MultiScaleRoIAlign, an image without boxes included."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from ssod.models.detector import LevelSortedRoIAlign
+
+    torch.manual_seed(0)
+    features = {name: torch.randn(2, 4, size, size, requires_grad=True) for name, size in zip("0123", (176, 88, 44, 22))}
+    boxes = []
+    for count in (40, 0):  # 1 to 600 px: every pyramid level gets boxes
+        corner = torch.rand(count, 2) * 100
+        boxes.append(torch.cat([corner, corner + 1 + torch.rand(count, 1) * 600], dim=1))
+    sizes = [(704, 704), (704, 640)]
+    results = []
+    for pooler in (MultiScaleRoIAlign(list("0123"), 7, 2), LevelSortedRoIAlign(list("0123"), 7, 2)):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            pooled = pooler(features, boxes, sizes)
+        cotangent = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).to(pooled.dtype)
+        results.append((pooled, torch.autograd.grad(pooled, list(features.values()), cotangent)))
+    (expected, expected_grads), (actual, actual_grads) = results
+    assert actual.dtype == expected.dtype and actual.shape == (40, 4, 7, 7)
+    assert torch.equal(actual, expected)
+    assert all(torch.equal(a, e) for a, e in zip(actual_grads, expected_grads))
+    assert all(g.abs().sum() > 0 for g in expected_grads)  # the boxes reach every level
+
+
+def test_transform_and_box_coder_give_torchvision_values():
+    """Normalisation and box encoding with constants made once per device: torchvision's values."""
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    detector = build_detector(TINY, num_classes=3).eval()
+    images = [torch.rand(3, 40, 56), torch.rand(3, 48, 32)]
+    reference = GeneralizedRCNNTransform(1, 10**4, detector.transform.image_mean, detector.transform.image_std)
+    for image in images:
+        assert torch.equal(detector.transform.normalize(image), reference.normalize(image))
+    with pytest.raises(TypeError, match="float"):
+        detector.transform.normalize(torch.zeros(3, 4, 4, dtype=torch.uint8))
+    detections = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]])}]
+    assert torch.equal(detector.transform.postprocess(detections, [(48, 32)], [(48, 32)])[0]["boxes"], detections[0]["boxes"])
+    boxes, proposals = [torch.tensor([[0.0, 0, 10, 20], [5, 5, 9, 30]])], [torch.tensor([[1.0, 1, 12, 18], [4, 6, 10, 28]])]
+    for coder in (detector.rpn.box_coder, detector.roi_heads.box_coder):
+        expected = BoxCoder(coder.weights).encode(boxes, proposals)[0]
+        assert torch.equal(coder.encode(boxes, proposals)[0], expected)
