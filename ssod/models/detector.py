@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet18_Weights, ResNet50_Weights
 import torchvision
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
@@ -29,12 +29,11 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.models.detection._utils import BoxCoder, encode_boxes
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
-from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
+from torchvision.ops import FrozenBatchNorm2d
 
 from ssod.config import ModelConfig
 from ssod.models.boxes import device_constant
+from ssod.models.host_waits import LevelSortedRoIAlign, OneWaitRoIHeads, OneWaitRPN
 
 WEIGHT_ENUMS = {
     "resnet50_fpn": ResNet50_Weights,
@@ -64,43 +63,6 @@ class PaddingOnlyTransform(GeneralizedRCNNTransform):
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         return result
-
-
-class ConstantWeightsBoxCoder(BoxCoder):
-    """torchvision's box coder with its weights made once per device (see ``device_constant``)."""
-
-    def encode_single(self, reference_boxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
-        weights = device_constant(tuple(self.weights), reference_boxes.device, reference_boxes.dtype)
-        return encode_boxes(reference_boxes, proposals, weights)
-
-
-class LevelSortedRoIAlign(MultiScaleRoIAlign):
-    """torchvision's ``MultiScaleRoIAlign`` with one host-device synchronisation per call.
-
-    torchvision selects each pyramid level's boxes with ``torch.where``, a wait for the GPU
-    per level. Here the boxes are sorted by level and split with counts that come to the
-    host once. Each box is pooled by the same ``roi_align`` call on the same level, so the
-    values (and gradients) are torchvision's.
-    """
-
-    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
-        features = [x[name] for name in self.featmap_names if name in x]
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
-        rois = _convert_to_roi_format(boxes)
-        if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
-        levels = self.map_levels(boxes)
-        order = torch.argsort(levels, stable=True)
-        counts = torch.bincount(levels, minlength=len(features)).tolist()  # the one wait
-        pooled = [
-            roi_align(feature, level_rois, self.output_size, scale, self.sampling_ratio).to(features[0].dtype)
-            for feature, level_rois, scale in zip(features, rois[order].split(counts), self.scales)
-        ]
-        # Row i of the sorted result belongs to box order[i]; the dtype is the first level's,
-        # as torchvision's.
-        merged = torch.cat(pooled)
-        return merged.index_copy(0, order, merged)
 
 
 def resolve_backbone_weights(arch: str, name: Optional[str]):
@@ -183,7 +145,6 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
         raise ValueError(f"model.anchor_sizes needs {levels} sizes for {cfg.arch}, got {list(cfg.anchor_sizes)}")
     return backbone, Float32AnchorGenerator(sizes, (ratios,) * levels)
 
-
 # Mixed precision: torchvision makes anchors in the features' dtype and decodes boxes in
 # the regression output's dtype, so under bf16 autocast every proposal, detection and
 # pseudo label would be a bf16 number (4 px apart from 512 px on, 8 px from 1024). The
@@ -217,34 +178,40 @@ class Float32Predictor(FastRCNNPredictor):
         return scores.float(), deltas.float()
 
 
-def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
-    """Faster R-CNN for ``num_classes`` object classes (plus background, label 0)."""
+def build_detector(cfg: ModelConfig, num_classes: int) -> GeneralizedRCNN:
+    """Faster R-CNN for ``num_classes`` object classes (plus background, label 0).
+
+    torchvision's Faster R-CNN assembled from parts that wait for a GPU less (see
+    ``ssod.models.host_waits``); torchvision's standard IoU thresholds (RPN 0.7/0.3, RoI
+    0.5) and NMS (RPN 0.7). Parameter names are those of ``FasterRCNN``.
+    """
     backbone, anchors = build_backbone(cfg)
     resolution = 7
-    box_head = TwoMLPHead(backbone.out_channels * resolution**2, cfg.box_head_dim)
-    model = FasterRCNN(
-        backbone,
-        box_roi_pool=LevelSortedRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=resolution, sampling_ratio=2),
-        box_head=box_head,
-        box_predictor=Float32Predictor(cfg.box_head_dim, num_classes + 1),
-        rpn_anchor_generator=anchors,
-        rpn_head=Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
-        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
-        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-        box_batch_size_per_image=cfg.box_batch_size_per_image,
-        box_positive_fraction=cfg.box_positive_fraction,
-        box_score_thresh=cfg.box_score_thresh,
-        box_nms_thresh=cfg.box_nms_thresh,
-        box_detections_per_img=cfg.box_detections_per_img,
+    rpn = OneWaitRPN(
+        anchors,
+        Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=cfg.rpn_batch_size_per_image,
+        positive_fraction=0.5,
+        pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
+        nms_thresh=0.7,
     )
-    model.transform = PaddingOnlyTransform(
+    roi_heads = OneWaitRoIHeads(
+        LevelSortedRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=resolution, sampling_ratio=2),
+        TwoMLPHead(backbone.out_channels * resolution**2, cfg.box_head_dim),
+        Float32Predictor(cfg.box_head_dim, num_classes + 1),
+        fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5,
+        batch_size_per_image=cfg.box_batch_size_per_image,
+        positive_fraction=cfg.box_positive_fraction,
+        bbox_reg_weights=None,
+        score_thresh=cfg.box_score_thresh,
+        nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.box_detections_per_img,
+    )
+    transform = PaddingOnlyTransform(
         min_size=1, max_size=1, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
     )
-    model.rpn.box_coder = ConstantWeightsBoxCoder(model.rpn.box_coder.weights)
-    model.roi_heads.box_coder = ConstantWeightsBoxCoder(model.roi_heads.box_coder.weights)
-    return model
-
-
+    return GeneralizedRCNN(backbone, rpn, roi_heads, transform)

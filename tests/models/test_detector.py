@@ -69,34 +69,6 @@ def test_unknown_architecture():
         build_detector(ModelConfig(arch="vgg"), 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_level_sorted_roi_align_equals_torchvision(dtype):
-    """One host-device wait per call instead of one per level (a speed-up): the same values
-    and gradients as torchvision's MultiScaleRoIAlign, an image without boxes included."""
-    from torchvision.ops import MultiScaleRoIAlign
-
-    from ssod.models.detector import LevelSortedRoIAlign
-
-    torch.manual_seed(0)
-    features = {name: torch.randn(2, 4, size, size, requires_grad=True) for name, size in zip("0123", (176, 88, 44, 22))}
-    boxes = []
-    for count in (40, 0):  # 1 to 600 px: every pyramid level gets boxes
-        corner = torch.rand(count, 2) * 100
-        boxes.append(torch.cat([corner, corner + 1 + torch.rand(count, 1) * 600], dim=1))
-    sizes = [(704, 704), (704, 640)]
-    results = []
-    for pooler in (MultiScaleRoIAlign(list("0123"), 7, 2), LevelSortedRoIAlign(list("0123"), 7, 2)):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            pooled = pooler(features, boxes, sizes)
-        cotangent = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).to(pooled.dtype)
-        results.append((pooled, torch.autograd.grad(pooled, list(features.values()), cotangent)))
-    (expected, expected_grads), (actual, actual_grads) = results
-    assert actual.dtype == expected.dtype and actual.shape == (40, 4, 7, 7)
-    assert torch.equal(actual, expected)
-    assert all(torch.equal(a, e) for a, e in zip(actual_grads, expected_grads))
-    assert all(g.abs().sum() > 0 for g in expected_grads)  # the boxes reach every level
-
-
 def test_transform_and_box_coder_give_torchvision_values():
     """Normalisation and box encoding with constants made once per device: torchvision's values."""
     from torchvision.models.detection._utils import BoxCoder

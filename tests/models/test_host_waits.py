@@ -1,0 +1,132 @@
+"""ssod.models.host_waits: each part gives torchvision's values, with fewer waits for the GPU."""
+
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from ssod.config import ModelConfig
+from ssod.models.detector import build_detector
+from ssod.models.host_waits import OneWaitRPN, OneWaitSampler
+
+
+def _matched(seed: int) -> list[torch.Tensor]:
+    """Match results of three images: plenty of both, no positive at all, few negatives."""
+    generator = torch.Generator().manual_seed(seed)
+    plenty = torch.randint(-1, 4, (300,), generator=generator)
+    no_positive = torch.randint(-1, 1, (200,), generator=generator)
+    few_negatives = torch.where(torch.rand(150, generator=generator) < 0.05, 0, 2)
+    return [plenty, no_positive, few_negatives]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_wait_sampler_draws_torchvision_samples(seed):
+    matched = _matched(seed)
+    results = []
+    for sampler in (BalancedPositiveNegativeSampler(64, 0.25), OneWaitSampler(64, 0.25)):
+        torch.manual_seed(seed)
+        results.append(sampler(matched))
+        results.append(torch.rand(1))  # the RNG is left where torchvision leaves it
+    (expected, after_expected), (actual, after_actual) = results[:2], results[2:]
+    for expected_masks, actual_masks in zip(expected, actual):
+        assert all(torch.equal(e, a) for e, a in zip(expected_masks, actual_masks))
+    assert torch.equal(after_expected, after_actual)
+    assert [int(m.sum()) for m in actual[0]] == [16, 0, 16] and int(actual[1][2].sum()) < 48
+
+
+def test_one_wait_rpn_loss_and_roi_subsampling_equal_torchvision():
+    matched = _matched(5)
+    labels = [(m >= 1).float() - (m < 0).float() for m in matched]  # RPN labels: 1, 0 or -1
+    objectness = torch.randn(sum(len(m) for m in matched), 1)
+    deltas, targets = torch.randn(len(objectness), 4), [torch.randn(len(m), 4) for m in matched]
+    kwargs = dict(anchor_generator=None, head=None, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=64,
+                  positive_fraction=0.5, pre_nms_top_n={"training": 10, "testing": 10}, post_nms_top_n={"training": 10, "testing": 10},
+                  nms_thresh=0.7)
+    losses = []
+    for rpn in (RegionProposalNetwork(**kwargs), OneWaitRPN(**kwargs)):
+        torch.manual_seed(3)
+        losses.append(rpn.compute_loss(objectness, deltas, labels, targets))
+    assert all(torch.equal(e, a) for e, a in zip(*losses))
+    assert losses[0][1] > 0  # the box loss had positives
+
+    heads = [RoIHeads(None, None, None, 0.5, 0.5, 64, 0.25, None, 0.05, 0.5, 100), None]
+    heads[1] = copy.copy(heads[0])
+    heads[1].fg_bg_sampler = OneWaitSampler(64, 0.25)
+    from ssod.models.host_waits import OneWaitRoIHeads
+
+    subsampled = []
+    for subsample in (heads[0].subsample, lambda labels: OneWaitRoIHeads.subsample(heads[1], labels)):
+        torch.manual_seed(4)
+        subsampled.append(subsample([m.clamp(min=0) for m in matched]))
+    assert all(torch.equal(e, a) for e, a in zip(*subsampled))
+
+
+def test_detector_gives_torchvision_faster_rcnn_losses_and_detections():
+    """End to end: the same weights in torchvision's own Faster R-CNN give the same training
+    losses (same seed) and the same detections."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18_fpn", fpn_channels=16, box_head_dim=32, anchor_sizes=[8, 16, 32, 64, 128],
+                      rpn_batch_size_per_image=64, box_batch_size_per_image=64)
+    ours = build_detector(cfg, num_classes=3)
+    reference = FasterRCNN(
+        copy.deepcopy(ours.backbone), rpn_anchor_generator=copy.deepcopy(ours.rpn.anchor_generator),
+        rpn_head=copy.deepcopy(ours.rpn.head), box_head=copy.deepcopy(ours.roi_heads.box_head),
+        box_predictor=copy.deepcopy(ours.roi_heads.box_predictor),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_positive_fraction=cfg.box_positive_fraction,
+        box_score_thresh=0.0, box_nms_thresh=cfg.box_nms_thresh, box_detections_per_img=cfg.box_detections_per_img,
+    )
+    ours.roi_heads.score_thresh = 0.0  # random weights: keep every detection, so there are some to compare
+    reference.transform = ours.transform  # compared with torchvision's in test_detector.py
+    reference.load_state_dict(ours.state_dict())
+    images = [torch.rand(3, 96, 128), torch.rand(3, 112, 96)]
+    targets = [{"boxes": torch.tensor([[10.0, 12, 60, 70], [50, 5, 120, 40]]), "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[4.0, 40, 30, 100]]), "labels": torch.tensor([2])}]
+    losses = []
+    for model in (reference.train(), ours.train()):
+        torch.manual_seed(9)
+        losses.append(model(images, targets))
+    assert losses[0].keys() == losses[1].keys()
+    for name in losses[0]:
+        torch.testing.assert_close(losses[1][name], losses[0][name], rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():
+        expected, actual = reference.eval()(images), ours.eval()(images)
+    assert sum(len(d["boxes"]) for d in expected) > 0
+    for e, a in zip(expected, actual):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[key], e[key], rtol=1e-6, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_level_sorted_roi_align_equals_torchvision(dtype):
+    """One host-device wait per call instead of one per level (a speed-up): the same values
+    and gradients as torchvision's MultiScaleRoIAlign, an image without boxes included."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from ssod.models.host_waits import LevelSortedRoIAlign
+
+    torch.manual_seed(0)
+    features = {name: torch.randn(2, 4, size, size, requires_grad=True) for name, size in zip("0123", (176, 88, 44, 22))}
+    boxes = []
+    for count in (40, 0):  # 1 to 600 px: every pyramid level gets boxes
+        corner = torch.rand(count, 2) * 100
+        boxes.append(torch.cat([corner, corner + 1 + torch.rand(count, 1) * 600], dim=1))
+    sizes = [(704, 704), (704, 640)]
+    results = []
+    for pooler in (MultiScaleRoIAlign(list("0123"), 7, 2), LevelSortedRoIAlign(list("0123"), 7, 2)):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            pooled = pooler(features, boxes, sizes)
+        cotangent = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).to(pooled.dtype)
+        results.append((pooled, torch.autograd.grad(pooled, list(features.values()), cotangent)))
+    (expected, expected_grads), (actual, actual_grads) = results
+    assert actual.dtype == expected.dtype and actual.shape == (40, 4, 7, 7)
+    assert torch.equal(actual, expected)
+    assert all(torch.equal(a, e) for a, e in zip(actual_grads, expected_grads))
+    assert all(g.abs().sum() > 0 for g in expected_grads)  # the boxes reach every level
+
+
