@@ -273,13 +273,26 @@ def predict(detector: nn.Module, loader, device) -> list[dict]:
     with torch.random.fork_rng(devices=[]):
         for items, metas in loader:
             outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
-            for (_, matrix), meta, output in zip(items, metas, outputs):
+            for (_, matrix), meta, (boxes, scores, labels) in zip(items, metas, _to_host(outputs)):
                 height, width = meta["size"]
                 inverse = torch.linalg.inv(matrix.double())
-                boxes, _ = project_boxes(output["boxes"].cpu(), inverse, width, height, min_size=0.0)
-                results.append({"image_id": meta["image_id"], "boxes": boxes, "scores": output["scores"].cpu(), "labels": output["labels"].cpu()})
+                boxes, _ = project_boxes(boxes, inverse, width, height, min_size=0.0)
+                results.append({"image_id": meta["image_id"], "boxes": boxes, "scores": scores, "labels": labels})
     detector.train(was_training)
     return results
+
+
+def _to_host(outputs: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per image (boxes [K, 4], scores [K], labels [K] int64) on the CPU, in one copy for the
+    batch: one wait for the GPU instead of three per image. Labels travel as floats, exact
+    for any class index below 2**24."""
+    packed = torch.cat([
+        torch.cat([out["boxes"], out["scores"][:, None], out["labels"][:, None].to(out["boxes"].dtype)], dim=1)
+        for out in outputs
+    ]).cpu()
+    parts = packed.split([len(out["boxes"]) for out in outputs])
+    # Own storage for each (a view would carry the whole batch into every pickled result).
+    return [(part[:, :4].clone(), part[:, 4].clone(), part[:, 5].long()) for part in parts]
 
 
 def evaluate(detector: nn.Module, loader, accelerator) -> Optional[dict[str, float]]:
