@@ -35,7 +35,7 @@ from ssod.config import compose, eval_workers, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.data.transforms import project_target
-from ssod.engine import SemiSupervisedModel, _to_host, compute_losses, eval_loader, predict, teacher_forward
+from ssod.engine import SemiSupervisedModel, detections_to_host, compute_losses, eval_loader, predict, teacher_forward
 from ssod.losses import weighted_total
 from ssod.models.teacher import ema_update
 from ssod.tracking import Tracker, default_tracking_uri
@@ -311,7 +311,7 @@ def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tup
         start = time.perf_counter()
         for first in range(0, count, 4):
             outputs = detector(images[first : first + 4])
-            _to_host(outputs)  # predict hands back CPU tensors too
+            detections_to_host(outputs)  # predict hands back CPU tensors too
         _synchronize(device)
     return {"eval": eval_ips, "eval_loader": loader_ips, "model": count / (time.perf_counter() - start)}, first_batch
 

@@ -273,7 +273,7 @@ def predict(detector: nn.Module, loader, device) -> list[dict]:
     with torch.random.fork_rng(devices=[]):
         for items, metas in loader:
             outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
-            for (_, matrix), meta, (boxes, scores, labels) in zip(items, metas, _to_host(outputs)):
+            for (_, matrix), meta, (boxes, scores, labels) in zip(items, metas, detections_to_host(outputs)):
                 height, width = meta["size"]
                 inverse = torch.linalg.inv(matrix.double())
                 boxes, _ = project_boxes(boxes, inverse, width, height, min_size=0.0)
@@ -282,7 +282,7 @@ def predict(detector: nn.Module, loader, device) -> list[dict]:
     return results
 
 
-def _to_host(outputs: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+def detections_to_host(outputs: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per image (boxes [K, 4], scores [K], labels [K] int64) on the CPU, in one copy for the
     batch: one wait for the GPU instead of three per image. Labels travel as floats, exact
     for any class index below 2**24."""

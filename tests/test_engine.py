@@ -92,13 +92,13 @@ def test_teacher_threshold_before_nms_keeps_the_same_detections(cap):
 
 
 def test_detections_come_to_the_host_unchanged_in_one_copy():
-    from ssod.engine import _to_host
+    from ssod.engine import detections_to_host
 
     outputs = [
         {"boxes": torch.rand(3, 4) * 500, "scores": torch.rand(3), "labels": torch.tensor([1, 80, 7])},
         {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)},
         {"boxes": torch.rand(1, 4), "scores": torch.rand(1), "labels": torch.tensor([2])},
     ]
-    for (boxes, scores, labels), out in zip(_to_host(outputs), outputs):
+    for (boxes, scores, labels), out in zip(detections_to_host(outputs), outputs):
         assert torch.equal(boxes, out["boxes"]) and torch.equal(scores, out["scores"]) and torch.equal(labels, out["labels"])
         assert labels.dtype == torch.int64 and scores.untyped_storage().nbytes() == scores.numel() * 4
