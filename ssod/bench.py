@@ -35,7 +35,7 @@ from ssod.config import compose, eval_workers, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.data.transforms import project_target
-from ssod.engine import SemiSupervisedModel, detections_to_host, compute_losses, eval_loader, predict, teacher_forward
+from ssod.engine import SemiSupervisedModel, compute_losses, detections_to_host, eval_loader, predict, teacher_forward
 from ssod.losses import weighted_total
 from ssod.models.teacher import ema_update
 from ssod.tracking import Tracker, default_tracking_uri

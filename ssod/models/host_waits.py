@@ -25,7 +25,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, encode_boxes
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from ssod.models.boxes import device_constant
@@ -119,6 +119,22 @@ class OneWaitRPN(RegionProposalNetwork):
         self.box_coder = ConstantWeightsBoxCoder(self.box_coder.weights)
         self.fg_bg_sampler = OneWaitSampler(self.fg_bg_sampler.batch_size_per_image, self.fg_bg_sampler.positive_fraction)
 
+    def filter_proposals(
+        self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]], num_anchors_per_level: list[int]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's proposal filtering: the top scores of each level, then per image
+        ``_proposals_per_image`` (one wait fewer per image)."""
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([
+            torch.full((count,), level, dtype=torch.int64, device=proposals.device)
+            for level, count in enumerate(num_anchors_per_level)
+        ]).reshape(1, -1).expand_as(objectness)
+        top = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch = torch.arange(num_images, device=proposals.device)[:, None]
+        selected = zip(proposals[batch, top], torch.sigmoid(objectness[batch, top]), levels[batch, top], image_shapes)
+        return tuple(map(list, zip(*(_proposals_per_image(self, *image) for image in selected))))
+
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
@@ -133,6 +149,20 @@ class OneWaitRPN(RegionProposalNetwork):
         ) / sampled.numel()
         objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels_all[sampled])
         return objectness_loss, box_loss
+
+
+def _proposals_per_image(rpn: RegionProposalNetwork, boxes: Tensor, scores: Tensor, levels: Tensor, image_size) -> tuple[Tensor, Tensor]:
+    """torchvision's per-image proposal filtering with two waits instead of three.
+
+    Its clipping, small-box and score rules and its per-level NMS, in its order; the two
+    rules select with one mask (torchvision waits for each).
+    """
+    boxes = box_ops.clip_boxes_to_image(boxes, image_size)
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = torch.where((widths >= rpn.min_size) & (heights >= rpn.min_size) & (scores >= rpn.score_thresh))[0]
+    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+    keep = box_ops.batched_nms(boxes, scores, levels, rpn.nms_thresh)[: rpn.post_nms_top_n()]
+    return boxes[keep], scores[keep]
 
 
 class OneWaitRoIHeads(RoIHeads):

@@ -65,6 +65,29 @@ def test_one_wait_rpn_loss_and_roi_subsampling_equal_torchvision():
     assert all(torch.equal(e, a) for e, a in zip(*subsampled))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_one_wait_rpn_filters_proposals_as_torchvision(training):
+    """Clipping, small boxes, scores, per-level top-k and NMS: torchvision's proposals, exactly."""
+    generator = torch.Generator().manual_seed(11)
+    per_level = [300, 120, 40]
+    corners = torch.rand(2, sum(per_level), 2, generator=generator) * 120 - 10
+    sizes = torch.rand(2, sum(per_level), 2, generator=generator) * 60
+    sizes[:, ::17] = 1e-4  # degenerate boxes, dropped by the small-box rule
+    proposals = torch.cat([corners, corners + sizes], dim=2)
+    objectness = torch.randn(2 * sum(per_level), 1, generator=generator)
+    kwargs = dict(anchor_generator=None, head=None, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=64,
+                  positive_fraction=0.5, pre_nms_top_n={"training": 100, "testing": 60},
+                  post_nms_top_n={"training": 50, "testing": 30}, nms_thresh=0.7, score_thresh=0.75)
+    results = []
+    for rpn in (RegionProposalNetwork(**kwargs), OneWaitRPN(**kwargs)):
+        rpn.train(training)
+        results.append(rpn.filter_proposals(proposals, objectness, [(100, 110), (90, 120)], per_level))
+    (boxes, scores), (one_wait_boxes, one_wait_scores) = results
+    assert all(torch.equal(a, e) for a, e in zip(one_wait_boxes, boxes))
+    assert all(torch.equal(a, e) for a, e in zip(one_wait_scores, scores))
+    assert 0 < len(boxes[0]) <= (50 if training else 30)
+
+
 def test_detector_gives_torchvision_faster_rcnn_losses_and_detections():
     """End to end: the same weights in torchvision's own Faster R-CNN give the same training
     losses (same seed) and the same detections."""
