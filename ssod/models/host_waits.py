@@ -86,8 +86,8 @@ class OneWaitSampler(BalancedPositiveNegativeSampler):
         counts = torch.stack([torch.stack([(m >= 1).sum(), (m == 0).sum()]) for m in matched_idxs]).tolist()
         positives, negatives = [], []
         for matched, (num_positive, num_negative) in zip(matched_idxs, counts):
-            positive = torch.nonzero_static(matched >= 1, size=num_positive).squeeze(1)
-            negative = torch.nonzero_static(matched == 0, size=num_negative).squeeze(1)
+            positive = _indices_where(matched >= 1, num_positive)
+            negative = _indices_where(matched == 0, num_negative)
             keep_positive = min(num_positive, int(self.batch_size_per_image * self.positive_fraction))
             keep_negative = min(num_negative, self.batch_size_per_image - keep_positive)
             positives.append(positive[torch.randperm(num_positive, device=matched.device)[:keep_positive]])
@@ -104,6 +104,14 @@ class OneWaitSampler(BalancedPositiveNegativeSampler):
                 mask[chosen] = 1
                 out.append(mask)
         return masks
+
+
+def _indices_where(mask: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` true elements of a 1-d mask, without a wait
+    (``torch.nonzero_static``; CUDA has it from torch 2.6 and crashed on empty input before 2.9)."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64, device=mask.device)
+    return torch.nonzero_static(mask, size=count).squeeze(1)
 
 
 def _sorted_batch_indices(per_image: list[Tensor], lengths: list[int]) -> Tensor:
