@@ -359,8 +359,9 @@ def _profile(step, device: torch.device, steps: int, rows: int = 25) -> str:
     return "\n".join(lines)
 
 
-# Operators that make the host wait for the device.
-_SYNC_OPS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense"}
+# The CUDA calls in which the host waits for the device (``.item()``, ``nonzero`` and blocking
+# copies all end in one of them).
+_SYNC_OPS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}
 
 
 def _on_gpu(event) -> bool:

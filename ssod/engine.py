@@ -143,10 +143,12 @@ def _pseudo_labels(teacher: SemiSupervisedModel, features, proposals, sizes, met
 def _score_threshold(heads, threshold: float):
     """Let the RoI heads drop detections scoring at most ``threshold`` before their NMS.
 
-    The detections above it are exactly those of the full post-processing (a box is only
-    ever suppressed by a higher-scoring one, and the per-image cap keeps the best first);
-    the NMS and the host work behind it shrink from every candidate above the detector's
-    own threshold (0.05) to the few above the pseudo-label threshold.
+    The detections above it are those of the full post-processing (a box is only ever
+    suppressed by a higher-scoring one, and the per-image cap keeps the best first), up to
+    float rounding: torchvision's batched NMS shifts boxes by the largest coordinate among
+    the candidates, so a pair within ~1e-5 of the IoU threshold could decide otherwise. The
+    NMS and the host work behind it shrink from every candidate above the detector's own
+    threshold (0.05) to the few above the pseudo-label threshold.
     """
     saved = heads.score_thresh
     heads.score_thresh = max(saved, threshold)
@@ -284,10 +286,10 @@ def predict(detector: nn.Module, loader, device) -> list[dict]:
 
 def detections_to_host(outputs: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per image (boxes [K, 4], scores [K], labels [K] int64) on the CPU, in one copy for the
-    batch: one wait for the GPU instead of three per image. Labels travel as floats, exact
-    for any class index below 2**24."""
+    batch: one wait for the GPU instead of three per image. Labels travel as float32, exact
+    for any class index below 2**24 (boxes and scores are float32 already: Float32Predictor)."""
     packed = torch.cat([
-        torch.cat([out["boxes"], out["scores"][:, None], out["labels"][:, None].to(out["boxes"].dtype)], dim=1)
+        torch.cat([out["boxes"].float(), out["scores"][:, None].float(), out["labels"][:, None].float()], dim=1)
         for out in outputs
     ]).cpu()
     parts = packed.split([len(out["boxes"]) for out in outputs])

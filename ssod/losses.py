@@ -26,6 +26,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from ssod.models.host_waits import indices_where
+
 BackgroundWeights = Callable[[list[Tensor]], list[Tensor]]
 
 
@@ -43,6 +45,8 @@ class _RPNPass:
     proposals work image by image, so one pass serves several groups of images with their own
     targets and their own loss normalisation. Each ``loss`` call samples anchors from the global
     RNG, as ``rpn.forward`` does; calling them in the old order keeps the old random draws.
+    (On a GPU the larger batch may run other kernels, so values agree up to float rounding,
+    and a near-tie of RPN scores can then pick another proposal.)
     """
 
     def __init__(self, rpn, images: ImageList, features: dict[str, Tensor]) -> None:
@@ -79,9 +83,9 @@ def detector_losses(
 
     ``images``/``features``: the batch, labeled images first, then the strong views (which
     need ``pseudo_targets``, see ``unsupervised_losses``). One RPN pass and one RoI pass serve
-    the whole batch; every loss equals that of separate passes over the two groups (RPN, RoI
-    pooling and the box head work image by image, box by box), and the samplers draw from the
-    RNG in the same order as separate passes would.
+    the whole batch; every loss equals that of separate passes over the two groups up to float
+    rounding (RPN, RoI pooling and the box head work image by image, box by box), and the
+    samplers draw from the RNG in the same order as separate passes would.
     """
     heads = detector.roi_heads
     count = len(targets)
@@ -147,7 +151,9 @@ def _sample_unsupervised(heads, rpn: _RPNPass, first: int, pseudo_targets: Mappi
     rpn_loss = rpn.loss(first, pseudo_targets["rpn"])
     cls_proposals, _, cls_labels, _ = heads.select_training_samples(proposals, pseudo_targets["cls"])
     reg_proposals, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, pseudo_targets["reg"])
-    positive = [torch.where(labels > 0)[0] for labels in reg_labels]
+    # One wait for every image's count of positives (a torch.where per image would wait each).
+    counts = torch.stack([(labels > 0).sum() for labels in reg_labels]).tolist() if reg_labels else []
+    positive = [indices_where(labels > 0, count) for labels, count in zip(reg_labels, counts)]
     return _UnsupervisedSamples(
         rpn_loss,
         cls_proposals,

@@ -150,28 +150,34 @@ def test_channels_last_gives_the_same_losses_and_gradients(device, tmp_path, dat
     for name in losses:
         torch.testing.assert_close(fast_losses[name], losses[name], rtol=1e-3, atol=1e-5, msg=name)
 
-    # Gradients through the backbone and FPN, the layers whose format changes, against one
-    # fixed cotangent, in float64. The whole step's gradients are no measure: on a GPU the
+    # Gradients of the layers whose format changes (backbone + FPN, RPN head, the polishing
+    # merge), against fixed cotangents, in float64. The whole step's gradients are no measure: on a GPU the
     # formats' last-bit differences reorder near-equal RPN scores of a random-weight model,
     # so other proposals are sampled (an H100 gave losses equal to 1e-3, gradients 0.9%
     # apart); and in float32 this random network amplifies rounding on its way back to the
     # stem (0.3% there on a CPU, 1e-5 from layer2 on), where float64 leaves ~1e-12.
-    grads, fast_grads = (_backbone_gradients(copy.deepcopy(model).double(), labeled) for model in (student, fast_student))
-    assert len(grads) == len(fast_grads) > 0
+    grads, fast_grads = (_convolution_gradients(copy.deepcopy(model).double(), labeled) for model in (student, fast_student))
+    assert grads.keys() == fast_grads.keys()
+    assert any(name.startswith("detector.rpn.head") for name in grads) and "polisher.box_net.merge.weight" in grads
     for name, expected in grads.items():
         assert _relative_error(fast_grads[name], expected) < 1e-9, name
 
 
-def _backbone_gradients(model, labeled) -> dict[str, torch.Tensor]:
-    """Gradients of the backbone + FPN parameters for a fixed random cotangent of every output map."""
+def _convolution_gradients(model, labeled) -> dict[str, torch.Tensor]:
+    """Gradients of every layer whose weights channels_last reformats (backbone + FPN, RPN
+    head, the box polishing network's merge), each driven by a fixed random cotangent."""
     detector = model.detector
-    detector.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     images, _ = detector.transform([item[0].double() for item in labeled])
-    features = detector.backbone(images.tensors)
+    maps = list(detector.backbone(images.tensors).values())
+    logits, deltas = detector.rpn.head(maps)
+    channels = maps[0].shape[1]
+    votes = torch.randn(5, model.polisher.box_net.num_votes, channels, 7, 7, generator=torch.Generator().manual_seed(4))
+    outputs = maps + logits + deltas + [model.polisher.box_net(votes.to(maps[0]))]
     generator = torch.Generator().manual_seed(3)
-    cotangents = [torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device) for f in features.values()]
-    torch.autograd.backward(list(features.values()), cotangents)
-    return {name: p.grad.detach().clone() for name, p in detector.backbone.named_parameters() if p.grad is not None}
+    cotangents = [torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device) for out in outputs]
+    torch.autograd.backward(outputs, cotangents)
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on CUDA GPUs")

@@ -13,8 +13,8 @@ compares each with torchvision's own):
 - ``OneWaitSampler``: one wait per sampling call instead of two per image, and indices
   that ``OneWaitRPN.compute_loss`` and ``OneWaitRoIHeads.subsample`` use without another
   wait each (torchvision turns them into masks and back with ``torch.where``).
-- ``OneWaitRPN.filter_proposals``: the small-box and score rules in one selection, two
-  waits per image instead of three.
+- ``OneWaitRPN.filter_proposals``: the small-box and score rules in one selection, one
+  wait fewer per image.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class LevelSortedRoIAlign(MultiScaleRoIAlign):
             return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
         levels = self.map_levels(boxes)
         order = torch.argsort(levels, stable=True)
-        counts = torch.bincount(levels, minlength=len(features)).tolist()  # the one wait
+        # The one wait (bincount would add two: it reads the minimum and maximum first).
+        counts = (levels[:, None] == torch.arange(len(features), device=levels.device)).sum(0).tolist()
         pooled = [
             roi_align(feature, level_rois, self.output_size, scale, self.sampling_ratio).to(features[0].dtype)
             for feature, level_rois, scale in zip(features, rois[order].split(counts), self.scales)
@@ -86,8 +87,8 @@ class OneWaitSampler(BalancedPositiveNegativeSampler):
         counts = torch.stack([torch.stack([(m >= 1).sum(), (m == 0).sum()]) for m in matched_idxs]).tolist()
         positives, negatives = [], []
         for matched, (num_positive, num_negative) in zip(matched_idxs, counts):
-            positive = _indices_where(matched >= 1, num_positive)
-            negative = _indices_where(matched == 0, num_negative)
+            positive = indices_where(matched >= 1, num_positive)
+            negative = indices_where(matched == 0, num_negative)
             keep_positive = min(num_positive, int(self.batch_size_per_image * self.positive_fraction))
             keep_negative = min(num_negative, self.batch_size_per_image - keep_positive)
             positives.append(positive[torch.randperm(num_positive, device=matched.device)[:keep_positive]])
@@ -106,7 +107,7 @@ class OneWaitSampler(BalancedPositiveNegativeSampler):
         return masks
 
 
-def _indices_where(mask: Tensor, count: int) -> Tensor:
+def indices_where(mask: Tensor, count: int) -> Tensor:
     """Indices of the ``count`` true elements of a 1-d mask, without a wait
     (``torch.nonzero_static``; CUDA has it from torch 2.6 and crashed on empty input before 2.9)."""
     if count == 0:
@@ -144,7 +145,12 @@ class OneWaitRPN(RegionProposalNetwork):
         top = self._get_top_n_idx(objectness, num_anchors_per_level)
         batch = torch.arange(num_images, device=proposals.device)[:, None]
         selected = zip(proposals[batch, top], torch.sigmoid(objectness[batch, top]), levels[batch, top], image_shapes)
-        return tuple(map(list, zip(*(_proposals_per_image(self, *image) for image in selected))))
+        final_boxes, final_scores = [], []
+        for image in selected:
+            image_boxes, image_scores = _proposals_per_image(self, *image)
+            final_boxes.append(image_boxes)
+            final_scores.append(image_scores)
+        return final_boxes, final_scores
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -163,7 +169,7 @@ class OneWaitRPN(RegionProposalNetwork):
 
 
 def _proposals_per_image(rpn: RegionProposalNetwork, boxes: Tensor, scores: Tensor, levels: Tensor, image_size) -> tuple[Tensor, Tensor]:
-    """torchvision's per-image proposal filtering with two waits instead of three.
+    """torchvision's per-image proposal filtering with one wait fewer.
 
     Its clipping, small-box and score rules and its per-level NMS, in its order; the two
     rules select with one mask (torchvision waits for each).
