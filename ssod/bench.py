@@ -30,7 +30,7 @@ from torch.autograd import DeviceType
 from torch.profiler import record_function
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer
-from ssod.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_weights
+from ssod.checkpoint import checkpoint_file, load_checkpoint, load_weights
 from ssod.config import compose, eval_workers, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
@@ -206,12 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load_trained(path: str, student, teacher) -> str:
     """Load a training checkpoint's student and teacher weights; returns what was loaded."""
-    found = Path(path)
-    if found.is_dir():
-        checkpoints = list_checkpoints(found)
-        if not checkpoints:
-            raise CheckpointError(f"--checkpoint {path}: no complete checkpoint in that directory")
-        found = checkpoints[-1][1]
+    found = checkpoint_file(path, "--checkpoint")
     state = load_checkpoint(found)
     load_weights(student, state["student"])
     load_weights(teacher, state["teacher"])

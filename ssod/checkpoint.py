@@ -94,15 +94,21 @@ def find_resume_checkpoint(resume: Optional[str], directory: Path) -> Optional[P
     if resume == "auto":
         found = list_checkpoints(directory)
         return found[-1][1] if found else None
-    path = Path(resume)
-    if path.is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise CheckpointError(f"train.resume={resume}: no complete checkpoint in that directory")
-        return found[-1][1]
-    if not path.is_file():
-        raise CheckpointError(f"train.resume={resume}: no such checkpoint file")
-    return path
+    return checkpoint_file(resume, "train.resume")
+
+
+def checkpoint_file(path: str, option: str) -> Path:
+    """The checkpoint ``path`` names: a file, or a run's checkpoint directory (its newest
+    complete checkpoint). ``option`` names the setting that gave ``path``, for the errors."""
+    found = Path(path)
+    if found.is_dir():
+        checkpoints = list_checkpoints(found)
+        if not checkpoints:
+            raise CheckpointError(f"{option}={path}: no complete checkpoint in that directory")
+        return checkpoints[-1][1]
+    if not found.is_file():
+        raise CheckpointError(f"{option}={path}: no such checkpoint file")
+    return found
 
 
 def rng_state() -> dict[str, Any]:
