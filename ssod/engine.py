@@ -26,6 +26,7 @@ from ssod.config import MethodConfig
 from ssod.data.transforms import map_boxes, project_boxes, relative_matrix
 from ssod.losses import _box_outputs, detector_losses
 from ssod.models.boxes import valid_boxes_mask
+from ssod.models.host_waits import indices_where_all
 from ssod.models.polish import Polisher
 from ssod.models.teacher import PseudoLabels, filter_detections, regression_uncertainty
 
@@ -165,24 +166,27 @@ def project_pseudo_labels(pseudo: list[PseudoLabels], weak_to_strong: Tensor, st
     Returns ``{"rpn", "cls", "reg"}`` -> per-image ``{"boxes", "labels"}``; boxes leaving
     the strong view, or made degenerate, are dropped.
     """
-    targets: dict[str, list[dict]] = {"rpn": [], "cls": [], "reg": []}
+    mapped, masks = [], []
     for labels, matrix, (height, width) in zip(pseudo, weak_to_strong, strong_sizes):
         boxes, valid = map_boxes(labels.boxes, matrix, width, height)
-        cls = _kept(boxes, labels.cls_labels, labels.classification_keep(method.cls_pseudo_threshold) & valid)
-        if method.rpn_pseudo_threshold == method.cls_pseudo_threshold:
-            rpn = dict(cls)
-        else:
-            rpn = _kept(boxes, labels.cls_labels, labels.classification_keep(method.rpn_pseudo_threshold) & valid)
-        targets["cls"].append(cls)
-        targets["rpn"].append(rpn)
         reg_boxes, reg_valid = map_boxes(labels.reg_boxes, matrix, width, height)
-        targets["reg"].append(_kept(reg_boxes, labels.labels, labels.reg_keep & reg_valid))
+        mapped.append((boxes, reg_boxes))
+        masks += [
+            labels.classification_keep(method.rpn_pseudo_threshold) & valid,
+            labels.classification_keep(method.cls_pseudo_threshold) & valid,
+            labels.reg_keep & reg_valid,
+        ]
+    kept = iter(indices_where_all(masks))  # one wait for every image's three targets
+    targets: dict[str, list[dict]] = {"rpn": [], "cls": [], "reg": []}
+    for labels, (boxes, reg_boxes) in zip(pseudo, mapped):
+        targets["rpn"].append(_target(boxes, labels.cls_labels, next(kept)))
+        targets["cls"].append(_target(boxes, labels.cls_labels, next(kept)))
+        targets["reg"].append(_target(reg_boxes, labels.labels, next(kept)))
     return targets
 
 
-def _kept(boxes: Tensor, labels: Tensor, keep: Tensor) -> dict[str, Tensor]:
-    """A float32 target of the kept rows; one host-device sync (the index) serves boxes and labels."""
-    index = keep.nonzero().squeeze(1)
+def _target(boxes: Tensor, labels: Tensor, index: Tensor) -> dict[str, Tensor]:
+    """The float32 target of rows ``index`` of ``boxes`` and ``labels``."""
     return {"boxes": boxes[index].float(), "labels": labels[index]}
 
 

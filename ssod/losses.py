@@ -26,7 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ssod.models.host_waits import indices_where
+from ssod.models.host_waits import indices_where_all
 
 BackgroundWeights = Callable[[list[Tensor]], list[Tensor]]
 
@@ -151,9 +151,7 @@ def _sample_unsupervised(heads, rpn: _RPNPass, first: int, pseudo_targets: Mappi
     rpn_loss = rpn.loss(first, pseudo_targets["rpn"])
     cls_proposals, _, cls_labels, _ = heads.select_training_samples(proposals, pseudo_targets["cls"])
     reg_proposals, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, pseudo_targets["reg"])
-    # One wait for every image's count of positives (a torch.where per image would wait each).
-    counts = torch.stack([(labels > 0).sum() for labels in reg_labels]).tolist() if reg_labels else []
-    positive = [indices_where(labels > 0, count) for labels, count in zip(reg_labels, counts)]
+    positive = indices_where_all([labels > 0 for labels in reg_labels])  # one wait, not one per image
     return _UnsupervisedSamples(
         rpn_loss,
         cls_proposals,

@@ -145,6 +145,7 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
         raise ValueError(f"model.anchor_sizes needs {levels} sizes for {cfg.arch}, got {list(cfg.anchor_sizes)}")
     return backbone, Float32AnchorGenerator(sizes, (ratios,) * levels)
 
+
 # Mixed precision: torchvision makes anchors in the features' dtype and decodes boxes in
 # the regression output's dtype, so under bf16 autocast every proposal, detection and
 # pseudo label would be a bf16 number (4 px apart from 512 px on, 8 px from 1024). The

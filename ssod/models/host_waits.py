@@ -15,6 +15,8 @@ compares each with torchvision's own):
   wait each (torchvision turns them into masks and back with ``torch.where``).
 - ``OneWaitRPN.filter_proposals``: the small-box and score rules in one selection, one
   wait fewer per image.
+- ``indices_where_all``: ``torch.where`` of many masks with one wait; the sampler, the
+  regression positives, pseudo-label filtering and projection all select with it.
 """
 
 from __future__ import annotations
@@ -81,14 +83,11 @@ class OneWaitSampler(BalancedPositiveNegativeSampler):
 
     def indices(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per image the indices of the sampled positives (``>= 1``) and negatives (``== 0``), unsorted."""
-        if not matched_idxs:
-            return [], []
-        # The one wait: how many positive and negative candidates each image has.
-        counts = torch.stack([torch.stack([(m >= 1).sum(), (m == 0).sum()]) for m in matched_idxs]).tolist()
+        # The one wait: every image's positive and negative candidates.
+        candidates = indices_where_all([mask for m in matched_idxs for mask in (m >= 1, m == 0)])
         positives, negatives = [], []
-        for matched, (num_positive, num_negative) in zip(matched_idxs, counts):
-            positive = indices_where(matched >= 1, num_positive)
-            negative = indices_where(matched == 0, num_negative)
+        for matched, positive, negative in zip(matched_idxs, candidates[0::2], candidates[1::2]):
+            num_positive, num_negative = len(positive), len(negative)
             keep_positive = min(num_positive, int(self.batch_size_per_image * self.positive_fraction))
             keep_negative = min(num_negative, self.batch_size_per_image - keep_positive)
             positives.append(positive[torch.randperm(num_positive, device=matched.device)[:keep_positive]])
@@ -107,12 +106,19 @@ class OneWaitSampler(BalancedPositiveNegativeSampler):
         return masks
 
 
-def indices_where(mask: Tensor, count: int) -> Tensor:
-    """Indices of the ``count`` true elements of a 1-d mask, without a wait
-    (``torch.nonzero_static``; CUDA has it from torch 2.6 and crashed on empty input before 2.9)."""
-    if count == 0:
-        return torch.zeros(0, dtype=torch.int64, device=mask.device)
-    return torch.nonzero_static(mask, size=count).squeeze(1)
+def indices_where_all(masks: list[Tensor]) -> list[Tensor]:
+    """``torch.where(mask)[0]`` of each 1-d mask, with one wait for all of them (their counts).
+
+    Knowing a count, ``torch.nonzero_static`` lists the indices without a wait (CUDA has it
+    from torch 2.6; it crashed on empty input before 2.9, so an empty selection is made here).
+    """
+    if not masks:
+        return []
+    counts = torch.stack([mask.sum() for mask in masks]).tolist()
+    return [
+        torch.nonzero_static(mask, size=count).squeeze(1) if count else torch.zeros(0, dtype=torch.int64, device=mask.device)
+        for mask, count in zip(masks, counts)
+    ]
 
 
 def _sorted_batch_indices(per_image: list[Tensor], lengths: list[int]) -> Tensor:

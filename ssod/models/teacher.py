@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ssod.models.boxes import jitter_boxes, valid_boxes_mask
+from ssod.models.host_waits import indices_where_all
 
 
 def ema_momentum(step: int, max_momentum: float, warmup: int = 0) -> float:
@@ -113,9 +114,6 @@ def regression_uncertainty(
 
 def filter_detections(detections: list[dict[str, Tensor]], score_thr: float) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Teacher detections -> (boxes, labels, scores) with valid boxes and score > thr."""
-    out = []
-    for det in detections:
-        # One index for the three tensors: one host-device sync instead of three.
-        keep = ((det["scores"] > score_thr) & valid_boxes_mask(det["boxes"])).nonzero().squeeze(1)
-        out.append((det["boxes"][keep], det["labels"][keep], det["scores"][keep]))
-    return out
+    # One wait for every image (an index per tensor and image would wait each).
+    kept = indices_where_all([(det["scores"] > score_thr) & valid_boxes_mask(det["boxes"]) for det in detections])
+    return [(det["boxes"][keep], det["labels"][keep], det["scores"][keep]) for det, keep in zip(detections, kept)]
