@@ -33,7 +33,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from ssod.config import ModelConfig
 from ssod.models.boxes import device_constant
-from ssod.models.host_waits import LevelSortedRoIAlign, OneWaitRoIHeads, OneWaitRPN
+from ssod.models.host_waits import OneWaitRoIHeads, OneWaitRPN
+from ssod.models.roi_align import PyramidRoIAlign
 
 WEIGHT_ENUMS = {
     "resnet50_fpn": ResNet50_Weights,
@@ -200,7 +201,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> GeneralizedRCNN:
         nms_thresh=0.7,
     )
     roi_heads = OneWaitRoIHeads(
-        LevelSortedRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=resolution, sampling_ratio=2),
+        PyramidRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=resolution, sampling_ratio=2),
         TwoMLPHead(backbone.out_channels * resolution**2, cfg.box_head_dim),
         Float32Predictor(cfg.box_head_dim, num_classes + 1),
         fg_iou_thresh=0.5,
