@@ -5,8 +5,10 @@ a supervised step on the labeled images; a supervised step on labeled + unlabele
 (the floor for the student's share); teacher inference on the weak views; polishing
 (voting, pooling, both networks, training and inference); the full ``soft_teacher`` and
 ``polish_teacher`` steps; data loading per batch; MLflow logging per interval; and
-evaluation throughput against the detector's own inference throughput. Prints a table,
-the ratios, and logs everything to MLflow (experiment ``ssod-bench``)::
+evaluation throughput against the detector's own inference throughput. The training
+parts run in turn, round by round, so that a noisy machine's slow spells fall on all of
+them alike. Prints a table, the ratios, and logs everything to MLflow (experiment
+``ssod-bench``)::
 
     ssod-bench                                  # CPU, the synthetic experiment
     ssod-bench --device cuda --overrides experiment=coco_partial data=synthetic model.weights_backbone=null
@@ -44,19 +46,45 @@ from ssod.train import to_device
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
     """Median wall time of ``fn`` (synchronising the GPU around each call)."""
+    return interleaved_medians({"fn": fn}, device, repeats, warmup)[0]["fn"]
+
+
+STEPS = (
+    "supervised step (labeled)",
+    "supervised step (labeled + unlabeled)",
+    "teacher inference (weak views)",
+    "polishing (train + polish)",
+    "soft_teacher step",
+    "polish_teacher step",
+)
+
+
+def interleaved_medians(
+    parts: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time of each part, and its peak GPU memory in GiB (CUDA only).
+
+    The parts run in turn, one call each per round, so that the slow spells of a shared,
+    noisy machine fall on all of them alike and their ratios stay comparable (timed one
+    part after another, a ratio of two parts moved by 10-20% from run to run).
+    """
     for _ in range(warmup):
-        fn()
-    _synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
+        for fn in parts.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    peaks: dict[str, float] = {}
     for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in parts.items():
+            _synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+    return {name: statistics.median(values) for name, values in times.items()}, peaks
 
 
 def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, amp_dtype, nonfinite: list):
@@ -136,31 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     unlabeled = to_device(next(unlabeled_iter)[0], device)
     everything = labeled + to_device(as_labeled(unlabeled), device)
     weights = build_loss_weights(polish)
-    rows: dict[str, float] = {}
-    peaks: dict[str, float] = {}
-
-    def timed(fn) -> float:
-        first = len(nonfinite)
-        seconds = median_seconds(fn, device, args.repeats, args.warmup)
-        if len(nonfinite) > first:
-            bad[len(rows)] = torch.stack(nonfinite[first:]).sum()
-        if device.type == "cuda":
-            peaks[len(rows)] = torch.cuda.max_memory_allocated(device) / 2**30
-        return seconds
-
-    nonfinite: list = []
-    bad: dict[int, torch.Tensor] = {}
     student.train()
     sup_weights = build_loss_weights(supervised)
-    rows["supervised step (labeled)"] = timed(make_step(soft_student, soft_teacher, optimizer, supervised, sup_weights, labeled, [], amp_dtype, nonfinite))
-    rows["supervised step (labeled + unlabeled)"] = timed(make_step(soft_student, soft_teacher, optimizer, supervised, sup_weights, everything, [], amp_dtype, nonfinite))
-    rows["teacher inference (weak views)"] = timed(_inference(teacher.detector, [u[0].image for u in unlabeled], amp_dtype))
-    rows["polishing (train + polish)"] = timed(_polishing(student, teacher, labeled, unlabeled, amp_dtype))
-    rows["soft_teacher step"] = timed(make_step(soft_student, soft_teacher, optimizer, soft, build_loss_weights(soft), labeled, unlabeled, amp_dtype, nonfinite))
-    rows["polish_teacher step"] = timed(make_step(student, teacher, optimizer, polish, weights, labeled, unlabeled, amp_dtype, nonfinite))
-    bad_rows = {name: int(bad[i]) for i, name in enumerate(rows) if i in bad and int(bad[i]) > 0}
+    # Each training step appends whether its loss was finite: a NaN step does less work.
+    nonfinite: dict[str, list] = {name: [] for name in STEPS}
+    steps = [
+        make_step(soft_student, soft_teacher, optimizer, supervised, sup_weights, labeled, [], amp_dtype, nonfinite[STEPS[0]]),
+        make_step(soft_student, soft_teacher, optimizer, supervised, sup_weights, everything, [], amp_dtype, nonfinite[STEPS[1]]),
+        _inference(teacher.detector, [u[0].image for u in unlabeled], amp_dtype),
+        _polishing(student, teacher, labeled, unlabeled, amp_dtype),
+        make_step(soft_student, soft_teacher, optimizer, soft, build_loss_weights(soft), labeled, unlabeled, amp_dtype, nonfinite[STEPS[4]]),
+        make_step(student, teacher, optimizer, polish, weights, labeled, unlabeled, amp_dtype, nonfinite[STEPS[5]]),
+    ]
+    rows, peak_gib = interleaved_medians(dict(zip(STEPS, steps)), device, args.repeats, args.warmup)
+    bad_rows = {name: int(torch.stack(flags).sum()) for name, flags in nonfinite.items() if flags}
+    bad_rows = {name: count for name, count in bad_rows.items() if count}
     bad_steps = sum(bad_rows.values())
-    rows["data loading per batch"] = timed(lambda: (next(labeled_iter), next(unlabeled_iter)))
+    rows["data loading per batch"] = median_seconds(lambda: (next(labeled_iter), next(unlabeled_iter)), device, args.repeats, args.warmup)
     if not args.no_mlflow:
         rows["mlflow logging per interval"] = _mlflow_cost(args)
     speeds, rows["evaluation loader: first batch"] = _eval_throughput(
@@ -178,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     images = {"supervised step (labeled)": len(labeled), "supervised step (labeled + unlabeled)": len(everything),
               "soft_teacher step": len(labeled) + len(unlabeled), "polish_teacher step": len(labeled) + len(unlabeled)}
     throughput = {name: images[name] / rows[name] for name in images}
-    peak_gib = {name: peaks[i] for i, name in enumerate(rows) if i in peaks}
     pseudo = _pseudo_label_counts(teacher, labeled, unlabeled, polish, amp_dtype)
     report = f"{weights_note}; {pseudo}\n" + _table(rows, ratios, speeds, args, cfg, throughput, peak_gib)
     if bad_steps:

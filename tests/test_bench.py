@@ -63,3 +63,19 @@ def test_bench_times_a_trained_checkpoint_with_its_pseudo_labels(tmp_path, datas
     assert "step 40" in out
     raw = float(out.split("pseudo labels per unlabeled image: ")[1].split(" raw")[0])
     assert raw > 0
+
+
+def test_parts_are_timed_in_turn_with_their_own_medians():
+    """Round-robin timing: after the warm-up rounds, one call of each part per round."""
+    import time
+
+    import torch
+
+    from ssod.bench import interleaved_medians
+
+    calls = []
+    parts = {"slow": lambda: (calls.append("slow"), time.sleep(0.03)), "fast": lambda: calls.append("fast")}
+    medians, peaks = interleaved_medians(parts, torch.device("cpu"), repeats=3, warmup=1)
+    assert calls == ["slow", "fast"] * 4
+    assert medians["slow"] >= 0.03 > medians["fast"]
+    assert peaks == {}  # peak memory is measured on CUDA only
