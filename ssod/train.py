@@ -97,14 +97,16 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     # parallelism only when told cpu=True; otherwise every process trains alone as rank 0,
     # each with its own MLflow run.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # Before accelerate's process-wide state exists: a bad resume path must not leave it set
+    # (it is reset in the ``finally`` below, which only a started run reaches).
+    resume_path = find_resume_checkpoint(train.resume, ckpt_dir)
+    resumed = load_checkpoint(resume_path) if resume_path else None
     accelerator = Accelerator(
         mixed_precision=train.mixed_precision,
         cpu=train.cpu or multi_cpu,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(train.seed)
-    resume_path = find_resume_checkpoint(train.resume, ckpt_dir)
-    resumed = load_checkpoint(resume_path) if resume_path else None
     uri = cfg.tracking.uri or default_tracking_uri(project_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, enabled=accelerator.is_main_process and cfg.tracking.enabled)
     state = RunState()

@@ -382,3 +382,7 @@ def test_resuming_from_a_checkpoint_with_a_pickled_object_is_refused(make_config
         run(make_config("train.iterations=4", "train.resume=auto"))
     assert not marker.exists()
     assert mlflow_store.runs() == []
+    # Nothing process-wide is left behind: the next run here may choose another precision.
+    from accelerate.state import AcceleratorState
+
+    assert not AcceleratorState._shared_state
