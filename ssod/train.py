@@ -30,14 +30,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from ssod.build import (
-    apply_speed_settings,
-    build_loss_weights,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    load_optimizer_state,
-)
+from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer, build_scheduler
 from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, load_weights, set_rng_state
 from ssod.config import CONF_DIR, eval_workers, flatten
 from ssod.data.pipeline import build_data
@@ -128,7 +121,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if resumed:
             student.load_state_dict(resumed["student"])
             teacher.load_state_dict(resumed["teacher"])
-            load_optimizer_state(optimizer, resumed["optimizer"])
+            optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
             state = RunState.from_checkpoint(resumed)
             log.info("resuming from %s at step %d", resume_path, state.step)

@@ -209,35 +209,6 @@ def test_fused_ema_update_equals_one_lerp_per_tensor(device):
         torch.testing.assert_close(actual, wanted, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_fused_sgd_equals_the_per_tensor_update(device):
-    """build_optimizer's fused SGD moves the parameters as the for-loop SGD; fp16 keeps the for-loop one."""
-    from ssod.build import build_optimizer, load_optimizer_state
-    from ssod.config import TrainConfig
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 5)).to(device)
-    reference = copy.deepcopy(model)
-    fused = build_optimizer(TrainConfig(lr=0.1), model)
-    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    assert fused.param_groups[0]["fused"] is True
-    assert build_optimizer(TrainConfig(mixed_precision="fp16"), model).param_groups[0]["fused"] is False
-    for step in range(3):
-        for network, optimizer in ((model, fused), (reference, plain)):
-            generator = torch.Generator().manual_seed(step)
-            for param in network.parameters():
-                param.grad = torch.randn(param.shape, generator=generator).to(device)
-            optimizer.step()
-    for actual, expected in zip(model.parameters(), reference.parameters()):
-        assert not torch.equal(actual, torch.zeros_like(actual))
-        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
-    # A checkpoint saved by a for-loop optimizer resumes into a fused one, momentum included.
-    load_optimizer_state(fused, plain.state_dict())
-    assert fused.param_groups[0]["fused"] is True
-    first = next(reference.parameters())
-    assert torch.equal(fused.state[next(model.parameters())]["momentum_buffer"], plain.state[first]["momentum_buffer"])
-
-
 MIXED = ["bf16"] + (["fp16"] if torch.cuda.is_available() else [])  # accelerate's fp16 needs a GPU
 
 
