@@ -291,23 +291,27 @@ def _mlflow_cost(args) -> float:
     return seconds
 
 
-def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tuple[dict[str, float], float]:
+def _eval_throughput(detector, dataset, device, count: int, workers: int, rounds: int = 3) -> tuple[dict[str, float], float]:
     """Images/s of ``predict`` (loading, inference, mapping back: ``eval``), of its loader
     alone (``eval_loader``) and of the bare detector (``model``); and the seconds the loader
     takes to its first batch.
 
     The loader is built once and warmed up, as in training, where it persists between
     evaluations; the bare detector gets the same images already in memory, same batches.
+    Evaluation and the bare detector take turns, ``rounds`` passes each (medians).
     """
     count = min(count, len(dataset))
     indices = list(range(count))
     loader = eval_loader(dataset, indices, num_workers=workers, pin_memory=device.type == "cuda")
-    predict(detector, loader, device)  # warm-up: starts the workers
-    _synchronize(device)
-    start = time.perf_counter()
-    predict(detector, loader, device)
-    _synchronize(device)
-    eval_ips = count / (time.perf_counter() - start)
+    images = [dataset[i][0][0].to(device) for i in indices]
+
+    @torch.no_grad()
+    def bare_detector():
+        for first in range(0, count, 4):
+            detections_to_host(detector(images[first : first + 4]))  # predict hands back CPU tensors too
+
+    passes = {"eval": lambda: predict(detector, loader, device), "model": bare_detector}
+    seconds, _ = interleaved_medians(passes, device, rounds, warmup=1)  # the warm-up starts the workers
     # The loader alone: where it is slower than the model, evaluation waits for the data. Its
     # first batch comes after one worker has made a whole batch: a fixed cost per evaluation
     # that a short one (the bench's) feels far more than a full validation set.
@@ -318,16 +322,7 @@ def _eval_throughput(detector, dataset, device, count: int, workers: int) -> tup
     for _ in batches:
         pass
     loader_ips = count / (time.perf_counter() - start)
-    images = [dataset[i][0][0].to(device) for i in indices]
-    with torch.no_grad():
-        detector(images[:4])
-        _synchronize(device)
-        start = time.perf_counter()
-        for first in range(0, count, 4):
-            outputs = detector(images[first : first + 4])
-            detections_to_host(outputs)  # predict hands back CPU tensors too
-        _synchronize(device)
-    return {"eval": eval_ips, "eval_loader": loader_ips, "model": count / (time.perf_counter() - start)}, first_batch
+    return {"eval": count / seconds["eval"], "eval_loader": loader_ips, "model": count / seconds["model"]}, first_batch
 
 
 def _profile(step, device: torch.device, steps: int, rows: int = 25) -> str:
