@@ -19,6 +19,8 @@ order of float additions (``tests/models/test_roi_align.py``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +31,11 @@ from ssod.models.host_waits import LevelSortedRoIAlign
 
 
 class _WeightedRowSum(torch.autograd.Function):
-    """``out[i] = sum_k weights[i, k] * table[indices[i, k]]``; the gradient reaches ``table`` only."""
+    """``out[i] = sum_k weights[i, k] * table[indices[i, k]]``; the gradient reaches ``table`` only.
+
+    Shapes: ``table [N, C]``, ``indices [M, K]`` int64 (rows of ``table``), ``weights [M, K]``
+    in the table's dtype -> ``[M, C]``.
+    """
 
     @staticmethod
     def forward(ctx, table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -43,15 +49,19 @@ class _WeightedRowSum(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         indices, weights = ctx.saved_tensors
-        flat = indices.flatten()
+        # Only pairs that carry weight: a sample outside the map reads a real row with
+        # weight 0, and 0 * a non-finite gradient would reach that row (torchvision skips it).
+        pairs = torch.nonzero(weights.flatten()).squeeze(1)
+        rows = indices.flatten()[pairs]
         # Group the (cell, neighbour) pairs by the row they read: each row's gradient is
         # then one bag, the weighted sum of the output gradients of its cells.
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=ctx.rows)
+        order = torch.argsort(rows, stable=True)
+        counts = torch.bincount(rows, minlength=ctx.rows)
         starts = counts.cumsum(0) - counts
-        cells = torch.div(order, indices.shape[1], rounding_mode="floor")
+        pairs = pairs[order]
+        cells = torch.div(pairs, indices.shape[1], rounding_mode="floor")
         grad_table = F.embedding_bag(
-            cells, grad.contiguous(), starts, mode="sum", per_sample_weights=weights.flatten()[order]
+            cells, grad.contiguous(), starts, mode="sum", per_sample_weights=weights.flatten()[pairs]
         )
         return grad_table, None, None
 
@@ -84,7 +94,12 @@ def _sample_points(start: Tensor, extent: Tensor, bins: int, ratio: int) -> Tens
 
 
 def gather_plan(
-    rois: Tensor, levels: Tensor, shapes: list[tuple[int, int, int]], scales: list[float], output_size: tuple[int, int], ratio: int
+    rois: Tensor,
+    levels: Tensor,
+    shapes: list[tuple[int, int, int]],
+    scales: list[float],
+    output_size: tuple[int, int],
+    ratio: int,
 ) -> tuple[Tensor, Tensor]:
     """Rows and weights of every output cell in the stacked channels-last feature rows.
 
@@ -117,7 +132,12 @@ def gather_plan(
 
 
 def pyramid_roi_align(
-    features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float], output_size: tuple[int, int], ratio: int
+    features: list[Tensor],
+    rois: Tensor,
+    levels: Tensor,
+    scales: list[float],
+    output_size: tuple[int, int],
+    ratio: int,
 ) -> Tensor:
     """RoIAlign of each box on its pyramid level, all levels in one weighted sum.
 
@@ -127,21 +147,29 @@ def pyramid_roi_align(
         scales: per level; output_size: ``(PH, PW)``; ratio: sample points per bin side (> 0).
 
     Returns:
-        ``[R, C, PH, PW]`` in the first level's dtype (computed in float32, as torchvision
-        computes RoIAlign under autocast). Gradients reach the features, not the boxes.
+        ``[R, C, PH, PW]`` in the first level's dtype, computed in float32 at least (as
+        torchvision computes RoIAlign under autocast; float64 maps stay float64).
+        Gradients reach the features, not the boxes.
     """
     if ratio <= 0:
         raise ValueError(f"pyramid_roi_align needs a fixed sampling ratio, got {ratio}")
     channels = features[0].shape[1]
+    dtype = functools.reduce(torch.promote_types, [feature.dtype for feature in features], torch.float32)
+    shapes = [(feature.shape[0], feature.shape[2], feature.shape[3]) for feature in features]
     with torch.no_grad():
-        indices, weights = gather_plan(
-            rois.float(), levels, [(f.shape[0], f.shape[2], f.shape[3]) for f in features], scales, output_size, ratio
-        )
-    # Channels last as [B, H*W, C] and back as [R, C, PH*PW]: three-dimensional transposes
-    # copy several times faster on a CPU than the equivalent four-dimensional permutes.
+        indices, weights = gather_plan(rois.to(dtype), levels, shapes, scales, output_size, ratio)
     with torch.autocast(features[0].device.type, enabled=False):
-        table = torch.cat([feature.flatten(2).transpose(1, 2).reshape(-1, channels) for feature in features]).float()
+        # One copy of the maps, as rows: level by level, each [B, H*W, C] view written into
+        # its slice (the dtype conversion included).
+        table = features[0].new_empty((sum(b * h * w for b, h, w in shapes), channels), dtype=dtype)
+        start = 0
+        for feature, (batch, height, width) in zip(features, shapes):
+            rows = batch * height * width
+            table[start : start + rows].view(batch, height * width, channels).copy_(feature.flatten(2).transpose(1, 2))
+            start += rows
         pooled = _WeightedRowSum.apply(table, indices, weights)
+    # Back as [R, C, PH*PW]: a three-dimensional transpose copies several times faster on a
+    # CPU than the equivalent four-dimensional permute.
     pooled = pooled.view(rois.shape[0], output_size[0] * output_size[1], channels).transpose(1, 2).contiguous()
     return pooled.view(rois.shape[0], channels, *output_size).to(features[0].dtype)
 
@@ -158,6 +186,9 @@ class PyramidRoIAlign(LevelSortedRoIAlign):
         if features[0].device.type != "cpu" or self.sampling_ratio <= 0:
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        levels = self.map_levels(boxes)
         rois = _convert_to_roi_format(boxes)
-        return pyramid_roi_align(features, rois, self.map_levels(boxes), self.scales, self.output_size, self.sampling_ratio)
+        return pyramid_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)

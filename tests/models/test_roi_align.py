@@ -35,14 +35,15 @@ def _awkward_rois() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     corners = torch.rand(40, 2, generator=generator) * 60 - 5
     boxes = torch.cat([boxes, torch.cat([corners, corners + torch.rand(40, 2, generator=generator) * 50], dim=1)])
-    batch = (torch.arange(len(boxes)) % 2).float()[:, None]
-    levels = torch.arange(len(boxes)) % 2
+    index = torch.arange(len(boxes))
+    batch = ((index // 2) % 2).float()[:, None]  # every (image, level) pair
+    levels = index % 2
     return torch.cat([batch, boxes], dim=1), levels
 
 
 def _torchvision(maps, rois, levels, output_size, ratio):
     """Each box by torchvision's ``roi_align`` on its own level, in box order."""
-    pooled = torch.zeros(len(rois), maps[0].shape[1], *output_size)
+    pooled = torch.zeros(len(rois), maps[0].shape[1], *output_size, dtype=maps[0].dtype)
     for level, (feature, scale) in enumerate(zip(maps, SCALES)):
         chosen = levels == level
         pooled = pooled.index_put((chosen,), roi_align(feature, rois[chosen], output_size, scale, ratio))
@@ -80,6 +81,21 @@ def test_no_boxes_and_non_finite_boxes():
     torch.testing.assert_close(pooled[1:], pyramid_roi_align(maps, rois, levels, list(SCALES), (7, 7), 2)[1:])
 
 
+def test_outside_samples_pass_no_gradient_and_float64_stays_float64():
+    """A box outside the map pools zeros and takes no gradient, not even a non-finite one
+    (torchvision skips those samples); float64 maps are pooled in float64."""
+    rois, levels = _awkward_rois()
+    maps = [m.detach().double().requires_grad_() for m in _maps()]
+    expected = _torchvision(maps, rois.double(), levels, (7, 7), 2)
+    pooled = pyramid_roi_align(maps, rois, levels, list(SCALES), (7, 7), 2)
+    assert pooled.dtype == torch.float64
+    torch.testing.assert_close(pooled, expected.to(pooled.dtype), rtol=1e-12, atol=1e-12)
+    cotangent = torch.zeros_like(pooled)
+    cotangent[3] = float("nan")  # the box wholly outside
+    grads = torch.autograd.grad(pooled, maps, cotangent)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def test_memory_format_and_ratio():
     rois, levels = _awkward_rois()
     maps = _maps()
@@ -94,12 +110,12 @@ def test_memory_format_and_ratio():
 def test_pooler_equals_multiscale_roi_align(dtype):
     """The detector's pooler against torchvision's MultiScaleRoIAlign: level mapping, dtype, values."""
     torch.manual_seed(0)
-    features = {name: torch.randn(2, 4, size, size).requires_grad_() for name, size in zip("0123", (176, 88, 44, 22))}
+    features = {name: torch.randn(2, 4, size, size).to(dtype) for name, size in zip("0123", (176, 88, 44, 22))}
     boxes = []
     for count in (60, 0, 25):  # 1 to 600 px: every level gets boxes; an image without boxes
         corner = torch.rand(count, 2) * 100
         boxes.append(torch.cat([corner, corner + 1 + torch.rand(count, 1) * 600], dim=1))
-    features = {name: torch.cat([f, f[:1]]) for name, f in features.items()}  # three images
+    features = {name: torch.cat([f, f[:1]]).requires_grad_() for name, f in features.items()}  # three images
     sizes = [(704, 704), (704, 640), (600, 700)]
     results = []
     for pooler in (MultiScaleRoIAlign(list("0123"), 7, 2), PyramidRoIAlign(list("0123"), 7, 2)):
@@ -108,8 +124,9 @@ def test_pooler_equals_multiscale_roi_align(dtype):
         cotangent = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).to(pooled)
         results.append((pooled, torch.autograd.grad(pooled, list(features.values()), cotangent)))
     (expected, expected_grads), (actual, actual_grads) = results
-    assert actual.dtype == expected.dtype and actual.shape == (85, 4, 7, 7)
-    # bfloat16: the float32 sums differ in their last bits, which can round to the next bfloat16.
+    assert actual.dtype == expected.dtype == dtype and actual.shape == (85, 4, 7, 7)
+    # bfloat16: both compute in float32, whose sums differ in their last bits, which can
+    # round to the neighbouring bfloat16.
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(actual, expected, **tolerance)
     for a, e in zip(actual_grads, expected_grads):
