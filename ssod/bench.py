@@ -44,11 +44,6 @@ from ssod.tracking import Tracker, default_tracking_uri
 from ssod.train import to_device
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn`` (synchronising the GPU around each call)."""
-    return interleaved_medians({"fn": fn}, device, repeats, warmup)[0]["fn"]
-
-
 STEPS = (
     "supervised step (labeled)",
     "supervised step (labeled + unlabeled)",
@@ -57,6 +52,11 @@ STEPS = (
     "soft_teacher step",
     "polish_teacher step",
 )
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn`` (synchronising the GPU around each call)."""
+    return interleaved_medians({"fn": fn}, device, repeats, warmup)[0]["fn"]
 
 
 def interleaved_medians(
@@ -275,6 +275,8 @@ def _polishing(student, teacher, labeled, unlabeled, amp_dtype):
             losses, _ = student.polisher.losses(lab_features, gt_boxes, gt_labels, proposals[:count], images.image_sizes[:count])
             sum(losses.values()).backward()
             teacher.polisher.polish(weak_features, boxes, labels, scores, images.image_sizes[count:])
+        # The next part's optimizer step must not apply (nor carry) these gradients.
+        student.polisher.zero_grad(set_to_none=True)
 
     return run
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from ssod.bench import main
+import pytest
+import torch
+
+from ssod.bench import interleaved_medians, main
 from tests.conftest import tiny_overrides
 
 
@@ -39,7 +42,6 @@ def test_bench_prints_every_part_and_logs_the_ratios(tmp_path, dataset_cache, ml
 @pytest.mark.slow
 def test_bench_times_a_trained_checkpoint_with_its_pseudo_labels(tmp_path, dataset_cache, capsys, monkeypatch):
     """``--checkpoint`` loads student and teacher: the teacher's pseudo labels then exist and are counted."""
-    import torch
     from omegaconf import OmegaConf
 
     from ssod.build import build_model
@@ -67,15 +69,32 @@ def test_bench_times_a_trained_checkpoint_with_its_pseudo_labels(tmp_path, datas
 
 def test_parts_are_timed_in_turn_with_their_own_medians():
     """Round-robin timing: after the warm-up rounds, one call of each part per round."""
-    import time
-
-    import torch
-
-    from ssod.bench import interleaved_medians
-
     calls = []
     parts = {"slow": lambda: (calls.append("slow"), time.sleep(0.03)), "fast": lambda: calls.append("fast")}
     medians, peaks = interleaved_medians(parts, torch.device("cpu"), repeats=3, warmup=1)
     assert calls == ["slow", "fast"] * 4
     assert medians["slow"] >= 0.03 > medians["fast"]
     assert peaks == {}  # peak memory is measured on CUDA only
+
+
+def test_the_polishing_part_leaves_no_gradients_for_the_next_part(tmp_path, dataset_cache):
+    """The parts take turns: the next part's optimizer step must not apply the polishing part's gradients."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from ssod.bench import _polishing
+    from ssod.build import build_model
+    from ssod.config import compose
+    from ssod.data.pipeline import build_data
+    from ssod.data.sampling import infinite_loader
+
+    cfg = compose(tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher"))
+    data = build_data(cfg.data, tmp_path, need_unlabeled=True)
+    student = build_model(cfg.model, OmegaConf.to_object(cfg.method), data.category_map.num_classes)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    labeled = next(infinite_loader(data.labeled, 2, 0, 0, 1, 0, 0))[0]
+    unlabeled = next(infinite_loader(data.unlabeled, 2, 1, 0, 1, 0, 0))[0]
+    assert all(len(target["boxes"]) for _, target, _ in labeled)  # the polishing networks get samples
+    _polishing(student, teacher, labeled, unlabeled, None)()
+    assert all(param.grad is None for param in student.parameters())
