@@ -22,7 +22,9 @@ from ssod.models.roi_align import PyramidRoIAlign
 
 
 def _case(boxes_per_image: int, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    features = {name: torch.randn(4, 64, 192 // 2**k // 2, 192 // 2**k // 2, generator=generator) for k, name in enumerate("0123")}
+    # P2 to P5 of 192-px images: strides 4 to 32.
+    sides = [192 // 4 // 2**k for k in range(4)]
+    features = {name: torch.randn(4, 64, side, side, generator=generator) for name, side in zip("0123", sides)}
     boxes = []
     for _ in range(4):
         corner = torch.rand(boxes_per_image, 2, generator=generator) * 150
@@ -48,8 +50,8 @@ def main() -> None:
     poolers = {"torchvision": MultiScaleRoIAlign(list("0123"), 7, 2), "gathered": PyramidRoIAlign(list("0123"), 7, 2)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} alternating calls (ms)\n")
     print("| case | torchvision | gathered | speed-up | max abs difference |\n| --- | --- | --- | --- | --- |")
-    for label, per_image, backward in (("student RoI head, 512 boxes, forward + backward", 128, True),
-                                       ("polishing, 2,500 boxes, forward", 625, False)):
+    cases = (("student RoI head, 512 boxes, forward + backward", 128, True), ("polishing, 2,500 boxes, forward", 625, False))
+    for label, per_image, backward in cases:
         features, boxes = _case(per_image, generator)
         features = {name: f.requires_grad_(backward) for name, f in features.items()}
         cotangent = torch.randn(4 * per_image, 64, 7, 7, generator=generator)

@@ -90,8 +90,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     # parallelism only when told cpu=True; otherwise every process trains alone as rank 0,
     # each with its own MLflow run.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    # Before accelerate's process-wide state exists: a bad resume path must not leave it set
-    # (it is reset in the ``finally`` below, which only a started run reaches).
+    # Before accelerate's process-wide state exists: a missing or refused checkpoint must not
+    # leave it set (the ``finally`` below resets it, and a failed resume never gets there).
     resume_path = find_resume_checkpoint(train.resume, ckpt_dir)
     resumed = load_checkpoint(resume_path) if resume_path else None
     accelerator = Accelerator(
