@@ -91,8 +91,10 @@ def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, 
     """One full training step (losses, backward, optimizer, EMA) on a fixed batch.
 
     Each step appends to ``nonfinite`` whether its total loss was NaN or infinite, as a
-    tensor: nothing syncs with the GPU until the caller sums the list after timing.
+    tensor: nothing syncs with the GPU until the caller sums the list after timing. fp16
+    steps scale the loss as training does (accelerate's scaler), its checks included.
     """
+    scaler = torch.amp.GradScaler(labeled[0][0].device.type, enabled=amp_dtype == torch.float16)
 
     def step():
         with torch.autocast(labeled[0][0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -100,15 +102,17 @@ def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, 
                 result = compute_losses(student, teacher, labeled, unlabeled, method)
                 total = weighted_total(result.losses, weights)
         with record_function("ssod::backward"):
-            total.backward()
+            scaler.scale(total).backward()
         with record_function("ssod::optimizer"):
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         with record_function("ssod::ema"):
             ema_update(teacher.detector, student.detector, 0.999)
         nonfinite.append(~torch.isfinite(total.detach()))
         return total
 
+    step.scaler = scaler
     return step
 
 

@@ -98,3 +98,35 @@ def test_the_polishing_part_leaves_no_gradients_for_the_next_part(tmp_path, data
     assert all(len(target["boxes"]) for _, target, _ in labeled)  # the polishing networks get samples
     _polishing(student, teacher, labeled, unlabeled, None)()
     assert all(param.grad is None for param in student.parameters())
+
+
+@pytest.mark.slow
+def test_fp16_steps_scale_the_loss_and_skip_overflowing_steps(tmp_path, dataset_cache):
+    """As training under accelerate's fp16: a step whose scaled gradients overflow changes no
+    weight and halves the scale (random weights overflow at the initial scale of 2**16)."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from ssod.bench import make_step
+    from ssod.build import build_loss_weights, build_model, build_optimizer
+    from ssod.config import compose
+    from ssod.data.pipeline import build_data
+    from ssod.data.sampling import infinite_loader
+
+    cfg = compose(tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher"))
+    method = OmegaConf.to_object(cfg.method)
+    data = build_data(cfg.data, tmp_path, need_unlabeled=True)
+    torch.manual_seed(0)
+    student = build_model(cfg.model, method, data.category_map.num_classes).train()
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    optimizer = build_optimizer(cfg.train, student)
+    labeled = next(infinite_loader(data.labeled, 2, 0, 0, 1, 0, 0))[0]
+    unlabeled = next(infinite_loader(data.unlabeled, 2, 1, 0, 1, 0, 0))[0]
+    weights = build_loss_weights(method)
+    assert not make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, torch.bfloat16, []).scaler.is_enabled()
+    step = make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, torch.float16, [])
+    before = [param.detach().clone() for param in student.parameters()]
+    step()
+    assert step.scaler.get_scale() == 2.0**15
+    assert all(torch.equal(old, param) for old, param in zip(before, student.parameters()))
