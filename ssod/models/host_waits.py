@@ -53,9 +53,18 @@ class LevelSortedRoIAlign(MultiScaleRoIAlign):
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = self.pyramid(x, image_shapes)
+        return self.pool_level_sorted(features, boxes)
+
+    def pyramid(self, x: dict[str, Tensor], image_shapes: list[tuple[int, int]]) -> list[Tensor]:
+        """The pooled levels of ``x``; sets up their scales and level mapping on the first call."""
         features = [feature for name, feature in x.items() if name in self.featmap_names]
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
+        return features
+
+    def pool_level_sorted(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        """``[sum N_i, C, R, R]``: each box by ``roi_align`` on its level, levels in one sorted pass."""
         rois = _convert_to_roi_format(boxes)
         if len(features) == 1:
             return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
+from torchvision.ops.poolers import _convert_to_roi_format
 
 from ssod.models.host_waits import LevelSortedRoIAlign
 
@@ -182,13 +182,8 @@ class PyramidRoIAlign(LevelSortedRoIAlign):
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        features = [feature for name, feature in x.items() if name in self.featmap_names]
+        features = self.pyramid(x, image_shapes)
         if features[0].device.type != "cpu" or self.sampling_ratio <= 0:
-            return super().forward(x, boxes, image_shapes)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
-                features, image_shapes, self.canonical_scale, self.canonical_level
-            )
-        levels = self.map_levels(boxes)
-        rois = _convert_to_roi_format(boxes)
+            return self.pool_level_sorted(features, boxes)
+        rois, levels = _convert_to_roi_format(boxes), self.map_levels(boxes)
         return pyramid_roi_align(features, rois, levels, self.scales, self.output_size, self.sampling_ratio)
