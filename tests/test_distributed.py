@@ -18,16 +18,18 @@ import pytest
 from ssod.checkpoint import list_checkpoints, load_checkpoint
 
 # A driver around ``ssod.train.main`` that records, per rank, the images of every step and
-# the student's weights at every checkpoint, and makes rank 1 alone see a NaN loss once.
+# the student's weights at every checkpoint, and makes rank 1 alone see a NaN loss once
+# (it patches ``ssod.step``, where each iteration computes its losses and saves).
 DRIVER = '''
 import json, math, os, sys
 import torch
+import ssod.step as step
 import ssod.train as train
 
 rank = int(os.environ["RANK"])
 out = os.environ["RANK_RECORDS"]
 nan_step = int(os.environ["NAN_STEP_ON_RANK_1"])
-real_losses, real_save_state = train.compute_losses, train.save_state
+real_losses, real_save_state = step.compute_losses, step.save_state
 calls = 0
 
 def compute_losses(student, teacher, labeled, unlabeled, method):
@@ -49,7 +51,7 @@ def save_state(accelerator, directory, state, student, teacher, *rest):
         handle.write(json.dumps({"step": state.step, "weights": digest}) + "\\n")
     return real_save_state(accelerator, directory, state, student, teacher, *rest)
 
-train.compute_losses, train.save_state = compute_losses, save_state
+step.compute_losses, step.save_state = compute_losses, save_state
 train.main()
 '''
 

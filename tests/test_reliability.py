@@ -20,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-import ssod.train
+import ssod.step
 from ssod import checkpoint
 from ssod.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ssod.data.coco import DatasetError
-from ssod.train import NonFiniteLossError, run
+from ssod.step import NonFiniteLossError
+from ssod.train import run
 
 WIDTH, HEIGHT = 96, 72
 
@@ -169,7 +170,7 @@ def test_broken_files_are_clear_errors_at_start(breakage, file_key, message, mes
 
 def _poison_losses(monkeypatch, steps: dict[int, float]) -> None:
     """Make ``compute_losses`` return ``value`` losses (NaN, inf) at the given 1-based steps."""
-    real = ssod.train.compute_losses
+    real = ssod.step.compute_losses
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -179,7 +180,7 @@ def _poison_losses(monkeypatch, steps: dict[int, float]) -> None:
             result.losses = {name: loss * steps[len(calls)] for name, loss in result.losses.items()}
         return result
 
-    monkeypatch.setattr(ssod.train, "compute_losses", poisoned)
+    monkeypatch.setattr(ssod.step, "compute_losses", poisoned)
 
 
 @pytest.mark.slow
@@ -253,7 +254,7 @@ def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(tiny_args, trainer, 
 
 def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_store, monkeypatch, tmp_path: Path):
     """A real SIGINT to this process during step 2 (in-process, so ``run`` returns normally)."""
-    real = ssod.train.compute_losses
+    real = ssod.step.compute_losses
     calls = []
 
     def interrupted_at_step_2(*args, **kwargs):
@@ -262,7 +263,7 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_s
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ssod.train, "compute_losses", interrupted_at_step_2)
+    monkeypatch.setattr(ssod.step, "compute_losses", interrupted_at_step_2)
     handler = signal.getsignal(signal.SIGINT)
     result = run(make_config("train.iterations=100"))
     assert result.status == "KILLED"

@@ -1,0 +1,125 @@
+"""One training iteration: the losses, then an optimizer and EMA step, or a skip.
+
+``ssod.train.run`` calls ``train_step`` once per iteration; ``Training`` holds what a run
+trains and checkpoints. ``train`` arguments are the ``train`` config group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+
+from ssod.config import MethodConfig
+from ssod.engine import StepResult, compute_losses
+from ssod.loop import Interrupts, RunState, save_state
+from ssod.losses import weighted_total
+from ssod.models.teacher import ema_momentum, ema_update
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN or infinite loss."""
+
+
+@dataclass
+class Training:
+    """What a run trains and checkpoints; ``state`` is the part that survives a resume."""
+
+    accelerator: Accelerator
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: RunState
+    ckpt_dir: Path
+    keep_checkpoints: int
+
+    def save(self) -> None:
+        save_state(
+            self.accelerator, self.ckpt_dir, self.state, self.student, self.teacher,
+            self.optimizer, self.scheduler, self.keep_checkpoints,
+        )
+
+
+@dataclass
+class StepFlags:
+    """What every process learns from the step's all-reduce."""
+
+    nonfinite: bool  # some process's loss was NaN or infinite: all skip the step
+    stop: bool  # some process was sent SIGTERM / SIGINT: all checkpoint and stop
+    bad_files: int  # unreadable images met so far, summed over processes
+
+
+def train_step(training: Training, labeled: list, unlabeled: list, method: MethodConfig, weights: dict[str, float],
+               train: DictConfig, interrupts: Interrupts) -> tuple[StepResult, torch.Tensor, StepFlags]:
+    """One iteration: the losses, then an optimizer and EMA step, or a skip if any process's loss is not finite.
+
+    Returns the losses (for the meters), their weighted total and the flags all processes
+    agreed on. After ``train.max_consecutive_nonfinite`` skips in a row it saves a
+    checkpoint and raises ``NonFiniteLossError``.
+    """
+    accelerator, state = training.accelerator, training.state
+    training.student.train()
+    with accelerator.autocast():
+        result = compute_losses(training.student, training.teacher, labeled, unlabeled, method)
+        total = weighted_total(result.losses, weights)
+    # Read the signal flag only now: a Ctrl-C during the forward pass stops after this step.
+    flags = _agree_on_flags(accelerator, total, interrupts.requested, len(state.bad_files))
+    if flags.nonfinite:
+        _skip_step(training, train.max_consecutive_nonfinite)
+        return result, total, flags
+    state.consecutive_nonfinite = 0
+    accelerator.backward(total)
+    if train.grad_clip_norm:
+        accelerator.clip_grad_norm_(training.student.parameters(), train.grad_clip_norm)
+    training.optimizer.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    if not accelerator.optimizer_step_was_skipped:
+        # fp16: when the scaler skipped the step, neither schedule nor teacher moves.
+        training.scheduler.step()
+        update_teacher(training.teacher, accelerator.unwrap_model(training.student), method, train, state)
+    return result, total, flags
+
+
+def _agree_on_flags(accelerator: Accelerator, total: torch.Tensor, stop_requested: bool, bad_files: int) -> StepFlags:
+    # One small all-reduce decides, on every process together, whether to skip this step,
+    # whether to stop, and how many unreadable images all processes have met. Its .tolist()
+    # is the step's one wait for the device in this loop (torchvision's RPN and samplers
+    # have their own).
+    host_flags = torch.tensor([float(stop_requested), float(bad_files)])
+    local = torch.cat([(~torch.isfinite(total.detach())).float().reshape(1), host_flags.to(accelerator.device)])
+    nonfinite, stop, bad = accelerator.reduce(local, reduction="sum").tolist()
+    return StepFlags(nonfinite > 0, stop > 0, int(bad))
+
+
+def _skip_step(training: Training, max_consecutive: int) -> None:
+    """Drop this step's gradients; give up, after a checkpoint, when it keeps happening."""
+    state = training.state
+    training.optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_steps += 1
+    state.consecutive_nonfinite += 1
+    log.warning("step %d: non-finite loss, step skipped (%d in a row)", state.step + 1, state.consecutive_nonfinite)
+    if state.consecutive_nonfinite >= max_consecutive:
+        training.save()
+        raise NonFiniteLossError(
+            f"{state.consecutive_nonfinite} consecutive steps with a non-finite loss at step {state.step + 1}; "
+            f"checkpoint saved in {training.ckpt_dir}. Lower train.lr, or try mixed_precision=no."
+        )
+
+
+def update_teacher(teacher, student, method: MethodConfig, train: DictConfig, state: RunState) -> None:
+    """EMA step for the detector and the polishing networks (after a real optimizer step)."""
+    frozen = method.ema_freeze_after_first_lr_step and train.lr_steps and state.step + 1 > min(train.lr_steps)
+    if not frozen:
+        momentum = ema_momentum(state.ema_steps, method.ema_momentum)
+        ema_update(teacher.detector, student.detector, momentum, method.ema_include_buffers)
+        if student.polisher is not None:
+            polish_momentum = ema_momentum(state.ema_steps, method.polish_ema_momentum, method.polish_ema_warmup)
+            ema_update(teacher.polisher, student.polisher, polish_momentum, method.ema_include_buffers)
+    state.ema_steps += 1
