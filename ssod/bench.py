@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import re
 import statistics
 import sys
@@ -27,9 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import OmegaConf
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from omegaconf import DictConfig, OmegaConf
 from torch.autograd import DeviceType
-from torch.profiler import record_function
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer
 from ssod.checkpoint import checkpoint_file, load_checkpoint, load_weights
@@ -37,9 +39,9 @@ from ssod.config import compose, eval_workers, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.data.transforms import project_target
-from ssod.engine import SemiSupervisedModel, compute_losses, detections_to_host, eval_loader, predict, teacher_forward
-from ssod.losses import weighted_total
-from ssod.models.teacher import ema_update
+from ssod.engine import SemiSupervisedModel, detections_to_host, eval_loader, predict, teacher_forward
+from ssod.loop import RunState
+from ssod.step import Training, train_step
 from ssod.tracking import Tracker, default_tracking_uri
 from ssod.train import to_device
 
@@ -87,32 +89,21 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}, peaks
 
 
-def make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, amp_dtype, nonfinite: list):
-    """One full training step (losses, backward, optimizer, EMA) on a fixed batch.
+def make_step(training: Training, method, weights: dict[str, float], train, labeled: list, unlabeled: list,
+              nonfinite: list) -> Callable[[], torch.Tensor]:
+    """One training step on a fixed batch, exactly as ``ssod.train`` takes it (``train_step``:
+    losses, the flags' all-reduce, backward, optimizer, EMA of the detector and the polishing
+    networks; fp16 steps scaled by accelerate's scaler, overflowing steps skipped).
 
-    Each step appends to ``nonfinite`` whether its total loss was NaN or infinite, as a
-    tensor: nothing syncs with the GPU until the caller sums the list after timing. fp16
-    steps scale the loss as training does (accelerate's scaler), its checks included.
+    Each step appends to ``nonfinite`` whether its total loss was NaN or infinite (a NaN
+    step does less work, so its time is not a real step's).
     """
-    scaler = torch.amp.GradScaler(labeled[0][0].device.type, enabled=amp_dtype == torch.float16)
 
     def step():
-        with torch.autocast(labeled[0][0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            with record_function("ssod::losses"):
-                result = compute_losses(student, teacher, labeled, unlabeled, method)
-                total = weighted_total(result.losses, weights)
-        with record_function("ssod::backward"):
-            scaler.scale(total).backward()
-        with record_function("ssod::optimizer"):
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        with record_function("ssod::ema"):
-            ema_update(teacher.detector, student.detector, 0.999)
-        nonfinite.append(~torch.isfinite(total.detach()))
+        _, total, flags = train_step(training, labeled, unlabeled, method, weights, train, lambda: False)
+        nonfinite.append(flags.nonfinite)
         return total
 
-    step.scaler = scaler
     return step
 
 
@@ -143,47 +134,57 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+@dataclasses.dataclass
+class BenchResult:
+    rows: dict[str, float]  # seconds per part
+    ratios: dict[str, float]
+    speeds: dict[str, float]  # images/s of evaluation, its loader alone, the bare model
+    throughput: dict[str, float]  # images/s of the training steps
+    peak_gib: dict[str, float]  # peak GPU memory per training part (CUDA only)
+    nonfinite: dict[str, int]  # steps with a NaN or infinite loss, per part that had any
+    report: str
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     cfg = compose(["method=polish_teacher", *args.overrides])
-    polish = OmegaConf.to_object(cfg.method)
-    soft = OmegaConf.to_object(compose(["method=soft_teacher", *args.overrides]).method)
-    supervised = OmegaConf.to_object(compose(["method=supervised", *args.overrides]).method)
+    # The steps are training's own, under an Accelerator as in training (its autocast, its
+    # fp16 scaler; on a CPU accelerate gives fp16 no autocast, and neither does training).
+    accelerator = Accelerator(mixed_precision=_MIXED_PRECISION[args.precision], cpu=args.device == "cpu")
+    try:
+        result = measure(args, cfg, accelerator)
+    finally:
+        AcceleratorState._reset_state()  # process-wide otherwise (tests call main more than once)
+    print(result.report)
+    if not args.no_mlflow:
+        _log_to_mlflow(args, cfg, result)
+    return 0
+
+
+_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def measure(args: argparse.Namespace, cfg: DictConfig, accelerator: Accelerator) -> BenchResult:
+    """Time every part on one fixed batch; ``args`` are ``ssod-bench``'s options."""
+    device = accelerator.device
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, Path.cwd(), need_unlabeled=True)
+    polish = OmegaConf.to_object(cfg.method)
     student = apply_speed_settings(cfg.train, build_model(cfg.model, polish, data.category_map.num_classes).to(device))
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
-    weights_note = _load_trained(args.checkpoint, student, teacher) if args.checkpoint else "random weights"
-    soft_student = SemiSupervisedModel(student.detector)
-    soft_teacher = SemiSupervisedModel(teacher.detector)
-    # The learning rate of the first warm-up step: the bench repeats steps on one batch, from
-    # random weights too, and the full rate can diverge there (a NaN step does less work).
-    optimizer = build_optimizer(OmegaConf.merge(cfg.train, {"lr": cfg.train.lr * cfg.train.warmup_factor}), student)
+    weights_note, start = _load_trained(args.checkpoint, student, teacher) if args.checkpoint else ("random weights", RunState())
     pin = device.type == "cuda"
     labeled_iter = infinite_loader(data.labeled, cfg.train.batch_labeled, 0, 0, 1, 0, cfg.data.num_workers, pin)
     unlabeled_iter = infinite_loader(data.unlabeled, cfg.train.batch_unlabeled, 1, 0, 1, 0, cfg.data.num_workers, pin)
     labeled = to_device(next(labeled_iter)[0], device)
     unlabeled = to_device(next(unlabeled_iter)[0], device)
     everything = labeled + to_device(as_labeled(unlabeled), device)
-    weights = build_loss_weights(polish)
-    student.train()
-    sup_weights = build_loss_weights(supervised)
-    # Each training step appends whether its loss was finite: a NaN step does less work.
+    # Before the steps move the teacher: the pseudo labels of the weights as given.
+    pseudo = _pseudo_label_counts(teacher, labeled, unlabeled, polish, accelerator)
     nonfinite: dict[str, list] = {name: [] for name in STEPS}
-    steps = [
-        make_step(soft_student, soft_teacher, optimizer, supervised, sup_weights, labeled, [], amp_dtype, nonfinite[STEPS[0]]),
-        make_step(soft_student, soft_teacher, optimizer, supervised, sup_weights, everything, [], amp_dtype, nonfinite[STEPS[1]]),
-        _inference(teacher.detector, [u[0].image for u in unlabeled], amp_dtype),
-        _polishing(student, teacher, labeled, unlabeled, amp_dtype),
-        make_step(soft_student, soft_teacher, optimizer, soft, build_loss_weights(soft), labeled, unlabeled, amp_dtype, nonfinite[STEPS[4]]),
-        make_step(student, teacher, optimizer, polish, weights, labeled, unlabeled, amp_dtype, nonfinite[STEPS[5]]),
-    ]
-    rows, peak_gib = interleaved_medians(dict(zip(STEPS, steps)), device, args.repeats, args.warmup)
-    bad_rows = {name: int(torch.stack(flags).sum()) for name, flags in nonfinite.items() if flags}
-    bad_rows = {name: count for name, count in bad_rows.items() if count}
-    bad_steps = sum(bad_rows.values())
+    parts = training_parts(cfg, args.overrides, accelerator, student, teacher, labeled, unlabeled, everything, nonfinite, start)
+    rows, peak_gib = interleaved_medians(parts, device, args.repeats, args.warmup)
+    bad_rows = {name: sum(flags) for name, flags in nonfinite.items() if sum(flags)}
     rows["data loading per batch"] = median_seconds(lambda: (next(labeled_iter), next(unlabeled_iter)), device, args.repeats, args.warmup)
     if not args.no_mlflow:
         rows["mlflow logging per interval"] = _mlflow_cost(args)
@@ -199,49 +200,88 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_mlflow:
         interval = cfg.train.log_every * rows["polish_teacher step"]
         ratios["mlflow share of training time"] = rows["mlflow logging per interval"] / interval
-    images = {"supervised step (labeled)": len(labeled), "supervised step (labeled + unlabeled)": len(everything),
-              "soft_teacher step": len(labeled) + len(unlabeled), "polish_teacher step": len(labeled) + len(unlabeled)}
-    throughput = {name: images[name] / rows[name] for name in images}
-    pseudo = _pseudo_label_counts(teacher, labeled, unlabeled, polish, amp_dtype)
+    images = {STEPS[0]: len(labeled), STEPS[1]: len(everything), STEPS[4]: len(labeled) + len(unlabeled),
+              STEPS[5]: len(labeled) + len(unlabeled)}
+    throughput = {name: count / rows[name] for name, count in images.items()}
     report = f"{weights_note}; {pseudo}\n" + _table(rows, ratios, speeds, args, cfg, throughput, peak_gib)
-    if bad_steps:
+    if bad_rows:
         # A NaN step skips work (no proposals, nothing to polish): its time is not a real step's.
         report += f"\n\nWARNING: steps with a non-finite loss (their times are not a real step's): {bad_rows}"
     if args.profile:
-        polish_step = make_step(student, teacher, optimizer, polish, weights, labeled, unlabeled, amp_dtype, [])
-        report += "\n\n" + _profile(polish_step, device, args.profile)
-    print(report)
-    if not args.no_mlflow:
-        tracker = Tracker(default_tracking_uri(Path.cwd()), "ssod-bench")
-        tracker.start(f"bench-{args.device}-{args.precision}")
-        tracker.log_params({**flatten(cfg), "bench.device": args.device, "bench.precision": args.precision,
-                            "bench.checkpoint": args.checkpoint or ""})
-        tracker.log_metrics({f"bench/{_slug(k)}_s": v for k, v in rows.items()}, 0)
-        tracker.log_metrics({f"bench/ratio/{_slug(k)}": v for k, v in ratios.items()}, 0)
-        tracker.log_metrics({f"bench/{name}_images_per_s": value for name, value in speeds.items()}, 0)
-        tracker.log_metrics({"bench/nonfinite_steps": bad_steps}, 0)
-        tracker.log_metrics({f"bench/{_slug(k)}_images_per_s": v for k, v in throughput.items()}, 0)
-        tracker.log_metrics({f"bench/{_slug(k)}_peak_gib": v for k, v in peak_gib.items()}, 0)
-        tracker.log_text(report, "bench.md")
-        tracker.end("FINISHED")
-    return 0
+        report += "\n\n" + _profile(parts["polish_teacher step"], device, args.profile)
+    return BenchResult(rows, ratios, speeds, throughput, peak_gib, bad_rows, report)
 
 
-def _load_trained(path: str, student, teacher) -> str:
-    """Load a training checkpoint's student and teacher weights; returns what was loaded."""
+def training_parts(cfg: DictConfig, overrides: list[str], accelerator: Accelerator, student, teacher, labeled: list,
+                   unlabeled: list, everything: list, nonfinite: dict[str, list],
+                   start: RunState) -> dict[str, Callable[[], object]]:
+    """The six training parts of ``STEPS`` on the fixed batch; the steps share one optimizer.
+
+    ``everything`` is ``labeled`` plus the strong views as labeled images (their hidden
+    ground truth). The steps append to ``nonfinite[name]`` whether their loss was not finite.
+    Each step's counters start from ``start`` (a fresh run's, or a loaded checkpoint's: at
+    step 0 the teacher's EMA momentum is 0 and it becomes the student).
+    """
+    methods = {name: OmegaConf.to_object(compose([f"method={name}", *overrides]).method)
+               for name in ("supervised", "soft_teacher", "polish_teacher")}
+    # The learning rate of the first warm-up step, held: the bench repeats steps on one batch,
+    # from random weights too, and the full rate can diverge there (a NaN step does less work).
+    optimizer = build_optimizer(OmegaConf.merge(cfg.train, {"lr": cfg.train.lr * cfg.train.warmup_factor}), student)
+    held = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    soft_student, soft_teacher = SemiSupervisedModel(student.detector), SemiSupervisedModel(teacher.detector)
+    student, soft_student, optimizer = accelerator.prepare(student, soft_student, optimizer)
+    # Non-finite steps are counted, never given up on: the bench writes no checkpoint.
+    train = OmegaConf.merge(cfg.train, {"max_consecutive_nonfinite": 2**62})
+
+    def step(name: str, model, teacher_model, method: str, labeled_part: list, unlabeled_part: list):
+        counters = dataclasses.replace(start, bad_files=[])
+        training = Training(accelerator, model, teacher_model, optimizer, held, counters, Path(tempfile.gettempdir()), 0)
+        weights = build_loss_weights(methods[method])
+        return make_step(training, methods[method], weights, train, labeled_part, unlabeled_part, nonfinite[name])
+
+    return {
+        STEPS[0]: step(STEPS[0], soft_student, soft_teacher, "supervised", labeled, []),
+        STEPS[1]: step(STEPS[1], soft_student, soft_teacher, "supervised", everything, []),
+        STEPS[2]: _inference(teacher.detector, [u[0].image for u in unlabeled], accelerator),
+        STEPS[3]: _polishing(student, teacher, labeled, unlabeled, accelerator),
+        STEPS[4]: step(STEPS[4], soft_student, soft_teacher, "soft_teacher", labeled, unlabeled),
+        STEPS[5]: step(STEPS[5], student, teacher, "polish_teacher", labeled, unlabeled),
+    }
+
+
+def _log_to_mlflow(args: argparse.Namespace, cfg: DictConfig, result: BenchResult) -> None:
+    """One run in the ``ssod-bench`` experiment: the config, every number, and the report."""
+    tracker = Tracker(default_tracking_uri(Path.cwd()), "ssod-bench")
+    tracker.start(f"bench-{args.device}-{args.precision}")
+    tracker.log_params({**flatten(cfg), "bench.device": args.device, "bench.precision": args.precision,
+                        "bench.checkpoint": args.checkpoint or ""})
+    tracker.log_metrics({f"bench/{_slug(k)}_s": v for k, v in result.rows.items()}, 0)
+    tracker.log_metrics({f"bench/ratio/{_slug(k)}": v for k, v in result.ratios.items()}, 0)
+    tracker.log_metrics({f"bench/{name}_images_per_s": value for name, value in result.speeds.items()}, 0)
+    tracker.log_metrics({"bench/nonfinite_steps": sum(result.nonfinite.values())}, 0)
+    tracker.log_metrics({f"bench/{_slug(k)}_images_per_s": v for k, v in result.throughput.items()}, 0)
+    tracker.log_metrics({f"bench/{_slug(k)}_peak_gib": v for k, v in result.peak_gib.items()}, 0)
+    tracker.log_text(result.report, "bench.md")
+    tracker.end("FINISHED")
+
+
+def _load_trained(path: str, student, teacher) -> tuple[str, RunState]:
+    """Load a training checkpoint's student and teacher weights; returns what was loaded and
+    the run's counters at that step (the teacher's EMA goes on as after a resume)."""
     found = checkpoint_file(path, "--checkpoint")
     state = load_checkpoint(found)
     load_weights(student, state["student"])
     load_weights(teacher, state["teacher"])
-    return f"weights of {found} (step {state['step']})"
+    counters = RunState(step=state["step"], ema_steps=state.get("ema_steps", state["step"]))
+    return f"weights of {found} (step {state['step']})", counters
 
 
 @torch.no_grad()
-def _pseudo_label_counts(teacher, labeled, unlabeled, method, amp_dtype) -> str:
+def _pseudo_label_counts(teacher, labeled, unlabeled, method, accelerator: Accelerator) -> str:
     """The teacher's pseudo labels per unlabeled image on the bench's batch (the work they cause)."""
     images = [item[0] for item in labeled]
     targets = [item[1] for item in labeled]
-    with torch.autocast(images[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with accelerator.autocast():
         out = teacher_forward(teacher, images, targets, [u[0].image for u in unlabeled], method)
     count = len(unlabeled)
     raw = sum(len(p.boxes) for p in out.pseudo_labels) / count
@@ -249,15 +289,15 @@ def _pseudo_label_counts(teacher, labeled, unlabeled, method, amp_dtype) -> str:
     return f"pseudo labels per unlabeled image: {raw:.1f} raw, {kept:.1f} for classification"
 
 
-def _inference(detector, images, amp_dtype):
+def _inference(detector, images, accelerator: Accelerator):
     def run():
-        with torch.no_grad(), torch.autocast(images[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.no_grad(), accelerator.autocast():
             return detector(images)
 
     return run
 
 
-def _polishing(student, teacher, labeled, unlabeled, amp_dtype):
+def _polishing(student, teacher, labeled, unlabeled, accelerator: Accelerator):
     """Polisher training losses + backward on labeled images, then polishing of weak-view boxes."""
     detector = teacher.detector
     images, _ = detector.transform([item[0] for item in labeled] + [u[0].image for u in unlabeled])
@@ -275,7 +315,7 @@ def _polishing(student, teacher, labeled, unlabeled, amp_dtype):
     scores = [torch.full((len(b),), 0.7, device=b.device) for b in boxes]
 
     def run():
-        with torch.autocast(images.tensors.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with accelerator.autocast():
             losses, _ = student.polisher.losses(lab_features, gt_boxes, gt_labels, proposals[:count], images.image_sizes[:count])
             sum(losses.values()).backward()
             teacher.polisher.polish(weak_features, boxes, labels, scores, images.image_sizes[count:])
@@ -409,7 +449,7 @@ def _table(rows, ratios, speeds, args, cfg, throughput, peak_gib) -> str:
         return f"| {name} | {rows[name]:.4f} | {ips} | {peak} |"
 
     lines = [
-        f"device {args.device} ({_device_name(args.device)}), precision {args.precision}, "
+        f"device {args.device} ({_device_name(args.device)}), precision {args.precision}{_precision_note(args)}, "
         f"channels_last {cfg.train.channels_last}, tf32 {cfg.train.tf32}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, batch {cfg.train.batch_labeled} labeled + {cfg.train.batch_unlabeled} unlabeled, "
         f"median of {args.repeats} after {args.warmup} warm-up",
@@ -426,6 +466,10 @@ def _table(rows, ratios, speeds, args, cfg, throughput, peak_gib) -> str:
         *[f"| {name} | {value:.3f} |" for name, value in ratios.items()],
     ]
     return "\n".join(lines)
+
+
+def _precision_note(args) -> str:
+    return " (as in training, accelerate runs fp16 on a CPU without autocast: fp32)" if args.precision == "fp16" and args.device == "cpu" else ""
 
 
 def _device_name(device: str) -> str:

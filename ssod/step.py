@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
+from torch.profiler import record_function
 
 from ssod.config import MethodConfig
 from ssod.engine import StepResult, compute_losses
-from ssod.loop import Interrupts, RunState, save_state
+from ssod.loop import RunState, save_state
 from ssod.losses import weighted_total
 from ssod.models.teacher import ema_momentum, ema_update
 
@@ -57,33 +59,37 @@ class StepFlags:
 
 
 def train_step(training: Training, labeled: list, unlabeled: list, method: MethodConfig, weights: dict[str, float],
-               train: DictConfig, interrupts: Interrupts) -> tuple[StepResult, torch.Tensor, StepFlags]:
+               train: DictConfig, stop_requested: Callable[[], bool]) -> tuple[StepResult, torch.Tensor, StepFlags]:
     """One iteration: the losses, then an optimizer and EMA step, or a skip if any process's loss is not finite.
 
+    ``stop_requested()`` says whether this process was asked to stop (SIGTERM / SIGINT).
     Returns the losses (for the meters), their weighted total and the flags all processes
     agreed on. After ``train.max_consecutive_nonfinite`` skips in a row it saves a
     checkpoint and raises ``NonFiniteLossError``.
     """
     accelerator, state = training.accelerator, training.state
     training.student.train()
-    with accelerator.autocast():
+    with accelerator.autocast(), record_function("ssod::losses"):
         result = compute_losses(training.student, training.teacher, labeled, unlabeled, method)
         total = weighted_total(result.losses, weights)
-    # Read the signal flag only now: a Ctrl-C during the forward pass stops after this step.
-    flags = _agree_on_flags(accelerator, total, interrupts.requested, len(state.bad_files))
+    # Asked only now: a Ctrl-C during the forward pass stops after this step.
+    flags = _agree_on_flags(accelerator, total, stop_requested(), len(state.bad_files))
     if flags.nonfinite:
         _skip_step(training, train.max_consecutive_nonfinite)
         return result, total, flags
     state.consecutive_nonfinite = 0
-    accelerator.backward(total)
-    if train.grad_clip_norm:
-        accelerator.clip_grad_norm_(training.student.parameters(), train.grad_clip_norm)
-    training.optimizer.step()
-    training.optimizer.zero_grad(set_to_none=True)
+    with record_function("ssod::backward"):
+        accelerator.backward(total)
+    with record_function("ssod::optimizer"):
+        if train.grad_clip_norm:
+            accelerator.clip_grad_norm_(training.student.parameters(), train.grad_clip_norm)
+        training.optimizer.step()
+        training.optimizer.zero_grad(set_to_none=True)
     if not accelerator.optimizer_step_was_skipped:
         # fp16: when the scaler skipped the step, neither schedule nor teacher moves.
         training.scheduler.step()
-        update_teacher(training.teacher, accelerator.unwrap_model(training.student), method, train, state)
+        with record_function("ssod::ema"):
+            update_teacher(training.teacher, accelerator.unwrap_model(training.student), method, train, state)
     return result, total, flags
 
 

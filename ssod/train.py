@@ -164,7 +164,7 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
         state.note_bad_files(labeled_meta + unlabeled_meta)
         labeled = to_device(labeled, accelerator.device)
         unlabeled = to_device(unlabeled, accelerator.device)
-        result, total, flags = train_step(training, labeled, unlabeled, method, weights, train, interrupts)
+        result, total, flags = train_step(training, labeled, unlabeled, method, weights, train, lambda: interrupts.requested)
         stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, int(flags.bad_files))
         state.step = step + 1
         meters.update(result, total, unlabeled, flags.nonfinite)

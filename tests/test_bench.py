@@ -11,6 +11,16 @@ from ssod.bench import interleaved_medians, main
 from tests.conftest import tiny_overrides
 
 
+@pytest.fixture
+def accelerator():
+    """A CPU Accelerator, its process-wide state reset afterwards (the next test may want another)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state()
+
+
 @pytest.mark.slow
 def test_bench_prints_every_part_and_logs_the_ratios(tmp_path, dataset_cache, mlflow_uri, mlflow_store, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
@@ -77,7 +87,7 @@ def test_parts_are_timed_in_turn_with_their_own_medians():
     assert peaks == {}  # peak memory is measured on CUDA only
 
 
-def test_the_polishing_part_leaves_no_gradients_for_the_next_part(tmp_path, dataset_cache):
+def test_the_polishing_part_leaves_no_gradients_for_the_next_part(tmp_path, dataset_cache, accelerator):
     """The parts take turns: the next part's optimizer step must not apply the polishing part's gradients."""
     import copy
 
@@ -96,37 +106,48 @@ def test_the_polishing_part_leaves_no_gradients_for_the_next_part(tmp_path, data
     labeled = next(infinite_loader(data.labeled, 2, 0, 0, 1, 0, 0))[0]
     unlabeled = next(infinite_loader(data.unlabeled, 2, 1, 0, 1, 0, 0))[0]
     assert all(len(target["boxes"]) for _, target, _ in labeled)  # the polishing networks get samples
-    _polishing(student, teacher, labeled, unlabeled, None)()
+    _polishing(student, teacher, labeled, unlabeled, accelerator)()
     assert all(param.grad is None for param in student.parameters())
 
 
 @pytest.mark.slow
-def test_fp16_steps_scale_the_loss_and_skip_overflowing_steps(tmp_path, dataset_cache):
-    """As training under accelerate's fp16: a step whose scaled gradients overflow changes no
-    weight and halves the scale (random weights overflow at the initial scale of 2**16)."""
+def test_the_bench_times_training_own_step(tmp_path, dataset_cache, accelerator):
+    """The polish_teacher part is ``ssod.step.train_step``: it moves the student and, by EMA,
+    both parts of the teacher (the detector and the polishing networks); the soft_teacher
+    part leaves the polishing networks alone. Each step records whether its loss was finite."""
     import copy
 
     from omegaconf import OmegaConf
 
-    from ssod.bench import make_step
-    from ssod.build import build_loss_weights, build_model, build_optimizer
+    from ssod.bench import STEPS, as_labeled, training_parts
+    from ssod.build import build_model
     from ssod.config import compose
     from ssod.data.pipeline import build_data
     from ssod.data.sampling import infinite_loader
+    from ssod.loop import RunState
 
-    cfg = compose(tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher"))
-    method = OmegaConf.to_object(cfg.method)
+    overrides = [o for o in tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher") if not o.startswith("method=")]
+    cfg = compose(["method=polish_teacher", *overrides])
     data = build_data(cfg.data, tmp_path, need_unlabeled=True)
     torch.manual_seed(0)
-    student = build_model(cfg.model, method, data.category_map.num_classes).train()
+    student = build_model(cfg.model, OmegaConf.to_object(cfg.method), data.category_map.num_classes).train()
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
-    optimizer = build_optimizer(cfg.train, student)
     labeled = next(infinite_loader(data.labeled, 2, 0, 0, 1, 0, 0))[0]
     unlabeled = next(infinite_loader(data.unlabeled, 2, 1, 0, 1, 0, 0))[0]
-    weights = build_loss_weights(method)
-    assert not make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, torch.bfloat16, []).scaler.is_enabled()
-    step = make_step(student, teacher, optimizer, method, weights, labeled, unlabeled, torch.float16, [])
-    before = [param.detach().clone() for param in student.parameters()]
-    step()
-    assert step.scaler.get_scale() == 2.0**15
-    assert all(torch.equal(old, param) for old, param in zip(before, student.parameters()))
+    nonfinite = {name: [] for name in STEPS}
+    parts = training_parts(cfg, overrides, accelerator, student, teacher, labeled, unlabeled,
+                           labeled + as_labeled(unlabeled), nonfinite, RunState())
+
+    def snapshot(module):
+        return [param.detach().clone() for param in module.parameters()]
+
+    def moved(module, before):
+        return any(not torch.equal(old, param) for old, param in zip(before, module.parameters()))
+
+    polisher = snapshot(teacher.polisher)
+    parts["soft_teacher step"]()
+    assert not moved(teacher.polisher, polisher)
+    detector, polisher, trained = snapshot(teacher.detector), snapshot(teacher.polisher), snapshot(student)
+    parts["polish_teacher step"]()
+    assert moved(student, trained) and moved(teacher.detector, detector) and moved(teacher.polisher, polisher)
+    assert nonfinite["polish_teacher step"] == [False] and nonfinite["soft_teacher step"] == [False]
