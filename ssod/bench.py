@@ -91,9 +91,11 @@ def interleaved_medians(
 
 def make_step(training: Training, method, weights: dict[str, float], train, labeled: list, unlabeled: list,
               nonfinite: list) -> Callable[[], torch.Tensor]:
-    """One training step on a fixed batch, exactly as ``ssod.train`` takes it (``train_step``:
-    losses, the flags' all-reduce, backward, optimizer, EMA of the detector and the polishing
-    networks; fp16 steps scaled by accelerate's scaler, overflowing steps skipped).
+    """One training step on a fixed batch: training's ``train_step`` (losses, the flags'
+    all-reduce, backward, optimizer, EMA of the detector and the polishing networks; fp16
+    steps scaled by accelerate's scaler, overflowing steps skipped), with the learning rate
+    held, the step counter fixed, no stop ever requested and non-finite steps never given
+    up on.
 
     Each step appends to ``nonfinite`` whether its total loss was NaN or infinite (a NaN
     step does less work, so its time is not a real step's).
@@ -118,7 +120,8 @@ def as_labeled(unlabeled: list) -> list:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="ssod-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the current GPU (choose it with CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -150,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose(["method=polish_teacher", *args.overrides])
     # The steps are training's own, under an Accelerator as in training (its autocast, its
     # fp16 scaler; on a CPU accelerate gives fp16 no autocast, and neither does training).
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("ssod-bench: --device cuda, but PyTorch sees no CUDA GPU here")
     accelerator = Accelerator(mixed_precision=_MIXED_PRECISION[args.precision], cpu=args.device == "cpu")
     try:
         result = measure(args, cfg, accelerator)
     finally:
-        AcceleratorState._reset_state()  # process-wide otherwise (tests call main more than once)
+        # Process-wide otherwise, the device choice included (tests call main more than once).
+        AcceleratorState._reset_state(reset_partial_state=True)
     print(result.report)
     if not args.no_mlflow:
         _log_to_mlflow(args, cfg, result)

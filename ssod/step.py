@@ -1,7 +1,8 @@
 """One training iteration: the losses, then an optimizer and EMA step, or a skip.
 
-``ssod.train.run`` calls ``train_step`` once per iteration; ``Training`` holds what a run
-trains and checkpoints. ``train`` arguments are the ``train`` config group.
+Training (``ssod.train``) calls ``train_step`` once per iteration, and ``ssod-bench``
+times it; ``Training`` holds what a run trains and checkpoints. ``train`` arguments are
+the ``train`` config group.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ class StepFlags:
 
 
 def train_step(training: Training, labeled: list, unlabeled: list, method: MethodConfig, weights: dict[str, float],
-               train: DictConfig, stop_requested: Callable[[], bool]) -> tuple[StepResult, torch.Tensor, StepFlags]:
+               train: DictConfig, stop_requested: Callable[[], bool],
+               on_flags: Callable[[StepFlags], None] = lambda flags: None) -> tuple[StepResult, torch.Tensor, StepFlags]:
     """One iteration: the losses, then an optimizer and EMA step, or a skip if any process's loss is not finite.
 
-    ``stop_requested()`` says whether this process was asked to stop (SIGTERM / SIGINT).
-    Returns the losses (for the meters), their weighted total and the flags all processes
+    ``stop_requested()`` says whether this process was asked to stop (SIGTERM / SIGINT);
+    ``on_flags(flags)`` sees the agreed flags before anything is applied, and may raise
+    (too many unreadable images) to stop with no step taken. Returns the losses (for the meters), their weighted total and the flags all processes
     agreed on. After ``train.max_consecutive_nonfinite`` skips in a row it saves a
     checkpoint and raises ``NonFiniteLossError``.
     """
@@ -74,6 +77,7 @@ def train_step(training: Training, labeled: list, unlabeled: list, method: Metho
         total = weighted_total(result.losses, weights)
     # Asked only now: a Ctrl-C during the forward pass stops after this step.
     flags = _agree_on_flags(accelerator, total, stop_requested(), len(state.bad_files))
+    on_flags(flags)
     if flags.nonfinite:
         _skip_step(training, train.max_consecutive_nonfinite)
         return result, total, flags

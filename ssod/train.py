@@ -138,9 +138,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         accelerator.wait_for_everyone()
         accelerator.free_memory()
         # The next run in this process (a test, a notebook) may ask for another mixed
-        # precision: accelerate keeps it process-wide unless reset (a private accelerate
-        # API; the process group, in PartialState, is kept).
-        AcceleratorState._reset_state()
+        # precision or device: accelerate keeps them process-wide unless reset (a private
+        # accelerate API). With several processes, PartialState (the process group) is kept.
+        AcceleratorState._reset_state(reset_partial_state=accelerator.num_processes == 1)
 
 
 def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, training: Training, loaders: Loaders,
@@ -164,8 +164,10 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
         state.note_bad_files(labeled_meta + unlabeled_meta)
         labeled = to_device(labeled, accelerator.device)
         unlabeled = to_device(unlabeled, accelerator.device)
-        result, total, flags = train_step(training, labeled, unlabeled, method, weights, train, lambda: interrupts.requested)
-        stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, int(flags.bad_files))
+        result, total, flags = train_step(
+            training, labeled, unlabeled, method, weights, train, lambda: interrupts.requested,
+            on_flags=lambda flags: stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, flags.bad_files),
+        )
         state.step = step + 1
         meters.update(result, total, unlabeled, flags.nonfinite)
         if progress is not None:

@@ -201,3 +201,14 @@ def trainer(tmp_path: Path):
     trainer = Trainer(tmp_path)
     yield trainer
     trainer.kill_leftovers()
+
+
+@pytest.fixture
+def accelerator():
+    """A CPU Accelerator; accelerate's process-wide state is reset afterwards (device and
+    precision included), so the next test may choose others."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -11,15 +11,6 @@ from ssod.bench import interleaved_medians, main
 from tests.conftest import tiny_overrides
 
 
-@pytest.fixture
-def accelerator():
-    """A CPU Accelerator, its process-wide state reset afterwards (the next test may want another)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state()
-
 
 @pytest.mark.slow
 def test_bench_prints_every_part_and_logs_the_ratios(tmp_path, dataset_cache, mlflow_uri, mlflow_store, monkeypatch, capsys):

@@ -387,3 +387,12 @@ def test_resuming_from_a_checkpoint_with_a_pickled_object_is_refused(make_config
     from accelerate.state import AcceleratorState
 
     assert not AcceleratorState._shared_state
+
+
+def test_a_cpu_run_leaves_no_device_choice_behind(make_config, mlflow_store):
+    """``train.cpu=true`` must not stick to the process: the next run here may use a GPU."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    run(make_config("train.iterations=1", "train.cpu=true"))
+    assert mlflow_store.only_run().info.status == "FINISHED"
+    assert not AcceleratorState._shared_state and not PartialState._shared_state

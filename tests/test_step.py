@@ -1,0 +1,122 @@
+"""``train_step``: what one iteration applies, and what it leaves alone when it must not step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ssod.build import build_loss_weights, build_model, build_optimizer, build_scheduler
+from ssod.config import compose
+from ssod.data.pipeline import build_data
+from ssod.data.sampling import infinite_loader
+from ssod.loop import RunState
+from ssod.step import StepFlags, Training, train_step
+from tests.conftest import tiny_overrides
+
+
+@pytest.fixture
+def parts(tmp_path, dataset_cache, accelerator):
+    """A prepared polish_teacher Training on the CPU, one fixed batch, and what a step needs."""
+    cfg = compose(tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher"))
+    method = OmegaConf.to_object(cfg.method)
+    data = build_data(cfg.data, tmp_path, need_unlabeled=True)
+    torch.manual_seed(0)
+    student = build_model(cfg.model, method, data.category_map.num_classes)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    optimizer = build_optimizer(cfg.train, student)
+    scheduler = build_scheduler(cfg.train, optimizer)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    training = Training(accelerator, student, teacher, optimizer, scheduler, RunState(), tmp_path / "checkpoints", 1)
+    labeled = next(infinite_loader(data.labeled, 1, 0, 0, 1, 0, 0))[0]
+    unlabeled = next(infinite_loader(data.unlabeled, 1, 1, 0, 1, 0, 0))[0]
+    return training, (labeled, unlabeled, method, build_loss_weights(method), cfg.train)
+
+
+def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [param.detach().clone() for param in module.parameters()]
+
+
+def _unchanged(module: torch.nn.Module, before: list[torch.Tensor]) -> bool:
+    return all(torch.equal(old, param) for old, param in zip(before, module.parameters()))
+
+
+def test_a_step_moves_student_schedule_and_both_parts_of_the_teacher(parts):
+    training, batch = parts
+    student = _snapshot(training.student)
+    detector, polisher = _snapshot(training.teacher.detector), _snapshot(training.teacher.polisher)
+    _, total, flags = train_step(training, *batch, lambda: False)
+    assert flags == StepFlags(nonfinite=False, stop=False, bad_files=0) and torch.isfinite(total)
+    assert not _unchanged(training.student, student)
+    assert not _unchanged(training.teacher.detector, detector) and not _unchanged(training.teacher.polisher, polisher)
+    assert training.scheduler.last_epoch == 1 and training.state.ema_steps == 1
+
+
+def test_a_step_the_fp16_scaler_skipped_moves_neither_schedule_nor_teacher(parts, monkeypatch):
+    """fp16 on a GPU: accelerate's scaler skips a step whose gradients overflowed. The
+    learning-rate schedule and the EMA teacher must then stay where they are."""
+    from accelerate import Accelerator
+
+    training, batch = parts
+    train_step(training, *batch, lambda: False)
+    teacher = _snapshot(training.teacher)
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    train_step(training, *batch, lambda: False)
+    assert training.scheduler.last_epoch == 1 and training.state.ema_steps == 1
+    assert _unchanged(training.teacher, teacher)
+
+
+def test_flags_are_seen_before_anything_is_applied(parts):
+    """``on_flags`` may stop the run (too many unreadable images): no step is taken then."""
+    training, batch = parts
+    student = _snapshot(training.student)
+
+    def too_many_bad_images(flags: StepFlags) -> None:
+        raise RuntimeError(f"stop at {flags.bad_files} bad images")
+
+    training.state.bad_files.append("broken.jpg")
+    with pytest.raises(RuntimeError, match="stop at 1 bad images"):
+        train_step(training, *batch, lambda: False, on_flags=too_many_bad_images)
+    assert _unchanged(training.student, student)
+    assert training.scheduler.last_epoch == 0 and training.state.ema_steps == 0
+
+
+def test_a_stop_request_is_asked_after_the_forward_pass_and_the_step_still_applies(parts, monkeypatch):
+    """A Ctrl-C that arrives during the forward pass stops the run after this very step."""
+    import ssod.step
+
+    training, batch = parts
+    real, events = ssod.step.compute_losses, []
+    monkeypatch.setattr(ssod.step, "compute_losses", lambda *args: events.append("losses") or real(*args))
+    _, _, flags = train_step(training, *batch, lambda: events.append("asked") or True)
+    assert flags.stop and events == ["losses", "asked"]
+    assert training.scheduler.last_epoch == 1  # the step is taken; the loop then checkpoints and stops
+
+
+def test_a_non_finite_loss_skips_the_step_and_gives_up_after_a_checkpoint(parts, monkeypatch):
+    import ssod.step
+    from ssod.checkpoint import list_checkpoints
+    from ssod.step import NonFiniteLossError
+
+    training, batch = parts
+    real = ssod.step.compute_losses
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.losses = {name: loss * float("nan") for name, loss in result.losses.items()}
+        return result
+
+    monkeypatch.setattr(ssod.step, "compute_losses", poisoned)
+    student = _snapshot(training.student)
+    max_in_a_row = batch[-1].max_consecutive_nonfinite
+    for _ in range(max_in_a_row - 1):
+        assert train_step(training, *batch, lambda: False)[2].nonfinite
+    assert _unchanged(training.student, student) and training.scheduler.last_epoch == 0
+    assert all(param.grad is None for param in training.student.parameters())
+    assert list_checkpoints(training.ckpt_dir) == []
+    with pytest.raises(NonFiniteLossError, match=f"{max_in_a_row} consecutive steps"):
+        train_step(training, *batch, lambda: False)
+    assert training.state.nonfinite_steps == max_in_a_row
+    assert [step for step, _ in list_checkpoints(training.ckpt_dir)] == [0]
