@@ -180,6 +180,21 @@ def test_a_sample_is_reproducible_from_its_seed_and_leaves_the_global_rng_alone(
     assert not torch.equal(first[0], third[0]) and not torch.equal(first[1], third[1])
 
 
+def test_a_sample_leaves_the_accelerators_generators_alone(tmp_path: Path, monkeypatch):
+    """Loaded in the training process (``num_workers=0``), a sample must not reseed the
+    GPU's generator: torchvision's RPN and RoI samplers draw from it every step, and the
+    loader restores only the CPU generator. (``torch.manual_seed`` seeds every device.)"""
+    coco = load_coco(_write(tmp_path, _dataset_json([])))
+    dataset = CocoDetection(coco, _images(tmp_path), _category_map(), lambda image, target, generator: torch.rand(2))
+    seeded = []
+    for device in (torch.cuda, torch.xpu, torch.mps):
+        monkeypatch.setattr(device, "manual_seed_all" if hasattr(device, "manual_seed_all") else "manual_seed",
+                            lambda seed, name=device.__name__: seeded.append(name))
+    first, _ = dataset[(1, 42)]
+    assert seeded == []
+    assert torch.equal(first, dataset[(1, 42)][0])  # still reproducible from the seed
+
+
 def test_unreadable_images_are_skipped_and_reported(tmp_path: Path):
     coco = load_coco(_write(tmp_path, _dataset_json([])))
     images = _images(tmp_path)
