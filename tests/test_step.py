@@ -14,24 +14,29 @@ from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.loop import RunState
 from ssod.step import StepFlags, Training, train_step
+from ssod.train import to_device
 from tests.conftest import tiny_overrides
 
 
 @pytest.fixture
 def parts(tmp_path, dataset_cache, accelerator):
     """A prepared polish_teacher Training on the CPU, one fixed batch, and what a step needs."""
+    return _parts(tmp_path, dataset_cache, accelerator)
+
+
+def _parts(tmp_path, dataset_cache, accelerator):
     cfg = compose(tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher"))
     method = OmegaConf.to_object(cfg.method)
     data = build_data(cfg.data, tmp_path, need_unlabeled=True)
     torch.manual_seed(0)
-    student = build_model(cfg.model, method, data.category_map.num_classes)
+    student = build_model(cfg.model, method, data.category_map.num_classes).to(accelerator.device)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     optimizer = build_optimizer(cfg.train, student)
     scheduler = build_scheduler(cfg.train, optimizer)
     student, optimizer = accelerator.prepare(student, optimizer)
     training = Training(accelerator, student, teacher, optimizer, scheduler, RunState(), tmp_path / "checkpoints", 1)
-    labeled = next(infinite_loader(data.labeled, 1, 0, 0, 1, 0, 0))[0]
-    unlabeled = next(infinite_loader(data.unlabeled, 1, 1, 0, 1, 0, 0))[0]
+    labeled = to_device(next(infinite_loader(data.labeled, 1, 0, 0, 1, 0, 0))[0], accelerator.device)
+    unlabeled = to_device(next(infinite_loader(data.unlabeled, 1, 1, 0, 1, 0, 0))[0], accelerator.device)
     return training, (labeled, unlabeled, method, build_loss_weights(method), cfg.train)
 
 
@@ -66,6 +71,28 @@ def test_a_step_the_fp16_scaler_skipped_moves_neither_schedule_nor_teacher(parts
     train_step(training, *batch, lambda: False)
     assert training.scheduler.last_epoch == 1 and training.state.ema_steps == 1
     assert _unchanged(training.teacher, teacher)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate's fp16 loss scaler runs on CUDA GPUs only")
+def test_a_step_whose_fp16_gradients_overflow_is_skipped_by_the_scaler(tmp_path, dataset_cache):
+    """The real path on a GPU: at a loss scale of 2**100 the fp16 gradients overflow, and
+    the scaler skips the step; student, schedule and teacher stay, the scale halves."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import GradScalerKwargs
+
+    accelerator = Accelerator(mixed_precision="fp16", kwargs_handlers=[GradScalerKwargs(init_scale=2.0**100)])
+    try:
+        training, batch = _parts(tmp_path, dataset_cache, accelerator)
+        student, teacher = _snapshot(training.student), _snapshot(training.teacher)
+        _, total, flags = train_step(training, *batch, lambda: False)
+        assert torch.isfinite(total) and not flags.nonfinite  # the loss is fine; its scaled gradients are not
+        assert accelerator.optimizer_step_was_skipped
+        assert _unchanged(training.student, student) and _unchanged(training.teacher, teacher)
+        assert training.scheduler.last_epoch == 0 and training.state.ema_steps == 0
+        assert accelerator.scaler.get_scale() == 2.0**99
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_flags_are_seen_before_anything_is_applied(parts):
