@@ -203,6 +203,10 @@ def register_configs() -> None:
 
     store.store(group="tune", name="tune_schema", node=TuneConfig)
 
+    # ``${ssod.eq:a,b}`` in the YAML files: a value for one method only, e.g. the paper
+    # experiments' ``ema_freeze_after_first_lr_step: ${ssod.eq:${method.name},polish_teacher}``.
+    OmegaConf.register_new_resolver("ssod.eq", lambda left, right: left == right, replace=True)
+
 
 register_configs()
 

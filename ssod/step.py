@@ -124,12 +124,17 @@ def _skip_step(training: Training, max_consecutive: int) -> None:
 
 
 def update_teacher(teacher, student, method: MethodConfig, train: DictConfig, state: RunState) -> None:
-    """EMA step for the detector and the polishing networks (after a real optimizer step)."""
+    """EMA step for the detector and the polishing networks (after a real optimizer step).
+
+    ``method.ema_freeze_after_first_lr_step`` stops the detector's teacher only: in the
+    reference, the polishing networks' teacher (its MeanRFNet hook) follows its student
+    to the end.
+    """
     frozen = method.ema_freeze_after_first_lr_step and train.lr_steps and state.step + 1 > min(train.lr_steps)
     if not frozen:
         momentum = ema_momentum(state.ema_steps, method.ema_momentum)
         ema_update(teacher.detector, student.detector, momentum, method.ema_include_buffers)
-        if student.polisher is not None:
-            polish_momentum = ema_momentum(state.ema_steps, method.polish_ema_momentum, method.polish_ema_warmup)
-            ema_update(teacher.polisher, student.polisher, polish_momentum, method.ema_include_buffers)
+    if student.polisher is not None:
+        polish_momentum = ema_momentum(state.ema_steps, method.polish_ema_momentum, method.polish_ema_warmup)
+        ema_update(teacher.polisher, student.polisher, polish_momentum, method.ema_include_buffers)
     state.ema_steps += 1

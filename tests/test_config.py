@@ -27,6 +27,22 @@ def test_overrides_and_experiments():
     assert voc.method.unsup_weight == 1.0 and voc.train.batch_unlabeled == 1
 
 
+@pytest.mark.parametrize("experiment", ["coco_partial", "voc"])
+def test_paper_experiments_freeze_the_teacher_after_the_first_lr_step_for_polish_teacher_only(experiment):
+    """METHOD.md 3: the reference behaviour is the paper configs' value; Soft Teacher's
+    reference keeps its teacher moving, and the built-in experiment does too."""
+    from omegaconf import OmegaConf
+
+    polish = compose([f"experiment={experiment}"])
+    soft = compose([f"experiment={experiment}", "method=soft_teacher"])
+    assert OmegaConf.to_object(polish.method).ema_freeze_after_first_lr_step is True
+    assert flatten(polish)["method.ema_freeze_after_first_lr_step"] is True
+    assert OmegaConf.to_object(soft.method).ema_freeze_after_first_lr_step is False
+    assert compose(["experiment=synthetic"]).method.ema_freeze_after_first_lr_step is False
+    off = compose([f"experiment={experiment}", "method.ema_freeze_after_first_lr_step=false"])
+    assert off.method.ema_freeze_after_first_lr_step is False
+
+
 def test_wrong_key_or_type_fails_at_composition():
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose(["train.iterationz=3"])

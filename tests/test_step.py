@@ -73,6 +73,19 @@ def test_a_step_the_fp16_scaler_skipped_moves_neither_schedule_nor_teacher(parts
     assert _unchanged(training.teacher, teacher)
 
 
+def test_after_the_first_lr_step_the_freeze_stops_the_detectors_teacher_only(parts):
+    """The reference freezes its Mean Teacher hook (the detector) and not the polishing
+    networks' (MeanRFNet), which follows its student to the end."""
+    training, (labeled, unlabeled, method, weights, train) = parts
+    method.ema_freeze_after_first_lr_step = True
+    training.state.step = train.lr_steps[0]  # this step is past the first learning-rate step
+    detector, polisher = _snapshot(training.teacher.detector), _snapshot(training.teacher.polisher)
+    train_step(training, labeled, unlabeled, method, weights, train, lambda: False)
+    assert _unchanged(training.teacher.detector, detector)
+    assert not _unchanged(training.teacher.polisher, polisher)
+    assert training.state.ema_steps == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate's fp16 loss scaler runs on CUDA GPUs only")
 def test_a_step_whose_fp16_gradients_overflow_is_skipped_by_the_scaler(tmp_path, dataset_cache):
     """The real path on a GPU: at a loss scale of 2**100 the fp16 gradients overflow, and
