@@ -96,16 +96,29 @@ def resolve_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
         source = _absolute(cfg.train_json, project_dir)
         source_images = _absolute(cfg.train_images, project_dir)
         val_json, val_images = _absolute(cfg.val_json, project_dir), _absolute(cfg.val_images, project_dir)
-        split_dir = cache / "splits" / hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
         if cfg.unlabeled_json:
             unlabeled_images = _absolute(cfg.unlabeled_images or cfg.train_images, project_dir)
             return DataFiles(source, source_images, _absolute(cfg.unlabeled_json, project_dir), unlabeled_images, val_json, val_images)
+        split_dir = _coco_split_dir(cache, source) if cfg.percent < 100 else None
     if cfg.percent >= 100:
         return DataFiles(source, source_images, None, None, val_json, val_images)
-    labeled, unlabeled = split_paths(source, split_dir, cfg.fold, cfg.percent)
+    # One directory per selection scheme (the files keep SoftTeacher's names): another
+    # split_seed or reference offset must not reuse a split made with the first.
+    scheme = f"seed-{cfg.split_seed}" if cfg.split_reference_offset is None else f"reference-{cfg.split_reference_offset}"
+    labeled, unlabeled = split_paths(source, split_dir / scheme, cfg.fold, cfg.percent)
     if not (labeled.is_file() and unlabeled.is_file()):
-        make_split(source, split_dir, cfg.fold, cfg.percent, cfg.split_seed, cfg.split_reference_offset)
+        make_split(source, split_dir / scheme, cfg.fold, cfg.percent, cfg.split_seed, cfg.split_reference_offset)
     return DataFiles(labeled, source_images, unlabeled, source_images, val_json, val_images)
+
+
+def _coco_split_dir(cache: Path, source: Path) -> Path:
+    """Where the splits of ``source`` live: keyed by its path, size and modification time,
+    so a json replaced in place gets new splits, not the old file's."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: COCO json file not found (data.train_json)")
+    stat = source.stat()
+    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return cache / "splits" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def build_data(cfg: DataConfig, project_dir: Path, need_unlabeled: bool) -> DataBundle:

@@ -1,0 +1,50 @@
+"""``resolve_files``: which split files a data config trains on, and when they are made anew."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ssod.config import compose
+from ssod.data.pipeline import resolve_files
+
+
+def _coco_json(path: Path, count: int) -> Path:
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 48} for i in range(1, count + 1)]
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0}
+                   for i in range(1, count + 1)]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}))
+    return path
+
+
+def _labeled_ids(tmp_path: Path, source: Path, *overrides: str) -> list[int]:
+    cfg = compose(["data=coco", f"data.train_json={source}", f"data.train_images={tmp_path}", f"data.val_json={source}",
+                   f"data.val_images={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "data.percent=10", *overrides])
+    files = resolve_files(OmegaConf.to_object(cfg.data), tmp_path)
+    return sorted(image["id"] for image in json.loads(Path(files.train_json).read_text())["images"])
+
+
+def test_another_split_seed_or_reference_offset_gets_its_own_split(tmp_path: Path):
+    source = _coco_json(tmp_path / "train.json", 100)
+    first = _labeled_ids(tmp_path, source)
+    assert len(first) == 10
+    assert _labeled_ids(tmp_path, source, "data.split_seed=1") != first
+    assert _labeled_ids(tmp_path, source, "data.split_reference_offset=7") not in (first, _labeled_ids(tmp_path, source, "data.split_seed=1"))
+    assert _labeled_ids(tmp_path, source) == first  # and each is made once, then reused
+
+
+def test_a_json_replaced_in_place_gets_new_splits(tmp_path: Path):
+    source = _coco_json(tmp_path / "train.json", 100)
+    assert max(_labeled_ids(tmp_path, source)) <= 100
+    _coco_json(source, 300)
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert len(_labeled_ids(tmp_path, source)) == 30
+
+
+def test_a_missing_training_json_is_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.json: COCO json file not found \(data\.train_json\)"):
+        _labeled_ids(tmp_path, tmp_path / "missing.json")
