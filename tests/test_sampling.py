@@ -124,3 +124,10 @@ def test_a_process_that_fails_with_live_loader_workers_exits():
     assert done.returncode == 1
     assert "failed with the loader's workers alive" in done.stderr
     assert "killed by signal" not in done.stderr
+
+
+@pytest.mark.timeout(30)
+def test_more_ranks_than_items_still_gives_every_rank_batches():
+    """3 labeled images on 8 GPUs: each rank gets one item per pass (it used to wait forever)."""
+    firsts = [next(iter(InfiniteBatchSampler(3, 1, seed=0, rank=rank, world_size=8))) for rank in range(8)]
+    assert {index for (index, _), in firsts} == {0, 1, 2}

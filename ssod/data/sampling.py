@@ -50,7 +50,8 @@ class InfiniteBatchSampler(Sampler[list[tuple[int, int]]]):
             order = torch.randperm(self.num_items, generator=generator)
             # Pad so every rank gets the same count per pass (keeps ranks in step).
             per_rank = -(-self.num_items // self.world_size)
-            padded = order.repeat(2)[: per_rank * self.world_size]
+            # More ranks than items (3 labeled images on 8 GPUs) need the order repeated more.
+            padded = order.repeat(-(-per_rank * self.world_size // self.num_items))[: per_rank * self.world_size]
             for index in padded[self.rank :: self.world_size].tolist():
                 sample_seed = (self.seed * 7_919 + self.rank * 104_729 + position) % (2**31)
                 yield index, sample_seed
