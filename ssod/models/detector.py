@@ -12,6 +12,7 @@ says where to put it. Tests and synthetic runs use no weights.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -136,7 +137,9 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
             weights=weights,
             fpn=True,
             trainable_layers=cfg.trainable_backbone_layers if weights is not None else 6,
-            norm_layer=norm if weights is None else nn.BatchNorm2d,
+            # Pretrained: its BatchNorm frozen, as torchvision's own detector does, with the
+            # epsilon MobileNetV3's statistics were made with.
+            norm_layer=norm if weights is None else functools.partial(FrozenBatchNorm2d, eps=0.001),
         )
         levels = 3
         sizes = (tuple(cfg.anchor_sizes),) * levels

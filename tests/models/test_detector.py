@@ -87,3 +87,27 @@ def test_transform_and_box_coder_give_torchvision_values():
     for coder in (detector.rpn.box_coder, detector.roi_heads.box_coder):
         expected = BoxCoder(coder.weights).encode(boxes, proposals)[0]
         assert torch.equal(coder.encode(boxes, proposals)[0], expected)
+
+
+def test_a_pretrained_mobilenet_has_frozen_batchnorm_with_its_statistics(tmp_path, monkeypatch):
+    """Trainable BatchNorm at 1-4 images per GPU drifts, and its running statistics never
+    reach the teacher (the EMA averages parameters): pretrained, it is frozen."""
+    from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
+    from torchvision.ops import FrozenBatchNorm2d
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = MobileNet_V3_Large_Weights.IMAGENET1K_V1
+    cached = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    net = mobilenet_v3_large()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), cached)
+    model = build_detector(ModelConfig(arch="mobilenet_v3_fpn", weights_backbone="IMAGENET1K_V1"), 2)
+    body = model.backbone.body
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in body.modules())
+    frozen = [module for module in body.modules() if isinstance(module, FrozenBatchNorm2d)]
+    assert frozen and all(module.eps == 0.001 for module in frozen)
+    assert torch.equal(body["0"][1].running_var, net.features[0][1].running_var)
