@@ -16,8 +16,9 @@ silent or differs:
   the reference's ``cls_merger`` does).
 - Each voted box is pooled on the FPN level chosen by its own size, as mmdetection's
   ``SingleRoIExtractor`` does with the flat roi list of the reference. (The pooler is
-  the detector's: torchvision maps sqrt(area) < 224 to P2 and samples 2x2 points,
-  mmdetection maps < 112 to P2, samples adaptively and uses ``aligned=True``.)
+  the detector's: both torchvision and mmdetection map sqrt(area) < 112 to P2, < 224
+  to P3, < 448 to P4; torchvision samples 2x2 points, mmdetection samples adaptively
+  and uses ``aligned=True``.)
 - Polished boxes are clipped to the image (the reference decodes with ``max_shape``).
 - Keep rule: kept if best foreground probability ``>= rf_cls_thr`` or detector score
   ``> det_score_thr``; relabelled if that probability ``>= rf_cls_thr`` and score
