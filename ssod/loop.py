@@ -28,7 +28,11 @@ class RunState:
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
     run_id: str = ""
+    # Unreadable images met by any process (the same on all, once shared; see ssod.step).
     bad_files: list[str] = field(default_factory=list)
+    # How many of ``bad_files`` all processes already share (not saved: a checkpoint holds
+    # the shared list, so after a resume all of it is shared).
+    shared_bad_files: int = 0
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {
@@ -42,9 +46,10 @@ class RunState:
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> "RunState":
+        bad_files = list(state["bad_files"])
         return cls(
             state["step"], state["ema_steps"], state["nonfinite_steps"], state["consecutive_nonfinite"],
-            state["mlflow_run_id"], list(state["bad_files"]),
+            state["mlflow_run_id"], bad_files, len(bad_files),
         )
 
     def note_bad_files(self, metas: list[dict]) -> None:
@@ -57,7 +62,8 @@ class RunState:
 def stop_if_too_many_bad(state: RunState, data, max_fraction: float, tracker, all_bad: int) -> None:
     """Corrupt images are skipped, but past ``max_fraction`` of the data the run stops.
 
-    ``all_bad`` is the count summed over processes, so every process stops together.
+    ``all_bad`` is the count of distinct files all processes met (the same on every
+    process), so every process stops together.
     """
     total = len(data.labeled) + (len(data.unlabeled) if data.unlabeled is not None else 0)
     if all_bad and all_bad > max_fraction * total:

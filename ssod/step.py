@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from omegaconf import DictConfig
 from torch.profiler import record_function
 
@@ -56,7 +57,7 @@ class StepFlags:
 
     nonfinite: bool  # some process's loss was NaN or infinite: all skip the step
     stop: bool  # some process was sent SIGTERM / SIGINT: all checkpoint and stop
-    bad_files: int  # unreadable images met so far, summed over processes
+    bad_files: int  # distinct unreadable images met so far by all processes together
 
 
 def train_step(training: Training, labeled: list, unlabeled: list, method: MethodConfig, weights: dict[str, float],
@@ -76,7 +77,7 @@ def train_step(training: Training, labeled: list, unlabeled: list, method: Metho
         result = compute_losses(training.student, training.teacher, labeled, unlabeled, method)
         total = weighted_total(result.losses, weights)
     # Asked only now: a Ctrl-C during the forward pass stops after this step.
-    flags = _agree_on_flags(accelerator, total, stop_requested(), len(state.bad_files))
+    flags = _agree_on_flags(accelerator, total, stop_requested(), state)
     on_flags(flags)
     if flags.nonfinite:
         _skip_step(training, train.max_consecutive_nonfinite)
@@ -97,15 +98,30 @@ def train_step(training: Training, labeled: list, unlabeled: list, method: Metho
     return result, total, flags
 
 
-def _agree_on_flags(accelerator: Accelerator, total: torch.Tensor, stop_requested: bool, bad_files: int) -> StepFlags:
+def _agree_on_flags(accelerator: Accelerator, total: torch.Tensor, stop_requested: bool, state: RunState) -> StepFlags:
     # One small all-reduce decides, on every process together, whether to skip this step,
-    # whether to stop, and how many unreadable images all processes have met. Its .tolist()
-    # is the step's one wait for the device in this loop (torchvision's RPN and samplers
-    # have their own).
-    host_flags = torch.tensor([float(stop_requested), float(bad_files)])
+    # whether to stop, and whether any process met unreadable images it has not shared
+    # yet. Its .tolist() is the step's one wait for the device in this loop (torchvision's
+    # RPN and samplers have their own).
+    unshared = len(state.bad_files) - state.shared_bad_files
+    host_flags = torch.tensor([float(stop_requested), float(unshared)])
     local = torch.cat([(~torch.isfinite(total.detach())).float().reshape(1), host_flags.to(accelerator.device)])
-    nonfinite, stop, bad = accelerator.reduce(local, reduction="sum").tolist()
-    return StepFlags(nonfinite > 0, stop > 0, int(bad))
+    nonfinite, stop, new_bad = accelerator.reduce(local, reduction="sum").tolist()
+    if new_bad > 0:
+        _share_bad_files(state)
+    return StepFlags(nonfinite > 0, stop > 0, len(state.bad_files))
+
+
+def _share_bad_files(state: RunState) -> None:
+    """Every process gets the union of all processes' unreadable files (in the same order).
+
+    Counted per process and summed, a file every process meets (each pass reshuffles the
+    shards) would count once per process, and the bad-image limit would shrink with the
+    number of GPUs; and only the main process's list would reach the checkpoint.
+    """
+    lists = gather_object([state.bad_files])  # one list per process
+    state.bad_files = list(dict.fromkeys(name for names in lists for name in names))
+    state.shared_bad_files = len(state.bad_files)
 
 
 def _skip_step(training: Training, max_consecutive: int) -> None:

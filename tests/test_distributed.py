@@ -19,7 +19,8 @@ from ssod.checkpoint import list_checkpoints, load_checkpoint
 
 # A driver around ``ssod.train.main`` that records, per rank, the images of every step and
 # the student's weights at every checkpoint, and makes rank 1 alone see a NaN loss once
-# (it patches ``ssod.step``, where each iteration computes its losses and saves).
+# (it patches ``ssod.step``, where each iteration computes its losses and saves). At step 1
+# both ranks meet the same unreadable image, and rank 1 another one.
 DRIVER = '''
 import json, math, os, sys
 import torch
@@ -51,7 +52,16 @@ def save_state(accelerator, directory, state, student, teacher, *rest):
         handle.write(json.dumps({"step": state.step, "weights": digest}) + "\\n")
     return real_save_state(accelerator, directory, state, student, teacher, *rest)
 
+real_note = step.RunState.note_bad_files
+
+def note_bad_files(self, metas):
+    real_note(self, metas)
+    if self.step == 0:
+        for name in ["shared.jpg: unreadable"] + (["rank1-only.jpg: unreadable"] if rank == 1 else []):
+            self.bad_files.append(name)
+
 step.compute_losses, step.save_state = compute_losses, save_state
+step.RunState.note_bad_files = note_bad_files
 train.main()
 '''
 
@@ -77,7 +87,7 @@ def test_two_processes_train_together_and_log_once(tiny_args, trainer, mlflow_st
     trainer.env.update({"RANK_RECORDS": str(records), "NAN_STEP_ON_RANK_1": "2"})
     launcher = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     args = [*tiny_args("polish_teacher"), "train.iterations=4", "train.eval_every=2", "train.ckpt_every=2",
-            "data.val_max_images=4"]
+            "data.val_max_images=4", "data.max_bad_image_fraction=0.2"]
     status, output = trainer.run(args, script=driver, launcher=launcher, timeout=400)
     assert status == 0, output[-3000:]
 
@@ -106,3 +116,9 @@ def test_two_processes_train_together_and_log_once(tiny_args, trainer, mlflow_st
     assert mlflow_store.steps(run_id, "train/loss") == [1, 3, 4]
     final = load_checkpoint(list_checkpoints(tmp_path / "outputs" / "checkpoints")[-1][1])
     assert (final["step"], final["ema_steps"], final["nonfinite_steps"]) == (4, 3, 1)
+    # Unreadable images are counted once however many processes met them, and all of them
+    # are listed and saved (not only the main process's).
+    assert mlflow_store.history(run_id, "train/bad_images") == {step: [2.0] for step in (1, 2, 3, 4)}
+    both = ["shared.jpg: unreadable", "rank1-only.jpg: unreadable"]
+    assert mlflow_store.read_text(run_id, "bad_images.txt").splitlines() == both
+    assert final["bad_files"] == both
