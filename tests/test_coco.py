@@ -93,6 +93,15 @@ def test_crowd_boxes_are_ignored_and_not_counted_as_dropped():
     assert only_crowd["boxes"].shape == (0, 4) and only_crowd["labels"].shape == (0,) and dropped == 0
 
 
+def test_voc_difficult_and_ignored_objects_are_left_out_of_training_targets():
+    """As the reference trains (mmdetection skips ``ignore``, its VOC converter's mark for
+    difficult objects); COCOeval reads the json itself and still counts them."""
+    anns = [{**_ann(1, 1, [1, 1, 5, 5]), "difficult": 1}, {**_ann(1, 1, [2, 2, 5, 5]), "ignore": 1},
+            {**_ann(1, 7, [2, 2, 4, 4]), "difficult": 0}]
+    target, dropped = annotations_to_target(anns, _category_map(), WIDTH, HEIGHT)
+    assert target["labels"].tolist() == [2] and dropped == 0
+
+
 def test_boxes_are_clipped_and_degenerate_ones_dropped_and_counted():
     anns = [
         _ann(1, 1, [-5, -5, 15, 15]),  # clipped to [0, 0, 10, 10]

@@ -106,11 +106,14 @@ class CategoryMap:
 def annotations_to_target(anns: list[dict], category_map: CategoryMap, width: int, height: int) -> tuple[dict, int]:
     """COCO annotations of one image -> (target, number of degenerate boxes dropped).
 
-    Crowd boxes are ignored; boxes are clipped to the image; boxes with zero or negative
-    width or height after clipping (or non-finite numbers) are dropped and counted.
+    Crowd boxes are ignored, and so are VOC's ``difficult`` objects (and annotations
+    marked ``ignore``, as mmdetection's VOC converter marks them): the reference trains on
+    neither, while COCOeval still counts difficult ones as ground truth. Boxes are clipped
+    to the image; boxes with zero or negative width or height after clipping (or
+    non-finite numbers) are dropped and counted.
     """
     to_label = category_map.category_id_to_label
-    anns = [a for a in anns if not a.get("iscrowd", 0)]
+    anns = [a for a in anns if not (a.get("iscrowd", 0) or a.get("difficult", 0) or a.get("ignore", 0))]
     if not anns:
         return {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}, 0
     xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)

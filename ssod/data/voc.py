@@ -18,9 +18,10 @@ Conventions of the written json:
   ymax]`` in xyxy, i.e. COCO xywh ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin +
   1]``; a box over the whole image is ``[0, 0, W, H]``. ``area = w * h``.
 - ``difficult`` objects are kept with ``iscrowd = 0``; every annotation carries
-  ``difficult`` (0 or 1) so training or evaluation can drop or ignore them as the VOC
-  protocol does. (pycocotools' COCOeval overwrites any ``ignore`` field from
-  ``iscrowd``, so a flag named ``ignore`` would mislead.)
+  ``difficult`` (0 or 1). Training leaves them out of its targets, as the reference does
+  (mmdetection's converter marks them ``ignore``, which its loader skips), and COCOeval
+  counts them as ground truth, as it does for the reference. (pycocotools overwrites
+  any ``ignore`` field from ``iscrowd``, so the flag here is named ``difficult``.)
 
 Errors (``FileNotFoundError`` / ``ValueError``) name the offending file: a missing split
 file, xml or jpg, malformed xml, an unknown class name, a missing or non-numeric box
