@@ -63,7 +63,9 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
         kept = previous[-1][1] if previous else "none"
         reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
         raise CheckpointError(f"could not write checkpoint {final}: {reason}; last complete checkpoint: {kept}") from error
-    for _, old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+    # Only this run's past: never the checkpoint just written, nor any of a later step.
+    earlier = [path for saved, path in list_checkpoints(directory) if saved <= step]
+    for old in earlier[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     for stale in directory.glob(".step-*.tmp-*"):
         if stale != temp:
@@ -95,6 +97,17 @@ def find_resume_checkpoint(resume: Optional[str], directory: Path) -> Optional[P
         found = list_checkpoints(directory)
         return found[-1][1] if found else None
     return checkpoint_file(resume, "train.resume")
+
+
+def refuse_foreign_checkpoints(directory: Path) -> None:
+    """A fresh run must not write among another run's checkpoints: ``resume=auto`` would
+    later continue whichever is newest, and keeping the newest few would delete its own."""
+    found = list_checkpoints(directory)
+    if found:
+        raise CheckpointError(
+            f"{directory} already holds checkpoints of an earlier run (newest: {found[-1][1].name}): "
+            f"set train.resume=auto to continue it, or train.output_dir=<new dir> for a new run"
+        )
 
 
 def checkpoint_file(path: str, option: str) -> Path:

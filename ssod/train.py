@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer, build_scheduler
-from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, load_weights, set_rng_state
+from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, load_weights, refuse_foreign_checkpoints, set_rng_state
 from ssod.config import CONF_DIR, MethodConfig, eval_workers, flatten
 from ssod.data.pipeline import DataBundle, build_data
 from ssod.data.sampling import infinite_loader
@@ -97,6 +97,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     # Before accelerate's process-wide state exists: a missing or refused checkpoint must not
     # leave it set (the ``finally`` below resets it, and a failed resume never gets there).
     resume_path = find_resume_checkpoint(train.resume, ckpt_dir)
+    if resume_path is None:
+        refuse_foreign_checkpoints(ckpt_dir)
     resumed = load_checkpoint(resume_path) if resume_path else None
     accelerator = _accelerator(train)
     set_seed(train.seed)

@@ -45,6 +45,30 @@ def test_keep_n_deletes_only_older_checkpoints(tmp_path: Path):
     assert [step for step, _ in list_checkpoints(tmp_path)] == [3, 4, 5]
 
 
+def test_keep_n_never_deletes_the_new_checkpoint_nor_later_ones(tmp_path: Path):
+    """Checkpoints of a later step are not this run's past: keeping the newest few must not
+    delete the one just written because another run's have higher step numbers."""
+    for step in (200, 300):
+        save_checkpoint(tmp_path, step, _state(step), keep=2)
+    assert save_checkpoint(tmp_path, 100, _state(100), keep=2).is_file()
+    save_checkpoint(tmp_path, 150, _state(150), keep=1)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [150, 200, 300]
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(make_config, mlflow_store, tmp_path: Path):
+    """Another run's checkpoints there would be resumed by ``resume=auto`` later (its
+    weights, its step, its MLflow run): a fresh run says so and starts nothing."""
+    from ssod.train import run
+
+    folder = tmp_path / "outputs" / "checkpoints"
+    save_checkpoint(folder, 300, _state(300))
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run \(newest: step-00000300\.pt\)"
+                                              r".*train\.resume=auto.*train\.output_dir"):
+        run(make_config("train.iterations=2"))
+    assert mlflow_store.runs() == []
+    assert [step for step, _ in list_checkpoints(folder)] == [300]
+
+
 def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(tmp_path: Path, monkeypatch):
     save_checkpoint(tmp_path, 1, _state(1), keep=1)
     seen_during_write = []
