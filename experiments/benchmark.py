@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +77,11 @@ def run_one(method: str, percent: float, args: argparse.Namespace, iterations: i
         *args.overrides,
     ]
     command = [sys.executable, "-m", "ssod.train", *overrides]
+    # A fresh run refuses a folder with checkpoints; a benchmark run replaces its own.
+    previous = Path("outputs/benchmark") / name / "checkpoints"
+    if previous.is_dir():
+        print(f"  replacing the checkpoints of an earlier {name} in {previous}", flush=True)
+        shutil.rmtree(previous)
     print("$", shlex.join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True)
