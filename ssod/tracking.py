@@ -55,7 +55,8 @@ class Tracker:
         self.uri = uri
         self.experiment = experiment
         self.run_id: Optional[str] = None
-        self.skip_until_step = -1
+        # Metric name -> the last step a resumed run already has (those steps are skipped).
+        self.logged_steps: dict[str, int] = {}
         self.client = None
         if enabled:
             from mlflow.tracking import MlflowClient
@@ -84,7 +85,7 @@ class Tracker:
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-            self.skip_until_step = self.last_logged_step()
+            self.logged_steps = self.last_logged_steps()
             for key, value in all_tags.items():
                 self.client.set_tag(run_id, key, value)
         else:
@@ -105,11 +106,14 @@ class Tracker:
         )
         return [run.info.run_id for run in runs]
 
-    def last_logged_step(self) -> int:
-        """Largest step of any metric already in the run (-1 when none)."""
+    def last_logged_steps(self) -> dict[str, int]:
+        """The largest step of each metric already in the run.
+
+        Per metric, not overall: a run killed during an evaluation has the interval's
+        training scalars at that step but not the evaluation's, which the resumed run logs.
+        """
         run = self.client.get_run(self.run_id)
-        steps = [m.step for key in run.data.metrics for m in self.client.get_metric_history(self.run_id, key)]
-        return max(steps, default=-1)
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in run.data.metrics}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values masked, long values cut); re-logging on resume is skipped."""
@@ -127,14 +131,16 @@ class Tracker:
             self.client.log_batch(self.run_id, params=batch[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log scalars as floats at ``step``; steps a resumed run already has are skipped."""
-        if not self.enabled or step <= self.skip_until_step:
+        """Log scalars as floats at ``step``; a metric's steps a resumed run already has are skipped."""
+        if not self.enabled:
             return
         from mlflow.entities import Metric
 
         timestamp = _now_ms()
         batch = []
         for key, value in metrics.items():
+            if step <= self.logged_steps.get(key, -1):
+                continue
             number = float(value.item() if hasattr(value, "item") else value)
             if math.isnan(number):
                 continue  # MLflow stores NaN, but charts and comparisons choke on it

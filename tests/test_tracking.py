@@ -87,9 +87,11 @@ def test_a_resumed_run_skips_the_steps_it_already_has(mlflow_uri: str, mlflow_st
     # SIGKILL: no end(), the run stays RUNNING; a resume reopens it.
     second = Tracker(mlflow_uri, "unit")
     assert second.start("name", {"resumed": "yes"}, run_id=run_id) == run_id
-    assert second.skip_until_step == 6
+    assert second.logged_steps == {"train/loss": 6, "val/AP": 4}
     second.log_params({"train.lr": 0.02, "train.iterations": 12})  # existing params are not re-logged
-    for step in (4, 6, 8):  # the resumed run recomputes steps 4 and 6 from an older checkpoint
+    # The resumed run recomputes steps 4 and 6 from an older checkpoint. The first run was
+    # killed during its evaluation at 6: the resumed run logs it, and nothing twice.
+    for step in (4, 6, 8):
         second.log_metrics({"train/loss": 100.0 + step, "val/AP": 0.2}, step)
     second.end("FINISHED")
 
@@ -98,7 +100,7 @@ def test_a_resumed_run_skips_the_steps_it_already_has(mlflow_uri: str, mlflow_st
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "yes"
     assert run.data.params == {"train.lr": "0.01", "train.iterations": "12"}
     assert mlflow_store.history(run_id, "train/loss") == {2: [2.0], 4: [4.0], 6: [6.0], 8: [108.0]}
-    assert mlflow_store.history(run_id, "val/AP") == {4: [0.1], 8: [0.2]}
+    assert mlflow_store.history(run_id, "val/AP") == {4: [0.1], 6: [0.2], 8: [0.2]}
     mlflow_store.assert_no_step_twice(run_id)
 
 
