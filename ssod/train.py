@@ -157,8 +157,14 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
     bad_files_logged = 0
     if state.step >= train.iterations:
         # Resumed from the final checkpoint (a retried trial, a requeued job): nothing to
-        # train, but the caller and final_metrics.json still get the final evaluation.
-        final_metrics.update(_evaluate_both(training, loaders.val))
+        # train, but the run (what it lacks of it), final_metrics.json and ``on_eval`` (a
+        # tuning trial completes on it) still get the final evaluation.
+        metrics = _evaluate_both(training, loaders.val)
+        if accelerator.is_main_process:
+            tracker.log_metrics(metrics, state.step)
+            final_metrics.update(metrics)
+            if on_eval is not None:
+                on_eval(state.step, metrics)
 
     for step in range(state.step, train.iterations):
         labeled, labeled_meta = next(loaders.labeled)

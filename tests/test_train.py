@@ -95,8 +95,12 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
 
     if method == "supervised":
         # Resuming a finished run (a requeued job) trains nothing and reports the same result.
-        again = run(make_config(*SCHEDULE, *secrets, "train.iterations=4", "train.resume=auto", method=method))
+        # on_eval sees that evaluation too: a retried tuning trial completes on it.
+        evaluations = []
+        again = run(make_config(*SCHEDULE, *secrets, "train.iterations=4", "train.resume=auto", method=method),
+                    on_eval=lambda step, metrics: evaluations.append((step, metrics["val/teacher/bbox_AP"])))
         assert again["val/teacher/bbox_AP"] == pytest.approx(final["val/teacher/bbox_AP"])
+        assert evaluations == [(4, pytest.approx(final["val/teacher/bbox_AP"]))]
         logged_again = json.loads(mlflow_store.read_text(run_id, "final_metrics.json"))
         assert logged_again["val/teacher/bbox_AP"] == pytest.approx(final["val/teacher/bbox_AP"])
         assert mlflow_store.only_run().info.status == "FINISHED"
