@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
 _PARAM_LIMIT = 6000
+# Metric values held for the next try while the tracking server is unreachable.
+_PENDING_LIMIT = 100_000
 
 
 def mask_secrets(text: str) -> str:
@@ -48,7 +50,14 @@ def artifact_location_for(uri: str) -> Optional[str]:
 
 
 class Tracker:
-    """A thin wrapper around one MLflow run; a no-op when ``enabled`` is False."""
+    """A thin wrapper around one MLflow run; a no-op when ``enabled`` is False.
+
+    ``start``, ``log_params`` and ``log_dataset`` fail loudly (a run that cannot be tracked
+    should not start). Once training runs, a tracking error (a server outage, a locked
+    database) is a warning, never the end of the run: metric values are held and sent
+    with the next call; a text, image or artifact that failed is skipped. ``failures``
+    counts them.
+    """
 
     def __init__(self, uri: str, experiment: str, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -58,6 +67,8 @@ class Tracker:
         # Metric name -> the last step a resumed run already has (those steps are skipped).
         self.logged_steps: dict[str, int] = {}
         self.client = None
+        self.failures = 0
+        self._pending: list = []
         if enabled:
             from mlflow.tracking import MlflowClient
 
@@ -145,17 +156,23 @@ class Tracker:
             if math.isnan(number):
                 continue  # MLflow stores NaN, but charts and comparisons choke on it
             batch.append(Metric(key, number, timestamp, step))
-        for start in range(0, len(batch), 500):
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+        batch, self._pending = self._pending + batch, []
+        start = 0
+        try:
+            for start in range(0, len(batch), 500):
+                self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+        except _tracking_errors() as error:
+            self._pending = batch[start:][-_PENDING_LIMIT:]
+            self._warn(f"logging metrics at step {step}", error, f"{len(self._pending)} values held for the next try")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
             for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, mask_secrets(str(value)))
+                self._best_effort(f"tag {key}", self.client.set_tag, self.run_id, key, mask_secrets(str(value)))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
-            self.client.log_text(self.run_id, mask_secrets(text), artifact_file)
+            self._best_effort(artifact_file, self.client.log_text, self.run_id, mask_secrets(text), artifact_file)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         if self.enabled:
@@ -163,12 +180,12 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         if self.enabled:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._best_effort(str(path), self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_image(self, image, artifact_file: str) -> None:
         """``image``: a PIL image or a uint8 HxWx3 array."""
         if self.enabled:
-            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+            self._best_effort(artifact_file, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
     def log_dataset(self, json_path: str | Path, name: str, context: str) -> None:
         """Record a COCO json as a run input (provenance: path and content digest)."""
@@ -192,9 +209,29 @@ class Tracker:
             self.client.log_inputs(self.run_id, datasets=[entity])
 
     def end(self, status: str) -> None:
-        """Close the run as FINISHED, FAILED or KILLED."""
+        """Close the run as FINISHED, FAILED or KILLED (held metric values are sent first)."""
         if self.enabled and self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+            if self._pending:
+                self.log_metrics({}, step=0)
+            # A failure here must not hide the error that may be ending the run.
+            self._best_effort(f"ending the run {status}", self.client.set_terminated, self.run_id, status=status)
+
+    def _best_effort(self, what: str, call, *args, **kwargs) -> None:
+        try:
+            call(*args, **kwargs)
+        except _tracking_errors() as error:
+            self._warn(what, error, "skipped")
+
+    def _warn(self, what: str, error: BaseException, outcome: str) -> None:
+        self.failures += 1
+        log.warning("MLflow: %s failed (%s: %s); training goes on, %s", what, type(error).__name__, mask_secrets(str(error)), outcome)
+
+
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable server or a busy store raises (requests' errors are OSErrors)."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, OSError
 
 
 def _now_ms() -> int:

@@ -136,3 +136,31 @@ def test_a_disabled_tracker_never_touches_the_store(tmp_path: Path, mlflow_uri: 
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(tracking_uri=mlflow_uri).search_experiments(filter_string="name = 'unit'") == []
+
+
+def test_a_tracking_outage_during_training_is_a_warning_and_loses_no_metric(mlflow_uri: str, mlflow_store, monkeypatch, caplog):
+    """The store is real; only its outage is simulated: the client's calls raise as an
+    unreachable server's do, then work again."""
+    from mlflow.exceptions import MlflowException
+
+    tracker = Tracker(mlflow_uri, "unit")
+    run_id = tracker.start("name")
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    working = {name: getattr(tracker.client, name) for name in ("log_batch", "log_text", "set_terminated")}
+
+    def unavailable(*args, **kwargs):
+        raise MlflowException("API request failed: 503 Service Unavailable")
+
+    for name in working:
+        monkeypatch.setattr(tracker.client, name, unavailable)
+    tracker.log_metrics({"train/loss": 2.0, "val/AP": 0.5}, 2)
+    tracker.log_text("a\n", "bad_images.txt")
+    tracker.end("FINISHED")  # does not raise either: it must not hide an error ending the run
+    assert tracker.failures == 4 and "training goes on" in caplog.text  # metrics twice (end retries them)
+    for name, call in working.items():
+        monkeypatch.setattr(tracker.client, name, call)
+    tracker.log_metrics({"train/loss": 3.0}, 3)
+    tracker.end("FINISHED")
+    assert mlflow_store.history(run_id, "train/loss") == {1: [1.0], 2: [2.0], 3: [3.0]}
+    assert mlflow_store.history(run_id, "val/AP") == {2: [0.5]}
+    assert mlflow_store.client.get_run(run_id).info.status == "FINISHED"
