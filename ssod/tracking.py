@@ -23,14 +23,18 @@ from typing import Any, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]+)@")
 _PARAM_LIMIT = 6000
 # Metric values held for the next try while the tracking server is unreachable.
 _PENDING_LIMIT = 100_000
 
 
 def mask_secrets(text: str) -> str:
-    """Replace the password of every ``scheme://user:password@host`` in ``text`` by ``***``."""
+    """Replace the password of every ``scheme://user:password@host`` in ``text`` by ``***``.
+
+    A password may hold ``/`` (SQLAlchemy accepts it; base64 ones often do), so it runs
+    to the ``@``: a URL with ``host:port/...@`` in its path is masked too (safe side).
+    """
     return _URI_PASSWORD.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
 
 

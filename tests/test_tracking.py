@@ -20,6 +20,7 @@ SECRET_URI = "postgresql+psycopg2://mlflow:s3cr3t-Pa55@db.example.org:5432/mlflo
         (SECRET_URI, "postgresql+psycopg2://mlflow:***@db.example.org:5432/mlflow"),
         ("http://user:p%40ss:word@host/x", "http://user:***@host/x"),
         ("s3://:token@bucket/key", "s3://:***@bucket/key"),
+        ("postgresql+psycopg2://ssod:pa/ss+q=@db:5432/optuna", "postgresql+psycopg2://ssod:***@db:5432/optuna"),
         (
             "primary postgresql://a:one@h1/db, replica mysql://b:two@h2/db",
             "primary postgresql://a:***@h1/db, replica mysql://b:***@h2/db",
