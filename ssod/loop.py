@@ -7,7 +7,7 @@ from collections import deque
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -107,6 +107,7 @@ class Interrupts:
 
     def __init__(self) -> None:
         self.requested = False
+        self._signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -116,11 +117,19 @@ class Interrupts:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self._signum = self._signum or signum
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        self._previous.clear()
+
+    def pass_on(self) -> None:
+        """Hand a stop request the run did not act on (it came after the last step's check)
+        to the handler that was there before, if it is Python's: a tuning worker running
+        trials in this process must still stop after this trial."""
+        previous = self._previous.get(self._signum) if self.requested else None
+        if callable(previous):
+            previous(self._signum, None)
 
 
 class Meters:

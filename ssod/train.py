@@ -143,6 +143,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         # precision or device: accelerate keeps them process-wide unless reset (a private
         # accelerate API). With several processes, PartialState (the process group) is kept.
         AcceleratorState._reset_state(reset_partial_state=accelerator.num_processes == 1)
+        if status != "KILLED":
+            interrupts.pass_on()
 
 
 def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, training: Training, loaders: Loaders,

@@ -274,6 +274,20 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_s
     assert mlflow_store.only_run().info.status == "KILLED"
 
 
+def test_a_stop_request_after_the_last_step_reaches_the_handler_that_was_there_before(make_config, mlflow_store):
+    """SIGTERM during the final evaluation: the run has nothing left to stop and finishes,
+    but a tuning worker running trials in this process must still hear it and stop."""
+    heard = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    try:
+        result = run(make_config("train.iterations=2", "train.eval_every=2"),
+                     on_eval=lambda step, metrics: os.kill(os.getpid(), signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.status == "FINISHED" and mlflow_store.only_run().info.status == "FINISHED"
+    assert heard == [signal.SIGTERM]
+
+
 # A driver that trains as ``python -m ssod.train`` would, except that the checkpoint of step
 # HANG_AT_STEP is written half-way and then hangs, waiting for the test's SIGKILL.
 HANGING_WRITER = '''
