@@ -71,7 +71,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--storage", default="", help="Optuna storage URL (else tune.storage, $SSOD_OPTUNA_STORAGE, a local file)")
     if command == "run":
         parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-        parser.add_argument("--gpus", default=None, help="GPU ids, e.g. 0,1,2,3; 'cpu' for none; default: all visible")
+        parser.add_argument("--gpus", default=None, help="GPU indices, e.g. 0,1,2,3 (into CUDA_VISIBLE_DEVICES when it is set); 'cpu' for none; default: all visible")
     if command == "worker":
         parser.add_argument("--index", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: tune=<name>, tune.<key>=..., or any training key")

@@ -387,3 +387,20 @@ def test_relay_answers_are_read_in_order_and_a_missing_answer_times_out(tmp_path
     assert wait_for_ack(relay, 1, timeout_s=0.1) == "continue"
     assert wait_for_ack(relay, 2, timeout_s=0.1) == "stop"
     assert wait_for_ack(relay, 3, timeout_s=0.1) is None
+
+
+def test_worker_gpus_are_indices_into_the_visible_devices(monkeypatch):
+    """Under SLURM or docker CUDA_VISIBLE_DEVICES=2,3: the workers get 2 and 3 (or what
+    --gpus picks from them), never the physical 0 and 1 someone else owns."""
+    from ssod.tuning.workers import assign_devices, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert assign_devices(2, visible_gpus(None), per_trial=1) == ["2", "3"]
+    assert visible_gpus(["1"]) == ["3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,MIG-3c4d")
+    assert visible_gpus(None) == ["GPU-1a2b", "MIG-3c4d"]
+    with pytest.raises(ValueError, match=r"--gpus 2: give indices 0..1 into this process's CUDA_VISIBLE_DEVICES=GPU-1a2b,MIG-3c4d"):
+        visible_gpus(["2"])
+    assert visible_gpus([]) == []  # --gpus cpu
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus(["0", "1"]) == ["0", "1"]

@@ -160,6 +160,29 @@ def _handle_signals(stop: threading.Event, objective: Objective):
     return lambda: [signal.signal(signum, handler) for signum, handler in previous.items()]
 
 
+def visible_gpus(gpus: Optional[list[str]]) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` entries for the workers: ``gpus`` (``--gpus``; None:
+    all) are indices into this process's visible GPUs. Under SLURM or docker,
+    ``CUDA_VISIBLE_DEVICES=2,3`` makes ``--gpus 0`` GPU 2, not someone else's GPU 0; its
+    entries (ids, UUIDs, MIG names) are passed on as they are."""
+    visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    if not visible:
+        if gpus is not None:
+            return gpus
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    if gpus is None:
+        return visible
+    try:
+        return [visible[int(index)] for index in gpus]
+    except (ValueError, IndexError):
+        raise ValueError(
+            f"--gpus {','.join(gpus)}: give indices 0..{len(visible) - 1} into this process's "
+            f"CUDA_VISIBLE_DEVICES={','.join(visible)}"
+        ) from None
+
+
 def assign_devices(workers: int, gpus: Optional[list[str]], per_trial: int) -> list[Optional[str]]:
     """``CUDA_VISIBLE_DEVICES`` per worker: None leaves it alone, '' means CPU."""
     if gpus is None:
@@ -179,10 +202,8 @@ def launch(setup: StudySetup, workers: int, gpus: Optional[list[str]]) -> int:
     tune = setup.tune
     study = open_study(setup)  # created here, so workers only join
     parent = parent_run(setup, reopen=True)
-    if workers > 1 and gpus is None:
-        import torch
-
-        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if workers > 1 or gpus is not None:
+        gpus = visible_gpus(gpus)
     devices = assign_devices(workers, gpus, tune.processes_per_trial)
     stopped = threading.Event()
     if workers == 1:
