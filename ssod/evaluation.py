@@ -315,22 +315,30 @@ class PseudoLabelQuality:
         def ratio(numerator: str, denominator: str) -> float:
             return totals[numerator] / totals[denominator] if totals[denominator] else math.nan
 
+        # Without hidden ground truth (an unlabeled set that really is unlabeled, or an
+        # interval of empty images) every pseudo box would count as a false positive: the
+        # quality figures are NaN then (not logged), the counts stay.
+        judged = totals["gt"] > 0
+
+        def quality(value: float) -> float:
+            return value if judged else math.nan
+
         return {
             "pseudo/raw/num_per_image": ratio("raw", "images"),
             "pseudo/cls/num_per_image": ratio("kept", "images"),
             # The regression set is every raw box, moved: same count by construction.
             "pseudo/reg/num_per_image": ratio("raw", "images"),
             "pseudo/keep_ratio": ratio("kept", "raw"),
-            "pseudo/raw/precision": ratio("raw_true_positive", "raw"),
+            "pseudo/raw/precision": quality(ratio("raw_true_positive", "raw")),
             "pseudo/raw/recall": ratio("raw_true_positive", "gt"),
-            "pseudo/cls/precision": ratio("cls_true_positive", "kept"),
+            "pseudo/cls/precision": quality(ratio("cls_true_positive", "kept")),
             "pseudo/cls/recall": ratio("cls_true_positive", "gt"),
-            "pseudo/raw/iou_mean": ratio("raw_iou_sum", "localised"),
-            "pseudo/polished/iou_mean": ratio("polished_iou_sum", "localised"),
-            "pseudo/raw/label_acc": ratio("raw_label_right", "labelled"),
-            "pseudo/polished/label_acc": ratio("polished_label_right", "labelled"),
-            "pseudo/relabel/wrong_to_right": float(totals["wrong_to_right"]),
-            "pseudo/relabel/right_to_wrong": float(totals["right_to_wrong"]),
+            "pseudo/raw/iou_mean": quality(ratio("raw_iou_sum", "localised")),
+            "pseudo/polished/iou_mean": quality(ratio("polished_iou_sum", "localised")),
+            "pseudo/raw/label_acc": quality(ratio("raw_label_right", "labelled")),
+            "pseudo/polished/label_acc": quality(ratio("polished_label_right", "labelled")),
+            "pseudo/relabel/wrong_to_right": quality(float(totals["wrong_to_right"])),
+            "pseudo/relabel/right_to_wrong": quality(float(totals["right_to_wrong"])),
             "pseudo/images": float(totals["images"]),
         }
 

@@ -208,7 +208,22 @@ def test_pseudo_label_quality_ratios_without_denominator_are_nan():
     for name in ("pseudo/keep_ratio", "pseudo/raw/precision", "pseudo/raw/recall", "pseudo/polished/iou_mean",
                  "pseudo/polished/label_acc"):
         assert math.isnan(metrics[name]), name
-    assert metrics["pseudo/relabel/wrong_to_right"] == 0.0
+    assert math.isnan(metrics["pseudo/relabel/wrong_to_right"])
+
+
+def test_pseudo_labels_without_hidden_ground_truth_are_counted_not_judged():
+    """An unlabeled set that really is unlabeled: a precision of 0 would be a silent wrong
+    number (every box a false positive); the quality figures are NaN (not logged), the
+    counts stay."""
+    quality = PseudoLabelQuality()
+    boxes, labels = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0]]), torch.tensor([1, 2])
+    no_gt = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    quality.update(boxes, labels, boxes, torch.tensor([True, False]), labels, *no_gt)
+    metrics = quality.compute()
+    assert metrics["pseudo/raw/num_per_image"] == 2.0 and metrics["pseudo/keep_ratio"] == 0.5
+    for name in ("pseudo/raw/precision", "pseudo/cls/precision", "pseudo/raw/recall", "pseudo/raw/iou_mean",
+                 "pseudo/raw/label_acc", "pseudo/relabel/wrong_to_right", "pseudo/relabel/right_to_wrong"):
+        assert math.isnan(metrics[name]), name
 
 
 def test_pseudo_label_quality_resets_and_checks_lengths():
