@@ -238,6 +238,11 @@ def test_failing_trials_fail_alone_and_count_against_the_budget(project: Project
 
 @pytest.mark.slow
 def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> None:
+    # Left by another study of the same name (another storage, or deleted and made again):
+    # trial 0 must not resume it with its own parameters.
+    from ssod.checkpoint import save_checkpoint
+
+    foreign = save_checkpoint(project.root / "outputs/tune" / STUDY / "trial-0000" / "checkpoints", 2, {"step": 2})
     assert main(project.overrides) == 0
     assert (project.root / "optuna.db").is_file()
     study = project.study(f"sqlite:///{project.root / 'optuna.db'}")
@@ -252,7 +257,10 @@ def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> Non
     artifacts = set(project.artifacts(parent.info.run_id))
     for plot in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
         assert f"plots/{plot}.png" in artifacts
-    assert not list((project.root / "outputs/tune" / STUDY).glob("trial-*/checkpoints/*.pt"))
+    assert set((project.root / "outputs/tune" / STUDY).glob("trial-*/checkpoints/*.pt")) == {foreign}
+    first = study.trials[0]
+    assert "resumed_from_step" not in first.user_attrs
+    assert Path(first.user_attrs["output_dir"]).name.startswith("trial-0000-")
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -118,10 +119,10 @@ class Objective:
             self._finish(trial, state, params, trial_dir)
 
     def _prepare(self, trial: optuna.Trial, params: dict) -> tuple[Path, TrialSpec]:
-        """The trial's directory (keyed by the original trial number) and what it trains."""
+        """The trial's directory (a retry's is its original's) and what it trains."""
         with quiet_experimental():
             original = RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(trial))
-        trial_dir = self.setup.study_dir / f"trial-{trial.number if original is None else original:04d}"
+        trial_dir = self._fresh_dir(trial.number) if original is None else self._dir_of(trial, original)
         resumed = _newest_checkpoint_step(trial_dir)
         trial.set_user_attr("output_dir", str(trial_dir))
         if resumed:
@@ -130,6 +131,25 @@ class Objective:
         log.info("trial %d%s: %s", trial.number, retry, params)
         tags = trial_tags(self.tune.study_name, trial.number, original)
         return trial_dir, TrialSpec(self._overrides(trial.number, trial_dir, params), tags)
+
+    def _fresh_dir(self, number: int) -> Path:
+        """``trial-<number>``, unless it holds checkpoints: another study's of the same name
+        (in another storage, or deleted and made again) would be resumed with this trial's
+        parameters and MLflow run. Then a directory of its own, recorded with the trial."""
+        trial_dir = self.setup.study_dir / f"trial-{number:04d}"
+        if _newest_checkpoint_step(trial_dir) is None:
+            return trial_dir
+        own = trial_dir.with_name(f"{trial_dir.name}-{uuid.uuid4().hex[:8]}")
+        log.warning("%s holds another study's checkpoints (the same study_name elsewhere?): trial %d writes to %s",
+                    trial_dir, number, own)
+        return own
+
+    def _dir_of(self, trial: optuna.Trial, original: int) -> Path:
+        """A retry continues in the directory its original trial recorded."""
+        for earlier in trial.study.get_trials(deepcopy=False):
+            if earlier.number == original and earlier.user_attrs.get("output_dir"):
+                return Path(earlier.user_attrs["output_dir"])
+        return self.setup.study_dir / f"trial-{original:04d}"
 
     def _overrides(self, number: int, trial_dir: Path, params: dict) -> list[str]:
         return [
