@@ -13,6 +13,7 @@ student's view.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,6 +30,8 @@ from ssod.models.boxes import valid_boxes_mask
 from ssod.models.host_waits import indices_where_all
 from ssod.models.polish import Polisher
 from ssod.models.teacher import PseudoLabels, filter_detections, regression_uncertainty
+
+log = logging.getLogger(__name__)
 
 
 class SemiSupervisedModel(nn.Module):
@@ -269,7 +272,8 @@ def predict(detector: nn.Module, loader, device) -> list[dict]:
     """Detections of the images of ``loader`` (see ``eval_loader``) in original-image pixels.
 
     Returns one dict per image: ``image_id``, ``boxes`` [K, 4] xyxy, ``scores`` [K],
-    ``labels`` [K] (contiguous), all on the CPU.
+    ``labels`` [K] (contiguous), all on the CPU; an image that could not be read gives
+    ``{"image_id": id, "unreadable": True}`` (the loader gave its neighbour instead).
     """
     was_training = detector.training
     detector.eval()
@@ -284,6 +288,7 @@ def predict(detector: nn.Module, loader, device) -> list[dict]:
                 inverse = torch.linalg.inv(matrix.double())
                 boxes, _ = project_boxes(boxes, inverse, width, height, min_size=0.0)
                 results.append({"image_id": meta["image_id"], "boxes": boxes, "scores": scores, "labels": labels})
+            results.extend({"image_id": image_id, "unreadable": True} for meta in metas for image_id in meta.get("bad_image_ids", ()))
     detector.train(was_training)
     return results
 
@@ -315,9 +320,19 @@ def evaluate(detector: nn.Module, loader, accelerator) -> Optional[dict[str, flo
     gathered = accelerator.gather_for_metrics(predictions, use_gather_object=True)
     if not accelerator.is_main_process:
         return None
-    unique = {}
+    unique, unreadable = {}, set()
     for prediction in gathered:
-        # A corrupt image is replaced by its neighbour in the dataset: count each id once.
-        unique.setdefault(int(prediction["image_id"]), prediction)
+        if prediction.get("unreadable"):
+            unreadable.add(int(prediction["image_id"]))
+        else:
+            # A corrupt image is replaced by its neighbour in the dataset: count each id once.
+            unique.setdefault(int(prediction["image_id"]), prediction)
+    # An unreadable image would count all its objects as misses: a lower AP with no sign.
+    # It is left out, and the metrics say how many images were evaluated and left out.
+    image_ids = [image_id for image_id in dataset.image_ids if image_id not in unreadable]
+    if unreadable:
+        log.warning("%d validation images could not be read and are left out of the metrics: ids %s",
+                    len(unreadable), sorted(unreadable)[:20])
     label_map = dataset.category_map.label_to_category_id
-    return coco_evaluate(dataset.coco, list(unique.values()), label_map, image_ids=dataset.image_ids)
+    metrics = coco_evaluate(dataset.coco, list(unique.values()), label_map, image_ids=image_ids)
+    return {**metrics, "images": float(len(image_ids)), "unreadable_images": float(len(unreadable))}

@@ -101,6 +101,17 @@ def test_a_messy_dataset_trains_with_bad_images_skipped_counted_and_listed(messy
         str(messy_dataset["images"] / "missing.jpg"), str(messy_dataset["images"] / "truncated.jpg")]
 
 
+def test_unreadable_validation_images_are_left_out_of_the_metrics_and_counted(messy_dataset, make_config, mlflow_store):
+    """Scored as all misses they would lower the AP with no sign: they are left out, and
+    the run says how many images were evaluated and how many could not be read."""
+    files = {**messy_dataset, "val_json": messy_dataset["train_json"]}  # truncated.jpg, missing.jpg
+    result = run(make_config(*_data_overrides(files), "data.max_bad_image_fraction=0.5", "train.iterations=1"))
+    run_id = mlflow_store.only_run().info.run_id
+    for model in ("teacher", "student"):
+        assert result[f"val/{model}/bbox_images"] == 4.0 and result[f"val/{model}/bbox_unreadable_images"] == 2.0
+        assert mlflow_store.history(run_id, f"val/{model}/bbox_unreadable_images") == {1: [2.0]}
+
+
 def test_too_many_bad_images_stop_the_run_with_a_clear_error(messy_dataset, make_config, mlflow_store):
     with pytest.raises(DatasetError, match=r"2 of 6 training images could not be read \(more than "
                                            r"data.max_bad_image_fraction=0.2\); first: .*(truncated|missing)\.jpg"):

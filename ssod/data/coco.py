@@ -185,6 +185,7 @@ class CocoDetection(Dataset):
     def __getitem__(self, key: tuple[int, int] | int):
         index, seed = key if isinstance(key, tuple) else (key, 0)
         bad_files: list[str] = []
+        bad_ids: list[int] = []
         for attempt in range(MAX_SKIPS):
             position = (index + attempt) % len(self)
             try:
@@ -194,9 +195,10 @@ class CocoDetection(Dataset):
                 path = self.image_dir / self.coco.imgs[self.image_ids[position]]["file_name"]
                 log.warning("skipping unreadable image %s: %s", path, error)
                 bad_files.append(f"{path}: {error}")
+                bad_ids.append(int(self.image_ids[position]))
         else:
             raise DatasetError(f"{self.image_dir}: {MAX_SKIPS} unreadable images in a row: {bad_files}")
-        meta["bad_files"] = bad_files
+        meta["bad_files"], meta["bad_image_ids"] = bad_files, bad_ids
         generator = torch.Generator().manual_seed(int(seed))
         with torch.random.fork_rng(devices=[]):
             # Transforms draw from torch's global RNG; seeding a forked copy makes each
