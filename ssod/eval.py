@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from omegaconf import OmegaConf
 
 from ssod.build import apply_speed_settings, build_model
@@ -62,14 +64,25 @@ def main(argv: list[str] | None = None) -> int:
     model = apply_speed_settings(cfg.train, build_model(cfg.model, method, category_map.num_classes))
     model.load_state_dict(state[args.model])
     accelerator = Accelerator(cpu=args.cpu)
+    try:
+        return _evaluate(args, accelerator, model, dataset, cfg, path, state, json_path)
+    finally:
+        # Process-wide otherwise: a later run in this process (a test, a notebook) could not
+        # choose its own device or precision.
+        AcceleratorState._reset_state(reset_partial_state=accelerator.num_processes == 1)
+
+
+def _evaluate(args, accelerator: Accelerator, model, dataset, cfg, path: Path, state: dict, json_path: Path) -> int:
     detector = model.detector.to(accelerator.device)
     loader = eval_loader(dataset, shard(dataset, accelerator), num_workers=eval_workers(cfg.data, accelerator.device),
                          pin_memory=accelerator.device.type == "cuda")
     metrics = evaluate(detector, loader, accelerator)
     if metrics is None:
         return 0
-    metrics = {f"{args.model}/bbox_{key}": value for key, value in metrics.items()}
-    text = json.dumps({"checkpoint": str(path), "json": str(json_path), "step": state["step"], **metrics}, indent=2)
+    # NaN (a metric without ground truth) is null: strict JSON readers reject a bare NaN.
+    metrics = {f"{args.model}/bbox_{key}": None if math.isnan(value) else value for key, value in metrics.items()}
+    record = {"checkpoint": str(path), "json": str(json_path), "step": state["step"], **metrics}
+    text = json.dumps(record, indent=2, allow_nan=False)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
