@@ -168,7 +168,8 @@ def test_the_dataset_counts_dropped_boxes_and_reports_meta(tmp_path: Path):
     (image, target), meta = dataset[(0, 3)]
     assert image.dtype == torch.uint8 and image.shape == (3, HEIGHT, WIDTH)
     assert target["labels"].tolist() == [1] and target["image_id"] == 1
-    assert meta == {"image_id": 1, "size": (HEIGHT, WIDTH), "path": str(tmp_path / "images" / "1.png"), "bad_files": []}
+    assert meta == {"image_id": 1, "size": (HEIGHT, WIDTH), "path": str(tmp_path / "images" / "1.png"), "bad_files": [],
+                    "bad_image_ids": []}
     assert dataset.degenerate_dropped == 1
 
 
