@@ -125,10 +125,12 @@ class Interrupts:
 
     def pass_on(self) -> None:
         """Hand a stop request the run did not act on (it came after the last step's check)
-        to the handler that was there before, if it is Python's: a tuning worker running
-        trials in this process must still stop after this trial."""
+        to the handler that was there before, if it is one of ours (not Python's default
+        Ctrl-C handler): a tuning worker running trials in this process must still stop
+        after this trial."""
         previous = self._previous.get(self._signum) if self.requested else None
-        if callable(previous):
+        # Python's own Ctrl-C handler would raise KeyboardInterrupt over a finished run.
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(self._signum, None)
 
 

@@ -359,6 +359,7 @@ def test_worker_commands(services):
     trainer = command_args(services["trainer"])
     assert trainer[:2] == ["accelerate", "launch"] and "--multi_gpu" in trainer, trainer
     assert option_value(trainer, "-m") == "ssod.train", trainer
+    assert "train.resume=auto" in trainer, "a restarted trainer container must continue its run"
     assert "train" in (services["trainer"].get("profiles") or []), "trainer must be on request"
 
 
