@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -27,6 +28,11 @@ _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:
 _PARAM_LIMIT = 6000
 # Metric values held for the next try while the tracking server is unreachable.
 _PENDING_LIMIT = 100_000
+# After a failure the server is left alone this long: MLflow's own retries make each call
+# to a dead server block for minutes, and training (and the other ranks) would wait on it.
+_PAUSE_S = 300.0
+# Errors where the server refused the values themselves: sending them again cannot work.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE"}
 
 
 def mask_secrets(text: str) -> str:
@@ -59,8 +65,10 @@ class Tracker:
     ``start``, ``log_params`` and ``log_dataset`` fail loudly (a run that cannot be tracked
     should not start). Once training runs, a tracking error (a server outage, a locked
     database) is a warning, never the end of the run: metric values are held and sent
-    with the next call; a text, image or artifact that failed is skipped. ``failures``
-    counts them.
+    with the next call; a text, image or artifact that failed is skipped. After such a
+    failure the server is not called for ``_PAUSE_S`` seconds (values are held, the rest
+    skipped); ``end`` tries once more. Values the server refuses (an invalid key, a
+    deleted run) are dropped, not held. ``failures`` counts what did not get through.
     """
 
     def __init__(self, uri: str, experiment: str, enabled: bool = True) -> None:
@@ -73,6 +81,7 @@ class Tracker:
         self.client = None
         self.failures = 0
         self._pending: list = []
+        self._paused_until = 0.0
         if enabled:
             from mlflow.tracking import MlflowClient
 
@@ -161,13 +170,37 @@ class Tracker:
                 continue  # MLflow stores NaN, but charts and comparisons choke on it
             batch.append(Metric(key, number, timestamp, step))
         batch, self._pending = self._pending + batch, []
-        start = 0
-        try:
-            for start in range(0, len(batch), 500):
+        if self._paused():
+            self._pending = batch[-_PENDING_LIMIT:]
+            return
+        for start in range(0, len(batch), 500):
+            try:
                 self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
-        except _tracking_errors() as error:
-            self._pending = batch[start:][-_PENDING_LIMIT:]
-            self._warn(f"logging metrics at step {step}", error, f"{len(self._pending)} values held for the next try")
+            except _tracking_errors() as error:
+                if _permanent(error):
+                    # The server refused some value of this chunk: send its values one by
+                    # one, so only the refused ones are lost.
+                    held = self._log_one_by_one(batch[start : start + 500])
+                    if not held:
+                        continue
+                    batch, start = held + batch[start + 500 :], 0
+                self._pending = batch[start:][-_PENDING_LIMIT:]
+                self._pause()
+                self._warn(f"logging metrics at step {step}", error,
+                           f"{len(self._pending)} values held; the server is left alone for {_PAUSE_S:.0f} s")
+                return
+
+    def _log_one_by_one(self, metrics: list) -> list:
+        """Send each value alone, dropping those refused; returns the values not sent when
+        the server stops answering."""
+        for index, metric in enumerate(metrics):
+            try:
+                self.client.log_batch(self.run_id, metrics=[metric])
+            except _tracking_errors() as error:
+                if not _permanent(error):
+                    return metrics[index:]
+                self._warn(f"logging {metric.key} at step {metric.step}", error, "that value dropped")
+        return []
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -215,20 +248,37 @@ class Tracker:
     def end(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED (held metric values are sent first)."""
         if self.enabled and self.run_id:
+            self._paused_until = 0.0  # the last chance: try once more
             if self._pending:
                 self.log_metrics({}, step=0)
             # A failure here must not hide the error that may be ending the run.
             self._best_effort(f"ending the run {status}", self.client.set_terminated, self.run_id, status=status)
 
     def _best_effort(self, what: str, call, *args, **kwargs) -> None:
+        if self._paused():
+            self.failures += 1
+            log.debug("MLflow paused after a failure: %s skipped", what)
+            return
         try:
             call(*args, **kwargs)
         except _tracking_errors() as error:
+            if not _permanent(error):
+                self._pause()
             self._warn(what, error, "skipped")
+
+    def _paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
+    def _pause(self) -> None:
+        self._paused_until = time.monotonic() + _PAUSE_S
 
     def _warn(self, what: str, error: BaseException, outcome: str) -> None:
         self.failures += 1
         log.warning("MLflow: %s failed (%s: %s); training goes on, %s", what, type(error).__name__, mask_secrets(str(error)), outcome)
+
+
+def _permanent(error: BaseException) -> bool:
+    return getattr(error, "error_code", None) in _PERMANENT
 
 
 def _tracking_errors() -> tuple[type[BaseException], ...]:
@@ -239,7 +289,5 @@ def _tracking_errors() -> tuple[type[BaseException], ...]:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 

@@ -149,15 +149,20 @@ def test_a_tracking_outage_during_training_is_a_warning_and_loses_no_metric(mlfl
     tracker.log_metrics({"train/loss": 1.0}, 1)
     working = {name: getattr(tracker.client, name) for name in ("log_batch", "log_text", "set_terminated")}
 
+    calls = []
+
     def unavailable(*args, **kwargs):
+        calls.append(1)
         raise MlflowException("API request failed: 503 Service Unavailable")
 
     for name in working:
         monkeypatch.setattr(tracker.client, name, unavailable)
     tracker.log_metrics({"train/loss": 2.0, "val/AP": 0.5}, 2)
-    tracker.log_text("a\n", "bad_images.txt")
-    tracker.end("FINISHED")  # does not raise either: it must not hide an error ending the run
-    assert tracker.failures == 4 and "training goes on" in caplog.text  # metrics twice (end retries them)
+    tracker.log_text("a\n", "bad_images.txt")  # the server is left alone after a failure
+    assert len(calls) == 1
+    tracker.end("FINISHED")  # tries once more, and does not raise: it must not hide an error ending the run
+    # end sent the held values once more (failing, so closing the run was skipped too)
+    assert len(calls) == 2 and tracker.failures == 4 and "training goes on" in caplog.text
     for name, call in working.items():
         monkeypatch.setattr(tracker.client, name, call)
     tracker.log_metrics({"train/loss": 3.0}, 3)
@@ -165,3 +170,15 @@ def test_a_tracking_outage_during_training_is_a_warning_and_loses_no_metric(mlfl
     assert mlflow_store.history(run_id, "train/loss") == {1: [1.0], 2: [2.0], 3: [3.0]}
     assert mlflow_store.history(run_id, "val/AP") == {2: [0.5]}
     assert mlflow_store.client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_metric_values_the_server_refuses_are_dropped_not_held(mlflow_uri: str, mlflow_store):
+    """Held forever, one refused value would fail every later batch it shares."""
+    tracker = Tracker(mlflow_uri, "unit")
+    run_id = tracker.start("name")
+    # The real store refuses a key over MLflow's 250 characters; the others in its batch arrive.
+    tracker.log_metrics({"train/loss": 1.0, "x" * 300: 1.0, "val/AP": 0.5}, 1)
+    tracker.log_metrics({"train/loss": 2.0}, 2)  # not paused: the server itself is fine
+    tracker.end("FINISHED")
+    assert mlflow_store.history(run_id, "train/loss") == {1: [1.0], 2: [2.0]}
+    assert mlflow_store.history(run_id, "val/AP") == {1: [0.5]} and tracker.failures == 1
