@@ -29,7 +29,6 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from omegaconf import DictConfig, OmegaConf
 from torch.autograd import DeviceType
 
@@ -43,7 +42,7 @@ from ssod.engine import SemiSupervisedModel, detections_to_host, eval_loader, pr
 from ssod.loop import RunState
 from ssod.step import Training, train_step
 from ssod.tracking import Tracker, default_tracking_uri
-from ssod.train import to_device
+from ssod.train import forget_accelerator, to_device
 
 
 STEPS = (
@@ -159,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = measure(args, cfg, accelerator)
     finally:
-        # Process-wide otherwise, the device choice included (tests call main more than once).
-        AcceleratorState._reset_state(reset_partial_state=True)
+        forget_accelerator(accelerator)  # tests call main more than once
     print(result.report)
     if not args.no_mlflow:
         _log_to_mlflow(args, cfg, result)

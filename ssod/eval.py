@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from omegaconf import OmegaConf
 
 from ssod.build import apply_speed_settings, build_model
@@ -30,6 +29,7 @@ from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.coco import CategoryMap, load_coco, load_split
 from ssod.data.transforms import EvalTransform
 from ssod.engine import eval_loader, evaluate, shard
+from ssod.train import forget_accelerator
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,18 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(state[args.model])
     accelerator = Accelerator(cpu=args.cpu)
     try:
-        return _evaluate(args, accelerator, model, dataset, cfg, path, state, json_path)
+        detector = model.detector.to(accelerator.device)
+        loader = eval_loader(dataset, shard(dataset, accelerator), num_workers=eval_workers(cfg.data, accelerator.device),
+                             pin_memory=accelerator.device.type == "cuda")
+        metrics = evaluate(detector, loader, accelerator)
     finally:
-        # Process-wide otherwise: a later run in this process (a test, a notebook) could not
-        # choose its own device or precision.
-        AcceleratorState._reset_state(reset_partial_state=accelerator.num_processes == 1)
-
-
-def _evaluate(args, accelerator: Accelerator, model, dataset, cfg, path: Path, state: dict, json_path: Path) -> int:
-    detector = model.detector.to(accelerator.device)
-    loader = eval_loader(dataset, shard(dataset, accelerator), num_workers=eval_workers(cfg.data, accelerator.device),
-                         pin_memory=accelerator.device.type == "cuda")
-    metrics = evaluate(detector, loader, accelerator)
+        forget_accelerator(accelerator)
     if metrics is None:
         return 0
     # NaN (a metric without ground truth) is null: strict JSON readers reject a bare NaN.

@@ -139,10 +139,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         tracker.end(status)
         accelerator.wait_for_everyone()
         accelerator.free_memory()
-        # The next run in this process (a test, a notebook) may ask for another mixed
-        # precision or device: accelerate keeps them process-wide unless reset (a private
-        # accelerate API). With several processes, PartialState (the process group) is kept.
-        AcceleratorState._reset_state(reset_partial_state=accelerator.num_processes == 1)
+        forget_accelerator(accelerator)
         if status != "KILLED":
             interrupts.pass_on()
 
@@ -263,6 +260,13 @@ def _build_loaders(cfg: DictConfig, data: DataBundle, accelerator: Accelerator, 
     val_workers = eval_workers(cfg.data, accelerator.device)
     val = eval_loader(data.val, shard(data.val, accelerator), num_workers=val_workers, pin_memory=pin)
     return Loaders(labeled, unlabeled, val)
+
+
+def forget_accelerator(accelerator: Accelerator) -> None:
+    """Let the next Accelerator in this process (a test, a notebook, another run) choose its
+    own mixed precision and device: accelerate keeps them process-wide unless reset (a
+    private accelerate API). With several processes, PartialState (the process group) is kept."""
+    AcceleratorState._reset_state(reset_partial_state=accelerator.num_processes == 1)
 
 
 def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:

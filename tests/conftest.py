@@ -208,7 +208,9 @@ def accelerator():
     """A CPU Accelerator; accelerate's process-wide state is reset afterwards (device and
     precision included), so the next test may choose others."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    from ssod.train import forget_accelerator
+
+    accelerator = Accelerator(cpu=True)
+    yield accelerator
+    forget_accelerator(accelerator)

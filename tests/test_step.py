@@ -14,7 +14,7 @@ from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.loop import RunState
 from ssod.step import StepFlags, Training, train_step
-from ssod.train import to_device
+from ssod.train import forget_accelerator, to_device
 from tests.conftest import tiny_overrides
 
 
@@ -91,7 +91,6 @@ def test_a_step_whose_fp16_gradients_overflow_is_skipped_by_the_scaler(tmp_path,
     """The real path on a GPU: at a loss scale of 2**100 the fp16 gradients overflow, and
     the scaler skips the step; student, schedule and teacher stay, the scale halves."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import GradScalerKwargs
 
     accelerator = Accelerator(mixed_precision="fp16", kwargs_handlers=[GradScalerKwargs(init_scale=2.0**100)])
@@ -105,7 +104,7 @@ def test_a_step_whose_fp16_gradients_overflow_is_skipped_by_the_scaler(tmp_path,
         assert training.scheduler.last_epoch == 0 and training.state.ema_steps == 0
         assert accelerator.scaler.get_scale() == 2.0**99
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+        forget_accelerator(accelerator)
 
 
 def test_flags_are_seen_before_anything_is_applied(parts):
