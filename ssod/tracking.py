@@ -169,38 +169,46 @@ class Tracker:
             if math.isnan(number):
                 continue  # MLflow stores NaN, but charts and comparisons choke on it
             batch.append(Metric(key, number, timestamp, step))
-        batch, self._pending = self._pending + batch, []
-        if self._paused():
-            self._pending = batch[-_PENDING_LIMIT:]
-            return
-        for start in range(0, len(batch), 500):
-            try:
-                self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
-            except _tracking_errors() as error:
-                if _permanent(error):
-                    # The server refused some value of this chunk: send its values one by
-                    # one, so only the refused ones are lost.
-                    held = self._log_one_by_one(batch[start : start + 500])
-                    if not held:
-                        continue
-                    batch, start = held + batch[start + 500 :], 0
-                self._pending = batch[start:][-_PENDING_LIMIT:]
-                self._pause()
-                self._warn(f"logging metrics at step {step}", error,
-                           f"{len(self._pending)} values held; the server is left alone for {_PAUSE_S:.0f} s")
-                return
+        self._pending = (self._pending + batch)[-_PENDING_LIMIT:]
+        self._flush(f"logging metrics at step {step}")
 
-    def _log_one_by_one(self, metrics: list) -> list:
-        """Send each value alone, dropping those refused; returns the values not sent when
-        the server stops answering."""
-        for index, metric in enumerate(metrics):
+    def _flush(self, what: str) -> None:
+        """Send the held metric values, unless the server is left alone after a failure."""
+        if self._paused() or not self._pending:
+            return
+        self._pending, error = self._send(self._pending)
+        if self._pending:
+            self._pause()
+            self._warn(what, error, f"{len(self._pending)} values held; the server is left alone for {_PAUSE_S:.0f} s")
+
+    def _send(self, metrics: list) -> tuple[list, Optional[BaseException]]:
+        """Send ``metrics`` in chunks; returns those not sent when the server stopped answering
+        and its error. A chunk the server refuses is sent value by value, so only the refused
+        values are lost (held, they would fail every later batch)."""
+        for start in range(0, len(metrics), 500):
+            chunk = metrics[start : start + 500]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+                continue
+            except _tracking_errors() as error:
+                if not _permanent(error):
+                    return metrics[start:], error
+            done, error = self._send_each(chunk)
+            if error is not None:
+                return metrics[start + done :], error
+        return [], None
+
+    def _send_each(self, chunk: list) -> tuple[int, Optional[BaseException]]:
+        """Send the values one by one, dropping those refused; returns how many were dealt
+        with before the server stopped answering, and its error."""
+        for index, metric in enumerate(chunk):
             try:
                 self.client.log_batch(self.run_id, metrics=[metric])
             except _tracking_errors() as error:
                 if not _permanent(error):
-                    return metrics[index:]
+                    return index, error
                 self._warn(f"logging {metric.key} at step {metric.step}", error, "that value dropped")
-        return []
+        return len(chunk), None
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -249,8 +257,7 @@ class Tracker:
         """Close the run as FINISHED, FAILED or KILLED (held metric values are sent first)."""
         if self.enabled and self.run_id:
             self._paused_until = 0.0  # the last chance: try once more
-            if self._pending:
-                self.log_metrics({}, step=0)
+            self._flush(f"sending held metric values before ending the run {status}")
             # A failure here must not hide the error that may be ending the run.
             self._best_effort(f"ending the run {status}", self.client.set_terminated, self.run_id, status=status)
 
