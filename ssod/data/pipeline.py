@@ -99,9 +99,10 @@ def resolve_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
         if cfg.unlabeled_json:
             unlabeled_images = _absolute(cfg.unlabeled_images or cfg.train_images, project_dir)
             return DataFiles(source, source_images, _absolute(cfg.unlabeled_json, project_dir), unlabeled_images, val_json, val_images)
-        split_dir = _coco_split_dir(cache, source) if cfg.percent < 100 else None
+        split_dir = None  # keyed by the json's version: looked at only when a split is needed
     if cfg.percent >= 100:
         return DataFiles(source, source_images, None, None, val_json, val_images)
+    split_dir = split_dir or _coco_split_dir(cache, source)
     # One directory per selection scheme (the files keep SoftTeacher's names): another
     # split_seed or reference offset must not reuse a split made with the first.
     scheme = f"seed-{cfg.split_seed}" if cfg.split_reference_offset is None else f"reference-{cfg.split_reference_offset}"
