@@ -7,7 +7,8 @@ after its worker died has a new number but the same parameters, and with
 Outcomes: a finite metric -> COMPLETE; ``optuna.TrialPruned`` raised from ``on_eval`` ->
 PRUNED (training checkpoints and stops at once); an exception, a missing or NaN metric
 -> FAIL (returns NaN, never ``sys.exit``: the worker goes on); the worker told to stop
-mid-trial (SIGTERM, Ctrl-C) -> ``TrialInterrupted`` (FAIL; the worker re-queues it).
+mid-trial (SIGTERM, Ctrl-C) -> ``TrialInterrupted`` (FAIL; the worker re-queues it, and
+this does not count against ``tune.max_retry``; its MLflow run ends KILLED).
 
 ``launcher: accelerate`` runs each trial as ``accelerate launch ... -m ssod.tune trial``
 in its own process group. The child appends one JSON line per evaluation to a relay file
@@ -109,6 +110,7 @@ class Objective:
             state = "PRUNED"
             raise
         except (TrialInterrupted, KeyboardInterrupt):
+            state = "INTERRUPTED"  # FAIL for Optuna; the worker re-queues it
             self.stop.set()
             raise
         except Exception as error:  # noqa: BLE001 - any training error fails this trial only

@@ -4,7 +4,8 @@ Runs are found by tags, never remembered: the parent carries ``optuna.study=<nam
 ``optuna.role=study``; a trial's run (created by ``ssod.train.run`` with
 ``tracking.parent_run_id``) carries ``optuna.study``, ``optuna.role=trial`` and
 ``optuna.trial_number``, and after the trial ``optuna.state`` COMPLETE/PRUNED/FAIL with the
-run status FINISHED/KILLED/FAILED to match. ``write_report`` puts the best parameters, the
+run status FINISHED/KILLED/FAILED to match (a trial stopped on request and re-queued: FAIL,
+tagged ``optuna.interrupted=true``, and KILLED). ``write_report`` puts the best parameters, the
 best trial's run id, counts, a trials table and plots on the parent run.
 """
 
@@ -27,7 +28,7 @@ from ssod.tuning.settings import StudySetup
 
 log = logging.getLogger(__name__)
 
-RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 
 
 def _tracker(setup: StudySetup) -> Tracker:
@@ -95,7 +96,10 @@ def mark_trial_run(setup: StudySetup, trial_number: int, state: str, params: Opt
     tracker.run_id = run_id
     if params:
         tracker.log_params({f"optuna.{name}": value for name, value in params.items()})
-    tracker.set_tags({"optuna.state": state})
+    if state == "INTERRUPTED":  # stopped on request and re-queued: FAIL for Optuna, not a failure
+        tracker.set_tags({"optuna.state": "FAIL", "optuna.interrupted": "true"})
+    else:
+        tracker.set_tags({"optuna.state": state})
     tracker.end(RUN_STATUS[state])
     return run_id
 

@@ -25,7 +25,6 @@ import zlib
 from typing import Optional
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from ssod.tuning.objective import Objective, TrialInterrupted, Trainer
 from ssod.tuning.report import mark_trial_run, parent_run, write_report
@@ -35,20 +34,42 @@ from ssod.tuning.storage import RESOLVED_ENV, Usage, is_journal, open_storage, q
 log = logging.getLogger(__name__)
 
 
+INTERRUPTED_ATTR = "interrupted_trials"
+
+
 class StaleTrials:
-    """A trial whose worker died: re-queue it with its parameters, close its run FAILED."""
+    """Re-queue a trial that did not finish, with its parameters; close its run.
+
+    As Optuna's ``RetryHeartbeatStaleTrialCallback`` (the same system attributes:
+    ``failed_trial``, the original's number, and ``retry_history``, so its helpers and the
+    budget count read them), except that a trial stopped on request (a scheduler's
+    SIGTERM, Ctrl-C) is not a failure: only the others count against ``tune.max_retry``.
+    A preemptible cluster may stop one trial many times in a long study.
+    """
 
     def __init__(self, setup: StudySetup) -> None:
         self.setup = setup
-        with quiet_experimental():
-            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=setup.tune.max_retry)
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.retry(study, trial)
-        try:
-            mark_trial_run(self.setup, trial.number, "FAIL")
-        except Exception:  # noqa: BLE001 - the re-queue matters more than the run's status
-            log.exception("trial %d: could not mark its MLflow run", trial.number)
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, interrupted: bool = False) -> None:
+        attrs = dict(trial.system_attrs)
+        history = [*attrs.get("retry_history", ()), trial.number]
+        stopped = [*attrs.get(INTERRUPTED_ATTR, ()), *([trial.number] if interrupted else [])]
+        failures = len(history) - len(stopped)
+        if failures > self.setup.tune.max_retry:
+            log.warning("trial %d failed %d times (tune.max_retry=%d): not re-queued",
+                        trial.number, failures, self.setup.tune.max_retry)
+        else:
+            attrs.update({"failed_trial": attrs.get("failed_trial", trial.number), "retry_history": history,
+                          INTERRUPTED_ATTR: stopped})
+            study.add_trial(optuna.trial.create_trial(
+                state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+                user_attrs=trial.user_attrs, system_attrs=attrs,
+            ))
+        if not interrupted:  # an interrupted trial's run was closed by its objective
+            try:
+                mark_trial_run(self.setup, trial.number, "FAIL")
+            except Exception:  # noqa: BLE001 - the re-queue matters more than the run's status
+                log.exception("trial %d: could not mark its MLflow run", trial.number)
 
 
 def build_sampler(spec: SamplerSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -141,7 +162,7 @@ def run_worker(
 def _requeue(study: optuna.Study, number: Optional[int], on_stale: StaleTrials) -> None:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         if trial.number == number:
-            on_stale(study, copy.deepcopy(trial))
+            on_stale(study, copy.deepcopy(trial), interrupted=True)
 
 
 def _handle_signals(stop: threading.Event, objective: Objective):
