@@ -78,6 +78,8 @@ class Tracker:
         self.run_id: Optional[str] = None
         # Metric name -> the last step a resumed run already has (those steps are skipped).
         self.logged_steps: dict[str, int] = {}
+        # Metric name -> the latest value a resumed run already has.
+        self.previous_metrics: dict[str, float] = {}
         self.client = None
         self.failures = 0
         self._pending: list = []
@@ -109,7 +111,7 @@ class Tracker:
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-            self.logged_steps = self.last_logged_steps()
+            self.logged_steps, self.previous_metrics = self._metrics_so_far()
             for key, value in all_tags.items():
                 self.client.set_tag(run_id, key, value)
         else:
@@ -130,14 +132,15 @@ class Tracker:
         )
         return [run.info.run_id for run in runs]
 
-    def last_logged_steps(self) -> dict[str, int]:
-        """The largest step of each metric already in the run.
+    def _metrics_so_far(self) -> tuple[dict[str, int], dict[str, float]]:
+        """The largest step of each metric already in the run, and its latest value.
 
-        Per metric, not overall: a run killed during an evaluation has the interval's
+        Steps per metric, not overall: a run killed during an evaluation has the interval's
         training scalars at that step but not the evaluation's, which the resumed run logs.
         """
-        run = self.client.get_run(self.run_id)
-        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in run.data.metrics}
+        latest = dict(self.client.get_run(self.run_id).data.metrics)
+        steps = {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in latest}
+        return steps, latest
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values masked, long values cut); re-logging on resume is skipped."""

@@ -157,10 +157,12 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
     if state.step >= train.iterations:
         # Resumed from the final checkpoint (a retried trial, a requeued job): nothing to
         # train, but the run (what it lacks of it), final_metrics.json and ``on_eval`` (a
-        # tuning trial completes on it) still get the final evaluation.
+        # tuning trial completes on it) still get the final evaluation. The training
+        # scalars of final_metrics.json are those the run already has.
         metrics = _evaluate_both(training, loaders.val)
         if accelerator.is_main_process:
             tracker.log_metrics(metrics, state.step)
+            final_metrics.update(tracker.previous_metrics)
             final_metrics.update(metrics)
             if on_eval is not None:
                 on_eval(state.step, metrics)

@@ -103,6 +103,9 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
         assert evaluations == [(4, pytest.approx(final["val/teacher/bbox_AP"]))]
         logged_again = json.loads(mlflow_store.read_text(run_id, "final_metrics.json"))
         assert logged_again["val/teacher/bbox_AP"] == pytest.approx(final["val/teacher/bbox_AP"])
+        # ... with the training scalars the run already has, not the evaluation alone.
+        assert set(logged_again) == set(logged_final) and set(again) == set(final)
+        assert again["train/loss"] == pytest.approx(final["train/loss"])
         assert mlflow_store.only_run().info.status == "FINISHED"
         mlflow_store.assert_no_step_twice(run_id)
 
