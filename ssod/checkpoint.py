@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -108,6 +109,39 @@ def refuse_foreign_checkpoints(directory: Path) -> None:
             f"{directory} already holds checkpoints of an earlier run (newest: {found[-1][1].name}): "
             f"set train.resume=auto to continue it, or train.output_dir=<new dir> for a new run"
         )
+
+
+def set_aside_other_checkpoints(directory: Path, resumed: Path, step: int) -> Optional[Path]:
+    """For a resume from a checkpoint named by path: move the checkpoints of ``directory``
+    that are not its past to ``directory/superseded-<UTC time>/`` (nothing is deleted).
+
+    Those are the ones after ``step`` and, when ``resumed`` lives in another directory, all
+    of them. Left in place, ``train.resume=auto`` would later continue the newest of them,
+    and keeping the newest few would never delete a later step (or would delete another
+    run's earlier ones). Returns the folder, or None when nothing was moved.
+    """
+    directory = Path(directory)
+    elsewhere = Path(resumed).resolve().parent != directory.resolve()
+    moving = [path for saved, path in list_checkpoints(directory) if saved > step or elsewhere]
+    if not moving:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder = directory / f"superseded-{stamp}"
+    for attempt in range(1, 1000):  # twice in one second: never mix two sets of files
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            folder = directory / f"superseded-{stamp}-{attempt}"
+    for path in moving:
+        os.replace(path, folder / path.name)
+    _fsync_dir(directory)
+    log.warning(
+        "resuming from %s (step %d): %d checkpoint(s) of %s that are not its past (newest: %s) moved to %s; "
+        "train.resume=auto continues the newest checkpoint instead", resumed, step, len(moving), directory,
+        moving[-1].name, folder,
+    )
+    return folder
 
 
 def checkpoint_file(path: str, option: str) -> Path:

@@ -43,12 +43,14 @@ class Training:
     state: RunState
     ckpt_dir: Path
     keep_checkpoints: int
+    on_saved: Callable[[int], None] = lambda step: None  # called with the step of each checkpoint written
 
     def save(self) -> None:
         save_state(
             self.accelerator, self.ckpt_dir, self.state, self.student, self.teacher,
             self.optimizer, self.scheduler, self.keep_checkpoints,
         )
+        self.on_saved(self.state.step)
 
 
 @dataclass

@@ -33,6 +33,8 @@ _PENDING_LIMIT = 100_000
 _PAUSE_S = 300.0
 # Errors where the server refused the values themselves: sending them again cannot work.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE"}
+# The step of the newest checkpoint a training run has saved (see ``Tracker.start``).
+CHECKPOINT_STEP_TAG = "ssod.checkpoint_step"
 
 
 def mask_secrets(text: str) -> str:
@@ -80,6 +82,7 @@ class Tracker:
         self.logged_steps: dict[str, int] = {}
         # Metric name -> the latest value a resumed run already has.
         self.previous_metrics: dict[str, float] = {}
+        self.branched_from = ""  # see ``start``
         self.client = None
         self.failures = 0
         self._pending: list = []
@@ -101,13 +104,28 @@ class Tracker:
             # Another worker created it between our lookup and create.
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
-    def start(self, run_name: str, tags: Mapping[str, str] = (), parent_run_id: str = "", run_id: str = "") -> str:
-        """Start a new run, or reopen ``run_id`` (resume) and skip steps it already has."""
+    def start(self, run_name: str, tags: Mapping[str, str] = (), parent_run_id: str = "", run_id: str = "",
+              resume_step: Optional[int] = None) -> str:
+        """Start a new run, or reopen ``run_id`` (resume) and skip steps it already has.
+
+        A resume at ``resume_step`` from before a checkpoint the run already saved (tag
+        ``ssod.checkpoint_step``: ``train.resume`` named an older checkpoint) would put two
+        histories under one run, and the skipped steps would keep the abandoned one's
+        values. It starts a new run instead, tagged ``ssod.branched_from_run`` and
+        ``ssod.branched_from_step``; ``branched_from`` is then the old run's id.
+        """
         if not self.enabled:
             return ""
         all_tags = {k: mask_secrets(str(v)) for k, v in dict(tags).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_id and resume_step is not None:
+            saved = self.client.get_run(run_id).data.tags.get(CHECKPOINT_STEP_TAG)
+            if saved is not None and int(saved) > resume_step:
+                log.warning("MLflow run %s already went on to a checkpoint at step %s: resuming from step %d "
+                            "starts a new run", run_id, saved, resume_step)
+                all_tags.update({"ssod.branched_from_run": run_id, "ssod.branched_from_step": str(resume_step)})
+                self.branched_from, run_id = run_id, ""
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

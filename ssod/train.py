@@ -6,6 +6,7 @@ Run it from the project directory (where ``mlflow.db`` lives)::
     accelerate launch -m ssod.train experiment=synthetic method=polish_teacher
     accelerate launch --multi_gpu --num_processes 8 -m ssod.train experiment=coco_partial data.percent=10
     ssod-train train.resume=auto                 # continue the newest complete checkpoint
+    ssod-train train.resume=<dir>/step-00000200.pt   # go back: a branch (later checkpoints set aside)
 
 ``main`` only calls ``run(cfg)``; tests and ``ssod.tune`` call ``run`` directly. ``run``
 builds everything in plain sight, ``_train_loop`` iterates (one ``ssod.step.train_step``
@@ -35,7 +36,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer, build_scheduler
-from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, load_weights, refuse_foreign_checkpoints, set_rng_state
+from ssod.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_weights,
+    refuse_foreign_checkpoints,
+    set_aside_other_checkpoints,
+    set_rng_state,
+)
 from ssod.config import CONF_DIR, MethodConfig, eval_workers, flatten
 from ssod.data.pipeline import DataBundle, build_data
 from ssod.data.sampling import infinite_loader
@@ -43,7 +51,7 @@ from ssod.engine import eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, stop_if_too_many_bad
 from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
-from ssod.tracking import Tracker, default_tracking_uri
+from ssod.tracking import CHECKPOINT_STEP_TAG, Tracker, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +115,22 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     interrupts = Interrupts()
     status, training = "FAILED", None
     try:
+        # train.resume=<file> goes back to it (auto continues: a crash's re-run of the steps
+        # after the newest checkpoint is the same run, see Tracker.logged_steps).
+        going_back = bool(resumed) and train.resume != "auto"
+        if going_back and accelerator.is_main_process:
+            set_aside_other_checkpoints(ckpt_dir, resume_path, resumed["step"])
         with accelerator.main_process_first():
             data = build_data(cfg.data, project_dir, need_unlabeled=method.name != "supervised")
         training = _build_training(cfg, method, data.category_map.num_classes, accelerator, ckpt_dir, resumed)
         if resumed:
             log.info("resuming from %s at step %d", resume_path, training.state.step)
         training.state.run_id = tracker.start(
-            train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=training.state.run_id
+            train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=training.state.run_id,
+            resume_step=training.state.step if going_back else None,
         )
-        if not resumed:
+        training.on_saved = lambda step: tracker.set_tags({CHECKPOINT_STEP_TAG: step})
+        if not resumed or tracker.branched_from:
             _log_run_inputs(tracker, cfg, data)
         loaders = _build_loaders(cfg, data, accelerator, training.state.step)
         if resumed:

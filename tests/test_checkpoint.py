@@ -69,6 +69,64 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(make_config, mlflow_store
     assert [step for step, _ in list_checkpoints(folder)] == [300]
 
 
+def test_resuming_an_older_checkpoint_by_path_branches_the_run_and_sets_the_later_ones_aside(
+    make_config, mlflow_store, tmp_path: Path
+):
+    """Going back to step 2 of a run that reached 4 (a divergence, another learning rate):
+    left in place, step 4 would be what ``resume=auto`` continues next time, and the reopened
+    MLflow run would keep the abandoned values of steps 3-4. The later checkpoints move
+    aside (nothing is deleted) and the branch gets its own run, tagged with its origin."""
+    from ssod.train import run
+
+    base = ("train.ckpt_every=1", "train.keep_checkpoints=10", "train.eval_every=4", "data.val_max_images=4",
+            "train.log_every=1")
+    run(make_config(*base, "train.iterations=4"))
+    folder = tmp_path / "outputs" / "checkpoints"
+    first = mlflow_store.only_run()
+    assert first.data.tags["ssod.checkpoint_step"] == "4"
+    abandoned = mlflow_store.history(first.info.run_id, "train/loss")
+    old_step_4 = load_checkpoint(folder / "step-00000004.pt")["student"]
+
+    run(make_config(*base, "train.iterations=4", "train.lr=0.02", f"train.resume={folder / 'step-00000002.pt'}"))
+    (aside,) = [path for path in folder.iterdir() if path.is_dir()]
+    assert aside.name.startswith("superseded-")
+    assert sorted(path.name for path in aside.iterdir()) == ["step-00000003.pt", "step-00000004.pt"]
+    assert torch.equal(load_checkpoint(aside / "step-00000004.pt")["student"]["detector.roi_heads.box_predictor.cls_score.weight"],
+                       old_step_4["detector.roi_heads.box_predictor.cls_score.weight"])
+    assert [step for step, _ in list_checkpoints(folder)] == [1, 2, 3, 4]
+
+    runs = {run_.info.run_id: run_ for run_ in mlflow_store.runs()}
+    assert len(runs) == 2
+    (branch_id,) = set(runs) - {first.info.run_id}
+    branch = runs[branch_id]
+    assert branch.data.tags["ssod.branched_from_run"] == first.info.run_id
+    assert branch.data.tags["ssod.branched_from_step"] == "2"
+    assert branch.data.params["train.lr"] == "0.02" and branch.info.status == "FINISHED"
+    assert sorted(mlflow_store.steps(branch_id, "train/loss")) == [3, 4]
+    assert mlflow_store.history(first.info.run_id, "train/loss") == abandoned  # the old run is left as it was
+    assert load_checkpoint(folder / "step-00000004.pt")["mlflow_run_id"] == branch_id
+
+    # The branch goes on as any run: resume=auto continues its newest checkpoint and its run.
+    run(make_config(*base, "train.iterations=5", "train.lr=0.02", "train.resume=auto"))
+    assert len(mlflow_store.runs()) == 2
+    assert sorted(mlflow_store.steps(branch_id, "train/loss")) == [3, 4, 5]
+    assert [path.name for path in folder.iterdir() if path.is_dir()] == [aside.name]
+
+
+def test_set_aside_moves_every_checkpoint_of_a_folder_the_resumed_one_is_not_from(tmp_path: Path):
+    here, elsewhere = tmp_path / "run" / "checkpoints", tmp_path / "other"
+    for step in (100, 300):
+        save_checkpoint(here, step, _state(step))
+    save_checkpoint(elsewhere, 200, _state(200))
+    assert checkpoint.set_aside_other_checkpoints(here, here / "step-00000300.pt", 300) is None
+    aside = checkpoint.set_aside_other_checkpoints(here, elsewhere / "step-00000200.pt", 200)
+    assert list_checkpoints(here) == []
+    assert sorted(path.name for path in aside.iterdir()) == ["step-00000100.pt", "step-00000300.pt"]
+    save_checkpoint(here, 300, _state(300))  # a second set-aside in the same second gets its own folder
+    again = checkpoint.set_aside_other_checkpoints(here, here / "step-00000100.pt", 100)
+    assert again != aside and [path.name for path in again.iterdir()] == ["step-00000300.pt"]
+
+
 def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(tmp_path: Path, monkeypatch):
     save_checkpoint(tmp_path, 1, _state(1), keep=1)
     seen_during_write = []
