@@ -239,53 +239,62 @@ def test_interrupted_trials_are_requeued_without_counting_against_max_retry(proj
     (a dead worker) use up retries."""
     from ssod.tracking import Tracker
     from ssod.train import RunResult
-    from ssod.tuning.workers import INTERRUPTED_ATTR, StaleTrials
+    from ssod.tuning.objective import INTERRUPTED_ATTR
+    from ssod.tuning.workers import INTERRUPTED_TRIALS, StaleTrials
 
-    calls = []
+    calls, run_ids = [], []
 
     def trainer(cfg, on_eval):
+        """As training does: one MLflow run, reopened by each retry (from its checkpoint)."""
         calls.append(cfg.method.unsup_weight)
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        run_ids.append(tracker.start(cfg.train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id,
+                                     run_id=run_ids[0] if run_ids else ""))
         if len(calls) <= 3:  # stopped by the worker's SIGTERM: checkpoint, run KILLED, not completed
-            tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-            tracker.start(cfg.train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id)
             tracker.end("KILLED")
             stopped = RunResult()
             stopped.status = "KILLED"
             return stopped
         on_eval(cfg.train.iterations, {"val/teacher/bbox_AP": 0.5})
+        tracker.end("FINISHED")
         return {"val/teacher/bbox_AP": 0.5}
 
-    setup = prepare(project.overrides + ["tune.n_trials=2", "tune.max_retry=1"])
+    setup = prepare(project.overrides + ["tune.n_trials=1", "tune.max_retry=1"])
     for _ in range(3):  # each stop ends the worker; the same command again continues
         usage = run_worker(setup, trainer=trainer)
         assert usage.used == 1 and usage.waiting == 1
+        stopped = project.runs()[1][0]
+        assert (stopped.info.status, stopped.data.tags["optuna.state"], stopped.data.tags["optuna.interrupted"]) == (
+            "KILLED", "FAIL", "true")
     usage = run_worker(setup, trainer=trainer)
     trials = project.study(setup.storage_url).trials
-    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.COMPLETE] * 2
-    assert calls[:4] == [calls[0]] * 4 and calls[4] != calls[0]
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.COMPLETE]
+    assert calls == [calls[0]] * 4
     assert trials[3].system_attrs["failed_trial"] == 0
-    assert trials[3].system_attrs["retry_history"] == [0, 1, 2] == trials[3].system_attrs[INTERRUPTED_ATTR]
-    assert {t.user_attrs["output_dir"] for t in trials[:4]} == {trials[0].user_attrs["output_dir"]}
-    assert usage.used == 2 and usage.complete == 2 and usage.failed == 0
-    _, runs = project.runs()
-    stopped_runs = [r for r in runs if r.data.tags.get("optuna.interrupted") == "true"]
-    assert len(stopped_runs) == 3
-    assert {(r.info.status, r.data.tags["optuna.state"]) for r in stopped_runs} == {("KILLED", "FAIL")}
+    assert trials[3].system_attrs["retry_history"] == [0, 1, 2] == trials[3].system_attrs[INTERRUPTED_TRIALS]
+    assert all(t.user_attrs[INTERRUPTED_ATTR] for t in trials[:3]) and INTERRUPTED_ATTR not in trials[3].user_attrs
+    assert {t.user_attrs["output_dir"] for t in trials} == {trials[0].user_attrs["output_dir"]}
+    assert usage.used == 1 and usage.complete == 1 and usage.failed == 0
+    (finished,) = project.runs()[1]
+    assert finished.info.status == "FINISHED" and finished.data.tags["optuna.state"] == "COMPLETE"
+    assert "optuna.interrupted" not in finished.data.tags
 
-    # After those stops the chain still has its one retry for a dead worker, and no more.
+    # After those stops the chain still has its one retry for a dead worker, and no more;
+    # a worker killed while it cleaned up after a stop (the trial marked interrupted) is a stop.
     study = project.study(setup.storage_url)
     on_stale = StaleTrials(setup)
     chain = dict(trials[3].system_attrs)
-    for expected_queued in (True, False):
+    for interrupted, expected_queued in ((False, True), (True, True), (False, False)):
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.FAIL, params=trials[0].params, distributions=trials[0].distributions, system_attrs=chain,
+            user_attrs={INTERRUPTED_ATTR: True} if interrupted else {},
         ))
-        dead = study.trials[-1]
-        on_stale(study, dead)
+        on_stale(study, study.trials[-1])  # as the heartbeat and the reaper call it
         queued = study.get_trials(states=(TrialState.WAITING,))
         assert bool(queued) == expected_queued
         if queued:
             assert queued[0].system_attrs["failed_trial"] == 0 and queued[0].params == trials[0].params
+            assert INTERRUPTED_ATTR not in queued[0].user_attrs
             chain = dict(queued[0].system_attrs)
             study.tell(study.ask().number, state=TrialState.FAIL)  # pop it, so the next check sees none
 

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 Trainer = Callable[..., dict]
 
 
+# User attribute of a trial stopped on request (see ``ssod.tuning.workers.StaleTrials``).
+INTERRUPTED_ATTR = "interrupted"
+
+
 class TrialInterrupted(Exception):
     """The worker was told to stop while this trial trained; its checkpoint is kept."""
 
@@ -83,13 +87,13 @@ class Objective:
         self.last_trial: Optional[int] = None
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.last_trial = trial.number  # first: an interrupt anywhere below re-queues this trial
         if not within_budget(trial.study, trial.number, self.tune.n_trials):
             # Another worker took the last slot at the same moment: this one is not counted.
             log.info("trial %d: the budget is spent; not run (marked surplus)", trial.number)
             trial.set_user_attr(SURPLUS_ATTR, True)
             return float("nan")
         trial.set_user_attr(OWNER_ATTR, owner_record(trial.number))
-        self.last_trial = trial.number
         state, params, trial_dir = "FAIL", {}, None
         try:
             params = suggest(trial, self.tune.space)
@@ -112,6 +116,9 @@ class Objective:
         except (TrialInterrupted, KeyboardInterrupt):
             state = "INTERRUPTED"  # FAIL for Optuna; the worker re-queues it
             self.stop.set()
+            # Recorded first: if the scheduler's SIGKILL cuts the clean-up short, whoever
+            # re-queues the trial later (heartbeat, reaper) still sees it was stopped, not failed.
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
             raise
         except Exception as error:  # noqa: BLE001 - any training error fails this trial only
             log.exception("trial %d failed", trial.number)

@@ -100,6 +100,9 @@ def mark_trial_run(setup: StudySetup, trial_number: int, state: str, params: Opt
         tracker.set_tags({"optuna.state": "FAIL", "optuna.interrupted": "true"})
     else:
         tracker.set_tags({"optuna.state": state})
+        if "optuna.interrupted" in tracker.client.get_run(run_id).data.tags:
+            # A retry that continued the stopped trial's run: it is not stopped any more.
+            tracker.client.delete_tag(run_id, "optuna.interrupted")
     tracker.end(RUN_STATUS[state])
     return run_id
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import optuna
 
-from ssod.tuning.objective import Objective, TrialInterrupted, Trainer
+from ssod.tuning.objective import INTERRUPTED_ATTR, Objective, TrialInterrupted, Trainer
 from ssod.tuning.report import mark_trial_run, parent_run, write_report
 from ssod.tuning.settings import PrunerSpec, SamplerSpec, StudySetup
 from ssod.tuning.storage import RESOLVED_ENV, Usage, is_journal, open_storage, quiet_experimental, reap_dead_workers, usage
@@ -34,7 +34,7 @@ from ssod.tuning.storage import RESOLVED_ENV, Usage, is_journal, open_storage, q
 log = logging.getLogger(__name__)
 
 
-INTERRUPTED_ATTR = "interrupted_trials"
+INTERRUPTED_TRIALS = "interrupted_trials"  # system attribute: the stopped trials of a retry chain
 
 
 class StaleTrials:
@@ -51,25 +51,26 @@ class StaleTrials:
         self.setup = setup
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, interrupted: bool = False) -> None:
+        interrupted = interrupted or bool(trial.user_attrs.get(INTERRUPTED_ATTR))
         attrs = dict(trial.system_attrs)
         history = [*attrs.get("retry_history", ()), trial.number]
-        stopped = [*attrs.get(INTERRUPTED_ATTR, ()), *([trial.number] if interrupted else [])]
+        stopped = [*attrs.get(INTERRUPTED_TRIALS, ()), *([trial.number] if interrupted else [])]
         failures = len(history) - len(stopped)
         if failures > self.setup.tune.max_retry:
             log.warning("trial %d failed %d times (tune.max_retry=%d): not re-queued",
                         trial.number, failures, self.setup.tune.max_retry)
         else:
             attrs.update({"failed_trial": attrs.get("failed_trial", trial.number), "retry_history": history,
-                          INTERRUPTED_ATTR: stopped})
+                          INTERRUPTED_TRIALS: stopped})
+            inherited = {key: value for key, value in trial.user_attrs.items() if key != INTERRUPTED_ATTR}
             study.add_trial(optuna.trial.create_trial(
                 state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-                user_attrs=trial.user_attrs, system_attrs=attrs,
+                user_attrs=inherited, system_attrs=attrs,
             ))
-        if not interrupted:  # an interrupted trial's run was closed by its objective
-            try:
-                mark_trial_run(self.setup, trial.number, "FAIL")
-            except Exception:  # noqa: BLE001 - the re-queue matters more than the run's status
-                log.exception("trial %d: could not mark its MLflow run", trial.number)
+        try:
+            mark_trial_run(self.setup, trial.number, "INTERRUPTED" if interrupted else "FAIL")
+        except Exception:  # noqa: BLE001 - the re-queue matters more than the run's status
+            log.exception("trial %d: could not mark its MLflow run", trial.number)
 
 
 def build_sampler(spec: SamplerSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
