@@ -121,8 +121,10 @@ def set_aside_other_checkpoints(directory: Path, resumed: Path, step: int) -> Op
     run's earlier ones). Returns the folder, or None when nothing was moved.
     """
     directory = Path(directory)
-    elsewhere = Path(resumed).resolve().parent != directory.resolve()
-    moving = [path for saved, path in list_checkpoints(directory) if saved > step or elsewhere]
+    found = list_checkpoints(directory)
+    # The folder the file is named in (a link to a file elsewhere still counts as here).
+    elsewhere = bool(found) and not os.path.samefile(Path(resumed).absolute().parent, directory)
+    moving = [path for saved, path in found if saved > step or elsewhere]
     if not moving:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

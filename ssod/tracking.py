@@ -83,6 +83,7 @@ class Tracker:
         # Metric name -> the latest value a resumed run already has.
         self.previous_metrics: dict[str, float] = {}
         self.branched_from = ""  # see ``start``
+        self._checkpoint_step: Optional[int] = None  # see ``note_checkpoint``
         self.client = None
         self.failures = 0
         self._pending: list = []
@@ -105,14 +106,15 @@ class Tracker:
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def start(self, run_name: str, tags: Mapping[str, str] = (), parent_run_id: str = "", run_id: str = "",
-              resume_step: Optional[int] = None) -> str:
+              resume_step: Optional[int] = None, saved_step: int = 0) -> str:
         """Start a new run, or reopen ``run_id`` (resume) and skip steps it already has.
 
-        A resume at ``resume_step`` from before a checkpoint the run already saved (tag
-        ``ssod.checkpoint_step``: ``train.resume`` named an older checkpoint) would put two
-        histories under one run, and the skipped steps would keep the abandoned one's
-        values. It starts a new run instead, tagged ``ssod.branched_from_run`` and
-        ``ssod.branched_from_step``; ``branched_from`` is then the old run's id.
+        A resume at ``resume_step`` from before a checkpoint the run already saved (its tag
+        ``ssod.checkpoint_step``, or ``saved_step``: the newest checkpoint on disk) goes
+        back: reopened, the run would hold two histories, and the skipped steps would keep
+        the abandoned one's values. It starts a new run instead, tagged
+        ``ssod.branched_from_run`` and ``ssod.branched_from_step``; ``branched_from`` is
+        then the old run's id.
         """
         if not self.enabled:
             return ""
@@ -120,11 +122,15 @@ class Tracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id and resume_step is not None:
-            saved = self.client.get_run(run_id).data.tags.get(CHECKPOINT_STEP_TAG)
-            if saved is not None and int(saved) > resume_step:
-                log.warning("MLflow run %s already went on to a checkpoint at step %s: resuming from step %d "
-                            "starts a new run", run_id, saved, resume_step)
+            tagged = self.client.get_run(run_id).data.tags.get(CHECKPOINT_STEP_TAG)
+            passed = max(int(tagged) if tagged is not None else 0, saved_step)
+            if passed > resume_step:
+                log.warning("MLflow run %s already went on to a checkpoint at step %d: going back to step %d "
+                            "starts a new run", run_id, passed, resume_step)
                 all_tags.update({"ssod.branched_from_run": run_id, "ssod.branched_from_step": str(resume_step)})
+                if tagged is None or int(tagged) < passed:
+                    # What the files said, for the next resume (the later ones are set aside now).
+                    self.client.set_tag(run_id, CHECKPOINT_STEP_TAG, str(passed))
                 self.branched_from, run_id = run_id, ""
         if run_id:
             self.run_id = run_id
@@ -231,6 +237,12 @@ class Tracker:
                 self._warn(f"logging {metric.key} at step {metric.step}", error, "that value dropped")
         return len(chunk), None
 
+    def note_checkpoint(self, step: int) -> None:
+        """Tag the run with the step of the checkpoint just saved (``end`` tags it again:
+        a tag skipped while MLflow was unreachable must not stay behind)."""
+        self._checkpoint_step = step
+        self.set_tags({CHECKPOINT_STEP_TAG: step})
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
             for key, value in tags.items():
@@ -279,6 +291,8 @@ class Tracker:
         if self.enabled and self.run_id:
             self._paused_until = 0.0  # the last chance: try once more
             self._flush(f"sending held metric values before ending the run {status}")
+            if self._checkpoint_step is not None:
+                self.set_tags({CHECKPOINT_STEP_TAG: self._checkpoint_step})
             # A failure here must not hide the error that may be ending the run.
             self._best_effort(f"ending the run {status}", self.client.set_terminated, self.run_id, status=status)
 

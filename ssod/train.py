@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer, build_scheduler
 from ssod.checkpoint import (
     find_resume_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_weights,
     refuse_foreign_checkpoints,
@@ -51,7 +52,7 @@ from ssod.engine import eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, stop_if_too_many_bad
 from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
-from ssod.tracking import CHECKPOINT_STEP_TAG, Tracker, default_tracking_uri
+from ssod.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +116,22 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     interrupts = Interrupts()
     status, training = "FAILED", None
     try:
-        # train.resume=<file> goes back to it (auto continues: a crash's re-run of the steps
-        # after the newest checkpoint is the same run, see Tracker.logged_steps).
-        going_back = bool(resumed) and train.resume != "auto"
-        if going_back and accelerator.is_main_process:
-            set_aside_other_checkpoints(ckpt_dir, resume_path, resumed["step"])
         with accelerator.main_process_first():
             data = build_data(cfg.data, project_dir, need_unlabeled=method.name != "supervised")
         training = _build_training(cfg, method, data.category_map.num_classes, accelerator, ckpt_dir, resumed)
         if resumed:
             log.info("resuming from %s at step %d", resume_path, training.state.step)
+        # A resume from before a checkpoint the run already saved (train.resume=<file>, going
+        # back) continues in a new MLflow run (see Tracker.start), and only once that and the
+        # model are set up are the folder's later checkpoints set aside.
+        on_disk = list_checkpoints(ckpt_dir)
         training.state.run_id = tracker.start(
             train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=training.state.run_id,
-            resume_step=training.state.step if going_back else None,
+            resume_step=training.state.step if resumed else None, saved_step=on_disk[-1][0] if on_disk else 0,
         )
-        training.on_saved = lambda step: tracker.set_tags({CHECKPOINT_STEP_TAG: step})
+        if resumed and train.resume != "auto" and accelerator.is_main_process:
+            set_aside_other_checkpoints(ckpt_dir, resume_path, training.state.step)
+        training.on_saved = tracker.note_checkpoint
         if not resumed or tracker.branched_from:
             _log_run_inputs(tracker, cfg, data)
         loaders = _build_loaders(cfg, data, accelerator, training.state.step)

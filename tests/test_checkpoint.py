@@ -113,7 +113,35 @@ def test_resuming_an_older_checkpoint_by_path_branches_the_run_and_sets_the_late
     assert [path.name for path in folder.iterdir() if path.is_dir()] == [aside.name]
 
 
-def test_set_aside_moves_every_checkpoint_of_a_folder_the_resumed_one_is_not_from(tmp_path: Path):
+def test_going_back_checks_before_it_moves_and_a_branch_without_checkpoints_stays_a_branch(
+    make_config, mlflow_store, tmp_path: Path
+):
+    from ssod.train import run
+
+    base = ("train.ckpt_every=1", "train.keep_checkpoints=10", "train.eval_every=4", "data.val_max_images=4")
+    run(make_config(*base, "train.iterations=3"))
+    folder = tmp_path / "outputs" / "checkpoints"
+    (first,) = mlflow_store.runs()
+    # A config the checkpoint does not fit fails before any checkpoint moves or run starts.
+    with pytest.raises(RuntimeError, match="state_dict"):
+        run(make_config(*base, "train.iterations=3", "model.box_head_dim=96", f"train.resume={folder / 'step-00000001.pt'}"))
+    assert [step for step, _ in list_checkpoints(folder)] == [1, 2, 3] and not [p for p in folder.iterdir() if p.is_dir()]
+    assert len(mlflow_store.runs()) == 1
+    # Going back to step 1 of a run that has no tag (made before there was one): the later
+    # checkpoints on disk are enough to branch. This branch ends at once (already at its last
+    # iteration) and writes no checkpoint, so the newest one left is still the old run's step 1:
+    # resume=auto then goes back too (the old run's tag says 3), never into the old run.
+    mlflow_store.client.delete_tag(first.info.run_id, "ssod.checkpoint_step")
+    run(make_config(*base, "train.iterations=1", f"train.resume={folder / 'step-00000001.pt'}"))
+    run(make_config(*base, "train.iterations=3", "train.resume=auto"))
+    runs = mlflow_store.runs()
+    assert len(runs) == 3
+    for branch in (r for r in runs if r.info.run_id != first.info.run_id):
+        assert branch.data.tags["ssod.branched_from_run"] == first.info.run_id
+    assert sorted(mlflow_store.steps(first.info.run_id, "train/loss")) == [1, 2, 3]
+
+
+def test_set_aside_moves_every_checkpoint_of_a_folder_the_resumed_one_is_not_from(tmp_path: Path, monkeypatch):
     here, elsewhere = tmp_path / "run" / "checkpoints", tmp_path / "other"
     for step in (100, 300):
         save_checkpoint(here, step, _state(step))
@@ -123,8 +151,15 @@ def test_set_aside_moves_every_checkpoint_of_a_folder_the_resumed_one_is_not_fro
     assert list_checkpoints(here) == []
     assert sorted(path.name for path in aside.iterdir()) == ["step-00000100.pt", "step-00000300.pt"]
     save_checkpoint(here, 300, _state(300))  # a second set-aside in the same second gets its own folder
+    monkeypatch.setattr(checkpoint.time, "strftime", lambda *args: aside.name.removeprefix("superseded-"))
     again = checkpoint.set_aside_other_checkpoints(here, here / "step-00000100.pt", 100)
-    assert again != aside and [path.name for path in again.iterdir()] == ["step-00000300.pt"]
+    assert again.name == aside.name + "-1" and [path.name for path in again.iterdir()] == ["step-00000300.pt"]
+    # A checkpoint named in the folder through a link to a file elsewhere is of this folder.
+    save_checkpoint(here, 400, _state(400))
+    (here / "step-00000200.pt").symlink_to(elsewhere / "step-00000200.pt")
+    third = checkpoint.set_aside_other_checkpoints(here, here / "step-00000200.pt", 200)
+    assert [path.name for path in third.iterdir()] == ["step-00000400.pt"]
+    assert [step for step, _ in list_checkpoints(here)] == [200]
 
 
 def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(tmp_path: Path, monkeypatch):

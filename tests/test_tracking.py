@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssod.tracking import Tracker, artifact_location_for, default_tracking_uri, mask_secrets
+from ssod.tracking import CHECKPOINT_STEP_TAG, Tracker, artifact_location_for, default_tracking_uri, mask_secrets
 
 SECRET_URI = "postgresql+psycopg2://mlflow:s3cr3t-Pa55@db.example.org:5432/mlflow"
 
@@ -182,3 +182,28 @@ def test_metric_values_the_server_refuses_are_dropped_not_held(mlflow_uri: str, 
     tracker.end("FINISHED")
     assert mlflow_store.history(run_id, "train/loss") == {1: [1.0], 2: [2.0]}
     assert mlflow_store.history(run_id, "val/AP") == {1: [0.5]} and tracker.failures == 1
+
+
+def test_the_checkpoint_tag_skipped_during_an_outage_is_set_when_the_run_ends(mlflow_uri: str, mlflow_store, monkeypatch):
+    """The tag says how far the run's checkpoints went: going back before it starts a new
+    run. Left behind by an outage, a later going back would reopen the run and mix steps."""
+    from mlflow.exceptions import MlflowException
+
+    tracker = Tracker(mlflow_uri, "unit")
+    run_id = tracker.start("name")
+    tracker.note_checkpoint(200)
+    working = tracker.client.set_tag
+
+    def unavailable(*args, **kwargs):
+        raise MlflowException("API request failed: 503 Service Unavailable")
+
+    monkeypatch.setattr(tracker.client, "set_tag", unavailable)
+    tracker.note_checkpoint(300)
+    monkeypatch.setattr(tracker.client, "set_tag", working)
+    tracker.log_metrics({"train/loss": 1.0}, 300)  # still paused: held, not sent
+    assert mlflow_store.client.get_run(run_id).data.tags[CHECKPOINT_STEP_TAG] == "200"
+    tracker.end("KILLED")
+    assert mlflow_store.client.get_run(run_id).data.tags[CHECKPOINT_STEP_TAG] == "300"
+    reopened = Tracker(mlflow_uri, "unit")
+    assert reopened.start("name", run_id=run_id, resume_step=200) != run_id
+    assert reopened.branched_from == run_id

@@ -41,6 +41,8 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     # A crash after step 3 was logged but before its checkpoint: the resume restarts at 2,
     # recomputes step 3 (already in MLflow, not logged again) and goes on to 4.
     (checkpoints / "step-00000003.pt").unlink()
+    # ... so the run's tag says checkpoint 2 (otherwise the resume would go back: a new run).
+    mlflow_store.client.set_tag(mlflow_store.only_run().info.run_id, "ssod.checkpoint_step", "2")
     final = run(make_config(*SCHEDULE, *secrets, "train.iterations=4", "train.resume=auto", method=method))
     assert [step for step, _ in list_checkpoints(checkpoints)] == [2, 4]
 
