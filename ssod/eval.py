@@ -14,8 +14,6 @@ was trained with (model architecture, image size) so the weights fit. Without
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.coco import CategoryMap, load_coco, load_split
 from ssod.data.transforms import EvalTransform
 from ssod.engine import eval_loader, evaluate, shard
+from ssod.tracking import strict_json
 from ssod.train import forget_accelerator
 
 
@@ -74,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if metrics is None:
         return 0
     # NaN (a metric without ground truth) is null: strict JSON readers reject a bare NaN.
-    metrics = {f"{args.model}/bbox_{key}": None if math.isnan(value) else value for key, value in metrics.items()}
+    metrics = {f"{args.model}/bbox_{key}": value for key, value in metrics.items()}
     record = {"checkpoint": str(path), "json": str(json_path), "step": state["step"], **metrics}
-    text = json.dumps(record, indent=2, allow_nan=False)
+    text = strict_json(record)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

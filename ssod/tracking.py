@@ -37,6 +37,23 @@ _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST
 CHECKPOINT_STEP_TAG = "ssod.checkpoint_step"
 
 
+def strict_json(data: Any, **options) -> str:
+    """JSON that strict readers accept: a NaN or infinite number (an undefined metric) is null."""
+
+    def clean(value):
+        if isinstance(value, Mapping):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        if hasattr(value, "item") and callable(value.item):  # numpy and torch scalars
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return json.dumps(clean(data), indent=2, allow_nan=False, **options)
+
+
 def mask_secrets(text: str) -> str:
     """Replace the password of every ``scheme://user:password@host`` in ``text`` by ``***``.
 
@@ -254,7 +271,7 @@ class Tracker:
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         if self.enabled:
-            self.log_text(json.dumps(data, indent=2, sort_keys=True, default=float), artifact_file)
+            self.log_text(strict_json(data, sort_keys=True), artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         if self.enabled:
