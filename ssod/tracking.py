@@ -100,6 +100,7 @@ class Tracker:
         # Metric name -> the latest value a resumed run already has.
         self.previous_metrics: dict[str, float] = {}
         self.branched_from = ""  # see ``start``
+        self.previous_tags: dict[str, str] = {}  # the tags of a reopened run, as it was
         self._checkpoint_step: Optional[int] = None  # see ``note_checkpoint``
         self.client = None
         self.failures = 0
@@ -153,6 +154,7 @@ class Tracker:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             self.logged_steps, self.previous_metrics = self._metrics_so_far()
+            self.previous_tags = dict(self.client.get_run(run_id).data.tags)
             for key, value in all_tags.items():
                 self.client.set_tag(run_id, key, value)
         else:
@@ -183,20 +185,22 @@ class Tracker:
         steps = {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in latest}
         return steps, latest
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params (values masked, long values cut); re-logging on resume is skipped."""
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+        """Log params (values masked, long values cut) the run does not have yet.
+
+        MLflow never changes a logged param: returns those given with another value than the
+        run's (a resume with another config), as ``{key: (logged, given)}``.
+        """
         if not self.enabled:
-            return
+            return {}
         from mlflow.entities import Param
 
-        existing = set(self.client.get_run(self.run_id).data.params)
-        batch = [
-            Param(key, mask_secrets(str(value))[:_PARAM_LIMIT])
-            for key, value in params.items()
-            if key not in existing
-        ]
+        existing = self.client.get_run(self.run_id).data.params
+        given = {key: mask_secrets(str(value))[:_PARAM_LIMIT] for key, value in params.items()}
+        batch = [Param(key, value) for key, value in given.items() if key not in existing]
         for start in range(0, len(batch), 100):
             self.client.log_batch(self.run_id, params=batch[start : start + 100])
+        return {key: (existing[key], value) for key, value in given.items() if key in existing and existing[key] != value}
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log scalars as floats at ``step``; a metric's steps a resumed run already has are skipped."""

@@ -134,6 +134,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         training.on_saved = tracker.note_checkpoint
         if not resumed or tracker.branched_from:
             _log_run_inputs(tracker, cfg, data)
+        else:
+            _log_resume(tracker, cfg, training.state.step, resume_path)
         loaders = _build_loaders(cfg, data, accelerator, training.state.step)
         if resumed:
             set_rng_state(resumed["rng"])  # after the loaders: creating them draws from the RNG
@@ -259,12 +261,30 @@ def _build_training(cfg: DictConfig, method: MethodConfig, num_classes: int, acc
         teacher.load_state_dict(resumed["teacher"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        _use_configured_rates(optimizer, scheduler, train)
         state = RunState.from_checkpoint(resumed)
     student, optimizer = accelerator.prepare(student, optimizer)
     if resumed and accelerator.scaler is not None and "scaler" in resumed:
         accelerator.scaler.load_state_dict(resumed["scaler"])
     teacher.to(accelerator.device)
     return Training(accelerator, student, teacher, optimizer, scheduler, state, ckpt_dir, train.keep_checkpoints)
+
+
+def _use_configured_rates(optimizer: torch.optim.Optimizer, scheduler, train) -> None:
+    """The config's learning rate, momentum and weight decay over a checkpoint's.
+
+    A loaded optimizer and schedule carry the values they were made with, so a resume with
+    another ``train.lr`` (going back after a divergence) would silently train on the old
+    one. The schedule's position and the momentum buffers stay the checkpoint's; with an
+    unchanged config every value is the same as before.
+    """
+    for group in optimizer.param_groups:
+        group.update(initial_lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports until the next step
 
 
 def _build_loaders(cfg: DictConfig, data: DataBundle, accelerator: Accelerator, step: int) -> Loaders:
@@ -296,6 +316,25 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
     for context, path in (("train", data.files.train_json), ("unlabeled", unlabeled_json), ("eval", data.files.val_json)):
         if path is not None:
             tracker.log_dataset(path, name=Path(path).name, context=context)
+
+
+def _log_resume(tracker: Tracker, cfg: DictConfig, step: int, checkpoint: Path) -> None:
+    """A reopened run: the steps it resumed at (tag ``ssod.resumed_at_steps``), params it
+    lacks, and what this resume's config changes, which MLflow params cannot show:
+    ``resumes/step-<N>.json``, the config as ``resumes/step-<N>.yaml``, a warning, and the
+    changed keys in tag ``ssod.changed_on_resume``."""
+    steps = [part for part in tracker.previous_tags.get("ssod.resumed_at_steps", "").split(",") if part]
+    tracker.set_tags({"ssod.resumed_at_steps": ",".join([*steps, str(step)])})
+    changed = tracker.log_params({k: v for k, v in flatten(cfg).items() if k != "train.resume"})
+    name = f"resumes/step-{step:08d}"
+    tracker.log_dict({"step": step, "checkpoint": str(checkpoint),
+                      "changed": {key: {"logged": was, "now": now} for key, (was, now) in changed.items()}}, f"{name}.json")
+    if changed:
+        log.warning("resumed with a config that differs from the run's params (see %s.json): %s", name,
+                    "; ".join(f"{key}: {was} -> {now}" for key, (was, now) in changed.items()))
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"{name}.yaml")
+        keys = {key for key in tracker.previous_tags.get("ssod.changed_on_resume", "").split(",") if key}
+        tracker.set_tags({"ssod.changed_on_resume": ",".join(sorted(keys | set(changed)))})
 
 
 def _schedule_scalars(optimizer, state: RunState, method, seconds_per_iter: float) -> dict[str, float]:

@@ -103,6 +103,10 @@ def test_resuming_an_older_checkpoint_by_path_branches_the_run_and_sets_the_late
     assert branch.data.tags["ssod.branched_from_step"] == "2"
     assert branch.data.params["train.lr"] == "0.02" and branch.info.status == "FINISHED"
     assert sorted(mlflow_store.steps(branch_id, "train/loss")) == [3, 4]
+    # The branch trains at its own learning rate, not at the one in the checkpoint's optimizer.
+    old_lr, new_lr = (mlflow_store.history(run_id, "train/lr") for run_id in (first.info.run_id, branch_id))
+    for step in (3, 4):
+        assert new_lr[step] == [pytest.approx(2 * old_lr[step][0])]
     assert mlflow_store.history(first.info.run_id, "train/loss") == abandoned  # the old run is left as it was
     assert load_checkpoint(folder / "step-00000004.pt")["mlflow_run_id"] == branch_id
 

@@ -52,7 +52,12 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     assert load_checkpoint(checkpoints / "step-00000004.pt")["mlflow_run_id"] == run_id
     params = run_.data.params
     assert params["train.lr"] == "0.01" and params["method.name"] == method
-    assert params["train.iterations"] == "3"  # params of the first start; a resume does not rewrite them
+    assert params["train.iterations"] == "3"  # params of the first start; MLflow cannot change them ...
+    # ... so the resume says what it changed, and where it resumed.
+    resume = json.loads(mlflow_store.read_text(run_id, "resumes/step-00000002.json"))
+    assert resume["changed"] == {"train.iterations": {"logged": "3", "now": "4"}}
+    assert run_.data.tags["ssod.changed_on_resume"] == "train.iterations"
+    assert run_.data.tags["ssod.resumed_at_steps"] == "2"
     assert params["data.train_json"] == MASKED and run_.data.tags["database"] == MASKED
 
     assert mlflow_store.steps(run_id, "train/loss") == [1, 2, 3, 4]
@@ -109,6 +114,7 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
         assert set(logged_again) == set(logged_final) and set(again) == set(final)
         assert again["train/loss"] == pytest.approx(final["train/loss"])
         assert mlflow_store.only_run().info.status == "FINISHED"
+        assert mlflow_store.only_run().data.tags["ssod.resumed_at_steps"] == "2,4"
         mlflow_store.assert_no_step_twice(run_id)
 
 
