@@ -52,7 +52,7 @@ from ssod.engine import eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, stop_if_too_many_bad
 from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
-from ssod.tracking import Tracker, default_tracking_uri
+from ssod.tracking import Tracker, default_tracking_uri, mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=training.state.run_id,
             resume_step=training.state.step if resumed else None, saved_step=on_disk[-1][0] if on_disk else 0,
         )
+        if tracker.run_id:
+            log.info("MLflow run %s (experiment %s) in %s", tracker.run_id, cfg.tracking.experiment, mask_secrets(uri))
         if resumed and train.resume != "auto" and accelerator.is_main_process:
             set_aside_other_checkpoints(ckpt_dir, resume_path, training.state.step)
         training.on_saved = tracker.note_checkpoint
@@ -144,6 +146,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
+            log.info("finished at step %d: teacher AP %.4f, student AP %.4f; checkpoint %s", training.state.step,
+                     final_metrics.get("val/teacher/bbox_AP", math.nan), final_metrics.get("val/student/bbox_AP", math.nan),
+                     final_checkpoint)
         return final_metrics
     except KeyboardInterrupt:
         status = "KILLED"
@@ -201,7 +206,8 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
         if progress is not None:
             progress.update(1)
 
-        if state.step % train.log_every == 0 or state.step == train.iterations:
+        # A stop logs the interval it cuts short: the resumed run starts a new one there.
+        if state.step % train.log_every == 0 or state.step == train.iterations or flags.stop:
             scalars = meters.compute()
             seconds = (time.perf_counter() - interval_start) / max(state.step - interval_step, 1)
             scalars.update(_schedule_scalars(training.optimizer, state, method, seconds))
@@ -211,9 +217,12 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
             bad_files_logged = log_bad_files(tracker, state.bad_files, bad_files_logged)
             final_metrics.update(scalars)
             interval_start, interval_step = time.perf_counter(), state.step
+        # Evaluations and checkpoints are not training time: train/sec_per_iter leaves them out.
+        paused = time.perf_counter()
         if state.step % train.eval_every == 0 or state.step == train.iterations:
             metrics = _evaluate_both(training, loaders.val)
             if accelerator.is_main_process:
+                metrics["val/seconds"] = time.perf_counter() - paused
                 tracker.log_metrics(metrics, state.step)
                 log_pictures(tracker, meters.recent, data.category_map.names, state.step, train.num_vis_images)
                 final_metrics.update(metrics)
@@ -221,6 +230,7 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
                     on_eval(state.step, metrics)
         if state.step % train.ckpt_every == 0 or state.step == train.iterations or flags.stop:
             training.save()
+        interval_start += time.perf_counter() - paused
         if flags.stop:
             log.warning("stop requested: checkpoint saved at step %d", state.step)
             final_metrics.status = "KILLED"

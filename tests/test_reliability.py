@@ -276,13 +276,16 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_s
 
     monkeypatch.setattr(ssod.step, "compute_losses", interrupted_at_step_2)
     handler = signal.getsignal(signal.SIGINT)
-    result = run(make_config("train.iterations=100"))
+    result = run(make_config("train.iterations=100", "train.log_every=5"))
     assert result.status == "KILLED"
     assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers are removed again
     assert len(calls) == 2
     (step, _), = list_checkpoints(tmp_path / "outputs" / "checkpoints")
     assert step == 2
-    assert mlflow_store.only_run().info.status == "KILLED"
+    stopped = mlflow_store.only_run()
+    assert stopped.info.status == "KILLED"
+    # The interval the stop cut short (steps 1-2 of 5) is logged, not lost: a resume starts after it.
+    assert mlflow_store.steps(stopped.info.run_id, "train/loss") == [2]
 
 
 def test_a_stop_request_after_the_last_step_reaches_the_handler_that_was_there_before(make_config, mlflow_store):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,25 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
         assert mlflow_store.only_run().info.status == "FINISHED"
         assert mlflow_store.only_run().data.tags["ssod.resumed_at_steps"] == "2,4"
         mlflow_store.assert_no_step_twice(run_id)
+
+
+def test_sec_per_iter_is_training_time_and_the_evaluation_has_its_own(make_config, mlflow_store, monkeypatch):
+    """An evaluation (here made to last 1.5 s) between two logs is not training time."""
+    import ssod.train
+
+    real = ssod.train._evaluate_both
+
+    def slow_evaluation(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssod.train, "_evaluate_both", slow_evaluation)
+    run(make_config("train.iterations=4", "train.eval_every=2", "train.log_every=2", "data.val_max_images=2"))
+    run_id = mlflow_store.only_run().info.run_id
+    per_iter = mlflow_store.history(run_id, "train/sec_per_iter")
+    evaluation = mlflow_store.history(run_id, "val/seconds")
+    assert sorted(evaluation) == [2, 4] and min(seconds for (seconds,) in evaluation.values()) >= 1.5
+    assert per_iter[4][0] < 0.75, per_iter  # the interval 3-4 holds no 1.5 s evaluation
 
 
 def _garbage_annotations(data: dict, seed: int) -> dict:
