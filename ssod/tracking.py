@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -35,6 +36,41 @@ _PAUSE_S = 300.0
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE"}
 # The step of the newest checkpoint a training run has saved (see ``Tracker.start``).
 CHECKPOINT_STEP_TAG = "ssod.checkpoint_step"
+
+
+def provenance_tags() -> dict[str, str]:
+    """What made a run: MLflow's own context tags (user, entry point), ssod's version and
+    commit (``mlflow.source.git.commit``, shown by ``mlflow ui``; ``ssod.git_dirty`` when
+    the checkout has changes), and the torch version. Best effort: each is left out if it
+    cannot be found (an installed wheel has no commit)."""
+    from importlib import metadata
+
+    import torch
+
+    tags: dict[str, str] = {"ssod.torch": torch.__version__}
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        tags.update(resolve_tags())
+    except Exception as error:  # noqa: BLE001 - provenance must never stop a run
+        log.debug("MLflow context tags unavailable: %s", error)
+    try:
+        tags["ssod.version"] = metadata.version("ssod")
+    except metadata.PackageNotFoundError:
+        pass
+    source = Path(__file__).resolve().parents[1]
+    if (source / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=10, check=True).stdout.strip()
+            changes = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            tags["mlflow.source.git.commit"] = commit
+            if changes:
+                tags["ssod.git_dirty"] = "true"
+        except (OSError, subprocess.SubprocessError) as error:
+            log.debug("no git commit for %s: %s", source, error)
+    return tags
 
 
 def strict_json(data: Any, **options) -> str:
@@ -124,8 +160,10 @@ class Tracker:
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def start(self, run_name: str, tags: Mapping[str, str] = (), parent_run_id: str = "", run_id: str = "",
-              resume_step: Optional[int] = None, saved_step: int = 0) -> str:
+              resume_step: Optional[int] = None, saved_step: int = 0, new_run_tags: Mapping[str, str] = ()) -> str:
         """Start a new run, or reopen ``run_id`` (resume) and skip steps it already has.
+
+        ``tags`` are set either way, ``new_run_tags`` (provenance) only on a new run.
 
         A resume at ``resume_step`` from before a checkpoint the run already saved (its tag
         ``ssod.checkpoint_step``, or ``saved_step``: the newest checkpoint on disk) goes
@@ -158,6 +196,7 @@ class Tracker:
             for key, value in all_tags.items():
                 self.client.set_tag(run_id, key, value)
         else:
+            all_tags = {**{k: mask_secrets(str(v)) for k, v in dict(new_run_tags).items()}, **all_tags}
             run = self.client.create_run(self._experiment_id(), tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
         return self.run_id

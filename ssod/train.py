@@ -52,7 +52,7 @@ from ssod.engine import eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, stop_if_too_many_bad
 from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
-from ssod.tracking import Tracker, default_tracking_uri, mask_secrets
+from ssod.tracking import Tracker, default_tracking_uri, mask_secrets, provenance_tags
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         training.state.run_id = tracker.start(
             train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=training.state.run_id,
             resume_step=training.state.step if resumed else None, saved_step=on_disk[-1][0] if on_disk else 0,
+            new_run_tags=_run_context(accelerator) if tracker.enabled else {},
         )
         if tracker.run_id:
             log.info("MLflow run %s (experiment %s) in %s", tracker.run_id, cfg.tracking.experiment, mask_secrets(uri))
@@ -326,6 +327,13 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
     for context, path in (("train", data.files.train_json), ("unlabeled", unlabeled_json), ("eval", data.files.val_json)):
         if path is not None:
             tracker.log_dataset(path, name=Path(path).name, context=context)
+
+
+def _run_context(accelerator: Accelerator) -> dict[str, str]:
+    """Provenance (see ``provenance_tags``) and where the run trains: device and processes."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {**provenance_tags(), "ssod.device": f"{device.type} ({name})", "ssod.processes": str(accelerator.num_processes)}
 
 
 def _log_resume(tracker: Tracker, cfg: DictConfig, step: int, checkpoint: Path) -> None:

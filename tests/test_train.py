@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     assert run_.data.tags["ssod.changed_on_resume"] == "train.iterations"
     assert run_.data.tags["ssod.resumed_at_steps"] == "2"
     assert params["data.train_json"] == MASKED and run_.data.tags["database"] == MASKED
+    tags = run_.data.tags  # what made the run, where it trained
+    assert tags["ssod.torch"] == torch.__version__ and tags["ssod.device"] == "cpu (CPU)" and tags["ssod.processes"] == "1"
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists():
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        assert tags["mlflow.source.git.commit"] == head
 
     assert mlflow_store.steps(run_id, "train/loss") == [1, 2, 3, 4]
     for key in ("val/teacher/bbox_AP", "val/student/bbox_AP", "val/teacher/bbox_AP50", "val/student/bbox_AR100"):
