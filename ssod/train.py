@@ -162,7 +162,11 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     finally:
         interrupts.restore()
         tracker.end(status)
-        accelerator.wait_for_everyone()
+        if status != "FAILED":
+            # Not after an error: it may have struck this process alone, while the others
+            # wait in a collective of the step for it; waiting for them too would hang the
+            # job, where exiting lets the launcher (torchrun) stop them all.
+            accelerator.wait_for_everyone()
         accelerator.free_memory()
         forget_accelerator(accelerator)
         if status != "KILLED":

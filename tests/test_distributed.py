@@ -30,12 +30,15 @@ import ssod.train as train
 rank = int(os.environ["RANK"])
 out = os.environ["RANK_RECORDS"]
 nan_step = int(os.environ["NAN_STEP_ON_RANK_1"])
+raise_step = int(os.environ.get("RAISE_ON_RANK_0", "0"))
 real_losses, real_save_state = step.compute_losses, step.save_state
 calls = 0
 
 def compute_losses(student, teacher, labeled, unlabeled, method):
     global calls
     calls += 1
+    if rank == 0 and calls == raise_step:
+        raise RuntimeError("rank 0 fails alone")
     result = real_losses(student, teacher, labeled, unlabeled, method)
     if rank == 1 and calls == nan_step:
         result.losses = {name: value * math.nan for name, value in result.losses.items()}
@@ -122,3 +125,21 @@ def test_two_processes_train_together_and_log_once(tiny_args, trainer, mlflow_st
     both = ["shared.jpg: unreadable", "rank1-only.jpg: unreadable"]
     assert mlflow_store.read_text(run_id, "bad_images.txt").splitlines() == both
     assert final["bad_files"] == both
+
+
+@pytest.mark.slow
+def test_an_error_in_one_process_ends_the_job_instead_of_hanging_it(tiny_args, trainer, mlflow_store, tmp_path: Path):
+    """Rank 0 raises in step 2 while rank 1 waits for it in the step's collectives: the job
+    must end with an error (torchrun stops the other process), not hang until a timeout."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    records = tmp_path / "records"
+    records.mkdir()
+    trainer.env.update({"RANK_RECORDS": str(records), "NAN_STEP_ON_RANK_1": "0", "RAISE_ON_RANK_0": "2"})
+    launcher = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    args = [*tiny_args("supervised"), "train.iterations=4", "train.eval_every=100", "train.ckpt_every=100",
+            "data.max_bad_image_fraction=0.9"]
+    status, output = trainer.run(args, script=driver, launcher=launcher, timeout=180)
+    assert status != 0 and "rank 0 fails alone" in output, output[-3000:]
+    assert mlflow_store.only_run().info.status == "FAILED"
