@@ -325,18 +325,22 @@ class Tracker:
         if self.enabled:
             self._best_effort(artifact_file, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
-    def log_dataset(self, json_path: str | Path, name: str, context: str) -> None:
-        """Record a COCO json as a run input (provenance: path and content digest)."""
+    def log_dataset(self, json_path: str | Path, name: str, context: str, profile: Optional[Mapping[str, Any]] = None) -> None:
+        """Record a COCO json as a run input: path, content digest (of the json, not of the
+        images) and a ``profile`` (e.g. image count and folder)."""
         if not self.enabled:
             return
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         path = Path(json_path).resolve()
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=digest)
-        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=digest)._to_mlflow_entity()
+        if profile:
+            dataset = Dataset(dataset.name, dataset.digest, dataset.source_type, dataset.source, dataset.schema,
+                              strict_json(dict(profile), sort_keys=True))
+        entity = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
         from mlflow.exceptions import MlflowException
 
         try:

@@ -327,10 +327,11 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
     """Flattened params, the resolved config, and the json files read (a new run only)."""
     tracker.log_params(flatten(cfg))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    unlabeled_json = data.files.unlabeled_json if data.unlabeled is not None else None  # supervised: unused
-    for context, path in (("train", data.files.train_json), ("unlabeled", unlabeled_json), ("eval", data.files.val_json)):
-        if path is not None:
-            tracker.log_dataset(path, name=Path(path).name, context=context)
+    for context, dataset in (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val)):
+        if dataset is not None:  # supervised: no unlabeled set
+            profile = {"images": len(dataset), "image_dir": str(dataset.image_dir)}
+            tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
+                                context, profile)
 
 
 def _run_context(accelerator: Accelerator) -> dict[str, str]:

@@ -85,7 +85,10 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     contexts = {tag.value for entry in run_.inputs.dataset_inputs for tag in entry.tags}
     names = {entry.dataset.name for entry in run_.inputs.dataset_inputs}
     assert contexts == ({"train", "eval"} if method == "supervised" else {"train", "unlabeled", "eval"})
-    assert "val.json" in names and len(run_.inputs.dataset_inputs) == len(contexts)
+    assert "synthetic/val.json" in names and len(run_.inputs.dataset_inputs) == len(contexts)
+    for entry in run_.inputs.dataset_inputs:  # how many images, from where: not only a digest
+        profile = json.loads(entry.dataset.profile)
+        assert profile["images"] > 0 and Path(profile["image_dir"]).is_dir()
 
     if method == "supervised":
         assert not any(key.startswith(("pseudo/", "polish/", "train/unsup/")) for key in run_.data.metrics)
