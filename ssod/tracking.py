@@ -188,6 +188,7 @@ class Tracker:
                     # What the files said, for the next resume (the later ones are set aside now).
                     self.client.set_tag(run_id, CHECKPOINT_STEP_TAG, str(passed))
                 self.branched_from, run_id = run_id, ""
+                run_name = f"{run_name} (from step {resume_step})"
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -199,6 +200,9 @@ class Tracker:
             all_tags = {**{k: mask_secrets(str(v)) for k, v in dict(new_run_tags).items()}, **all_tags}
             run = self.client.create_run(self._experiment_id(), tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
+            if self.branched_from:  # the old run says where it went on
+                branches = self.client.get_run(self.branched_from).data.tags.get("ssod.branches", "")
+                self.client.set_tag(self.branched_from, "ssod.branches", ",".join(filter(None, [branches, self.run_id])))
         return self.run_id
 
     def find_runs(self, tags: Mapping[str, str]) -> list[str]:

@@ -101,6 +101,8 @@ def test_resuming_an_older_checkpoint_by_path_branches_the_run_and_sets_the_late
     branch = runs[branch_id]
     assert branch.data.tags["ssod.branched_from_run"] == first.info.run_id
     assert branch.data.tags["ssod.branched_from_step"] == "2"
+    assert branch.info.run_name.endswith(" (from step 2)")
+    assert mlflow_store.client.get_run(first.info.run_id).data.tags["ssod.branches"] == branch_id
     assert branch.data.params["train.lr"] == "0.02" and branch.info.status == "FINISHED"
     assert sorted(mlflow_store.steps(branch_id, "train/loss")) == [3, 4]
     # The branch trains at its own learning rate, not at the one in the checkpoint's optimizer.

@@ -323,6 +323,14 @@ def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> Non
     artifacts = set(project.artifacts(parent.info.run_id))
     for plot in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
         assert f"plots/{plot}.png" in artifacts
+    tied = sum(t.value == best.value for t in study.trials)
+    assert parent.data.tags.get("optuna.best_tied_trials") == (str(tied) if tied > 1 else None)
+    from mlflow.tracking import MlflowClient
+
+    table = Path(MlflowClient(project.mlflow_uri).download_artifacts(parent.info.run_id, "study/trials.csv"))
+    header = table.read_text().splitlines()[0].split(",")
+    assert {"number", "state", "value", "user_attrs_mlflow_run_id", "params_method.rf_cls_thr"} <= set(header)
+    assert not [column for column in header if column.startswith("system_attrs_tpe")], header
     assert set((project.root / "outputs/tune" / STUDY).glob("trial-*/checkpoints/*.pt")) == {foreign}
     first = study.trials[0]
     assert "resumed_from_step" not in first.user_attrs

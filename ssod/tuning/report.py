@@ -121,6 +121,11 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: str, sta
     if best is not None:
         best_run = trial_run_id(setup, best.number)
         summary.update(best_value=best.value, best_trial=best.number, best_params=best.params, best_run_id=best_run)
+        tied = sum(t.value == best.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if tied > 1:
+            # The first of them is reported: the metric does not tell them apart.
+            summary["best_tied_trials"] = tied
+            tracker.set_tags({"optuna.best_tied_trials": tied})
         tracker.log_metrics({"study/best_value": best.value}, step=finished)
         tracker.set_tags({
             "optuna.best_trial_number": best.number,
@@ -145,11 +150,20 @@ def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
     return pick(complete, key=lambda t: t.value)
 
 
+# The trial attributes worth a column of trials.csv (the others are bookkeeping).
+TABLE_ATTRS = {
+    "user_attrs": ("mlflow_run_id", "output_dir", "resumed_from_step", "fail_reason"),
+    "system_attrs": ("failed_trial", "retry_history", "interrupted_trials"),
+}
+
+
 def _log_trials_table(tracker: Tracker, study: optuna.Study) -> None:
     try:
-        table = study.trials_dataframe(attrs=("number", "state", "value", "params", "duration", "system_attrs"))
+        table = study.trials_dataframe(attrs=("number", "state", "value", "params", "duration", *TABLE_ATTRS))
     except ImportError:
         return  # pandas is absent
+    wanted = {f"{kind}_{name}" for kind, names in TABLE_ATTRS.items() for name in names}
+    table = table[[column for column in table.columns if not column.startswith(tuple(TABLE_ATTRS)) or column in wanted]]
     path = Path(tempfile.mkdtemp(prefix="ssod-tune-")) / "trials.csv"
     table.to_csv(path, index=False)
     tracker.log_artifact(path, "study")
