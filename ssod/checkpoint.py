@@ -111,6 +111,12 @@ def refuse_foreign_checkpoints(directory: Path) -> None:
         )
 
 
+def is_in_folder(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is named in ``directory`` (a link there to a file elsewhere counts)."""
+    directory = Path(directory)
+    return directory.is_dir() and os.path.samefile(Path(path).absolute().parent, directory)
+
+
 def set_aside_other_checkpoints(directory: Path, resumed: Path, step: int) -> Optional[Path]:
     """For a resume from a checkpoint named by path: move the checkpoints of ``directory``
     that are not its past to ``directory/superseded-<UTC time>/`` (nothing is deleted).
@@ -122,8 +128,7 @@ def set_aside_other_checkpoints(directory: Path, resumed: Path, step: int) -> Op
     """
     directory = Path(directory)
     found = list_checkpoints(directory)
-    # The folder the file is named in (a link to a file elsewhere still counts as here).
-    elsewhere = bool(found) and not os.path.samefile(Path(resumed).absolute().parent, directory)
+    elsewhere = bool(found) and not is_in_folder(resumed, directory)
     moving = [path for saved, path in found if saved > step or elsewhere]
     if not moving:
         return None

@@ -201,8 +201,11 @@ class Tracker:
             run = self.client.create_run(self._experiment_id(), tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
             if self.branched_from:  # the old run says where it went on
-                branches = self.client.get_run(self.branched_from).data.tags.get("ssod.branches", "")
-                self.client.set_tag(self.branched_from, "ssod.branches", ",".join(filter(None, [branches, self.run_id])))
+                try:
+                    branches = self.client.get_run(self.branched_from).data.tags.get("ssod.branches", "")
+                    self.client.set_tag(self.branched_from, "ssod.branches", ",".join(filter(None, [branches, self.run_id])))
+                except _tracking_errors() as error:
+                    self._warn(f"tag ssod.branches of run {self.branched_from}", error, "skipped")
         return self.run_id
 
     def find_runs(self, tags: Mapping[str, str]) -> list[str]:
@@ -301,6 +304,11 @@ class Tracker:
                 self._warn(f"logging {metric.key} at step {metric.step}", error, "that value dropped")
         return len(chunk), None
 
+    @staticmethod
+    def errors() -> tuple[type[BaseException], ...]:
+        """What a tracking call raises when the store is unreachable or busy."""
+        return _tracking_errors()
+
     def note_checkpoint(self, step: int) -> None:
         """Tag the run with the step of the checkpoint just saved (``end`` tags it again:
         a tag skipped while MLflow was unreachable must not stay behind)."""
@@ -329,22 +337,22 @@ class Tracker:
         if self.enabled:
             self._best_effort(artifact_file, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
-    def log_dataset(self, json_path: str | Path, name: str, context: str, profile: Optional[Mapping[str, Any]] = None) -> None:
+    def log_dataset(self, json_path: str | Path, name: str, context: str, details: Mapping[str, Any] = ()) -> None:
         """Record a COCO json as a run input: path, content digest (of the json, not of the
-        images) and a ``profile`` (e.g. image count and folder)."""
+        images), and ``details`` (e.g. image count and folder) as tags of this run's input:
+        MLflow keeps one dataset record per name and digest for all runs."""
         if not self.enabled:
             return
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
-        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.entities import DatasetInput, InputTag
 
         path = Path(json_path).resolve()
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         dataset = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=digest)._to_mlflow_entity()
-        if profile:
-            dataset = Dataset(dataset.name, dataset.digest, dataset.source_type, dataset.source, dataset.schema,
-                              strict_json(dict(profile), sort_keys=True))
-        entity = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+        tags = [InputTag("mlflow.data.context", context)]
+        tags += [InputTag(f"ssod.{key}", mask_secrets(str(value))) for key, value in dict(details).items()]
+        entity = DatasetInput(dataset, tags=tags)
         from mlflow.exceptions import MlflowException
 
         try:

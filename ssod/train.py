@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer, build_scheduler
 from ssod.checkpoint import (
     find_resume_checkpoint,
+    is_in_folder,
     list_checkpoints,
     load_checkpoint,
     load_weights,
@@ -124,7 +125,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         # A resume from before a checkpoint the run already saved (train.resume=<file>, going
         # back) continues in a new MLflow run (see Tracker.start), and only once that and the
         # model are set up are the folder's later checkpoints set aside.
-        on_disk = list_checkpoints(ckpt_dir)
+        # The folder's checkpoints tell how far the run went only if the resumed one is of it.
+        on_disk = list_checkpoints(ckpt_dir) if resumed and is_in_folder(resume_path, ckpt_dir) else []
         training.state.run_id = tracker.start(
             train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=training.state.run_id,
             resume_step=training.state.step if resumed else None, saved_step=on_disk[-1][0] if on_disk else 0,
@@ -341,6 +343,10 @@ def _run_context(accelerator: Accelerator) -> dict[str, str]:
     return {**provenance_tags(), "ssod.device": f"{device.type} ({name})", "ssod.processes": str(accelerator.num_processes)}
 
 
+# How a run is started and named, not what it trains: a tuning retry changes them.
+_NOT_COMPARED = ("train.resume", "train.run_name", "tracking.")
+
+
 def _log_resume(tracker: Tracker, cfg: DictConfig, step: int, checkpoint: Path) -> None:
     """A reopened run: the steps it resumed at (tag ``ssod.resumed_at_steps``), params it
     lacks, and what this resume's config changes, which MLflow params cannot show:
@@ -348,7 +354,11 @@ def _log_resume(tracker: Tracker, cfg: DictConfig, step: int, checkpoint: Path) 
     changed keys in tag ``ssod.changed_on_resume``."""
     steps = [part for part in tracker.previous_tags.get("ssod.resumed_at_steps", "").split(",") if part]
     tracker.set_tags({"ssod.resumed_at_steps": ",".join([*steps, str(step)])})
-    changed = tracker.log_params({k: v for k, v in flatten(cfg).items() if k != "train.resume"})
+    try:
+        changed = tracker.log_params({k: v for k, v in flatten(cfg).items() if not k.startswith(_NOT_COMPARED)})
+    except tracker.errors() as error:  # the record of a resume must not stop it
+        log.warning("MLflow: could not compare this resume's config with the run's params: %s", mask_secrets(str(error)))
+        return
     name = f"resumes/step-{step:08d}"
     tracker.log_dict({"step": step, "checkpoint": str(checkpoint),
                       "changed": {key: {"logged": was, "now": now} for key, (was, now) in changed.items()}}, f"{name}.json")

@@ -147,6 +147,22 @@ def test_going_back_checks_before_it_moves_and_a_branch_without_checkpoints_stay
     assert sorted(mlflow_store.steps(first.info.run_id, "train/loss")) == [1, 2, 3]
 
 
+def test_continuing_a_run_into_another_folder_is_not_going_back(make_config, mlflow_store, tmp_path: Path):
+    """The newest checkpoint of run A, resumed into the folder of run B (further along):
+    B's checkpoints say nothing of how far A went, so A continues as A (B's are set aside)."""
+    from ssod.train import run
+
+    base = ("train.ckpt_every=1", "train.keep_checkpoints=10", "train.eval_every=10", "data.val_max_images=2")
+    run(make_config(*base, "train.iterations=2", "tracking.experiment=a"))
+    run(make_config(*base, "train.iterations=3", f"train.output_dir={tmp_path / 'b'}"))
+    newest_of_a = tmp_path / "outputs" / "checkpoints" / "step-00000002.pt"
+    run(make_config(*base, "train.iterations=3", f"train.output_dir={tmp_path / 'b'}", f"train.resume={newest_of_a}",
+                    "tracking.experiment=a"))
+    (a,) = mlflow_store.runs("a")
+    assert "ssod.branched_from_run" not in a.data.tags and sorted(mlflow_store.steps(a.info.run_id, "train/loss")) == [1, 2, 3]
+    assert a.data.tags["ssod.checkpoint_step"] == "3"
+
+
 def test_set_aside_moves_every_checkpoint_of_a_folder_the_resumed_one_is_not_from(tmp_path: Path, monkeypatch):
     here, elsewhere = tmp_path / "run" / "checkpoints", tmp_path / "other"
     for step in (100, 300):

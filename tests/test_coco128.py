@@ -89,7 +89,8 @@ def test_two_iterations_and_an_evaluation_on_real_data(make_config, mlflow_store
         assert 0.0 <= metrics[key] <= 1.0 and mlflow_store.steps(run_.info.run_id, key) == [2]
     assert "val/teacher/bbox_AP/person" in run_.data.metrics  # per-class AP under COCO's names
     assert mlflow_store.steps(run_.info.run_id, "train/loss") == [1, 2]
-    contexts = {tag.value: entry.dataset.name for entry in run_.inputs.dataset_inputs for tag in entry.tags}
+    contexts = {tag.value: entry.dataset.name for entry in run_.inputs.dataset_inputs for tag in entry.tags
+                if tag.key == "mlflow.data.context"}
     assert contexts == {"train": "coco128/instances_train2017.1@10.json",
                         "unlabeled": "coco128/instances_train2017.1@10-unlabeled.json",
                         "eval": "coco128/instances_train2017.json"}

@@ -126,6 +126,15 @@ def test_dataset_inputs_record_path_context_and_digest(tmp_path: Path, mlflow_ur
     assert entry.dataset.name == "train.json" and str(json_path) in entry.dataset.source
     assert len(entry.dataset.digest) == 16
     assert {(tag.key, tag.value) for tag in entry.tags} == {("mlflow.data.context", "train")}
+    # The same json read with other images by another run: MLflow shares the dataset record
+    # (same name and digest), each run keeps its own details.
+    other = Tracker(mlflow_uri, "unit")
+    other_id = other.start("other")
+    other.log_dataset(json_path, name="train.json", context="train", details={"images": 4, "image_dir": "/data/B"})
+    (entry,) = mlflow_store.client.get_run(other_id).inputs.dataset_inputs
+    assert {(tag.key, tag.value) for tag in entry.tags} >= {("ssod.images", "4"), ("ssod.image_dir", "/data/B")}
+    (entry,) = mlflow_store.client.get_run(run_id).inputs.dataset_inputs
+    assert {(tag.key, tag.value) for tag in entry.tags} == {("mlflow.data.context", "train")}
 
 
 def test_a_disabled_tracker_never_touches_the_store(tmp_path: Path, mlflow_uri: str):

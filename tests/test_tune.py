@@ -299,6 +299,26 @@ def test_interrupted_trials_are_requeued_without_counting_against_max_retry(proj
             study.tell(study.ask().number, state=TrialState.FAIL)  # pop it, so the next check sees none
 
 
+def test_the_report_names_a_tie_for_best_and_drops_it_once_broken(project: Project) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from ssod.tuning.report import parent_run, write_report
+
+    setup = prepare(project.overrides)
+    parent = parent_run(setup)
+    study = optuna.create_study(direction="maximize")
+    distribution = optuna.distributions.FloatDistribution(0.5, 4.0)
+    for value in (0.5, 0.5):
+        study.add_trial(optuna.trial.create_trial(params={"method.unsup_weight": value * 2},
+                                                  distributions={"method.unsup_weight": distribution}, value=value))
+    assert write_report(setup, study, parent)["best_tied_trials"] == 2
+    assert MlflowClient(project.mlflow_uri).get_run(parent).data.tags["optuna.best_tied_trials"] == "2"
+    study.add_trial(optuna.trial.create_trial(params={"method.unsup_weight": 3.0},
+                                              distributions={"method.unsup_weight": distribution}, value=0.9))
+    assert "best_tied_trials" not in write_report(setup, study, parent)
+    assert "optuna.best_tied_trials" not in MlflowClient(project.mlflow_uri).get_run(parent).data.tags
+
+
 # --------------------------------------------------------------------------- real training
 
 

@@ -126,6 +126,8 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: str, sta
             # The first of them is reported: the metric does not tell them apart.
             summary["best_tied_trials"] = tied
             tracker.set_tags({"optuna.best_tied_trials": tied})
+        elif "optuna.best_tied_trials" in tracker.client.get_run(parent_run_id).data.tags:
+            tracker.client.delete_tag(parent_run_id, "optuna.best_tied_trials")  # a later trial broke the tie
         tracker.log_metrics({"study/best_value": best.value}, step=finished)
         tracker.set_tags({
             "optuna.best_trial_number": best.number,
@@ -152,7 +154,7 @@ def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
 
 # The trial attributes worth a column of trials.csv (the others are bookkeeping).
 TABLE_ATTRS = {
-    "user_attrs": ("mlflow_run_id", "output_dir", "resumed_from_step", "fail_reason"),
+    "user_attrs": ("mlflow_run_id", "output_dir", "resumed_from_step", "fail_reason", "interrupted", "surplus"),
     "system_attrs": ("failed_trial", "retry_history", "interrupted_trials"),
 }
 
