@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
@@ -28,7 +28,8 @@ def pseudo_label_picture(
     """Three panels of one weak view ``image`` [3, H, W] in 0..1; boxes xyxy in its pixels.
 
     Left: hidden ground truth (green). Middle: raw pseudo labels (red). Right: polished
-    pseudo labels (blue: polished boxes with their polished labels).
+    pseudo labels (blue: polished boxes with their polished labels). Each panel has a title
+    with its box count in a white band above it (``TITLE_HEIGHT`` pixels).
     """
 
     def names(labels: Tensor) -> list[str]:
@@ -39,5 +40,16 @@ def pseudo_label_picture(
         _panel(image, raw_boxes, names(raw_labels), "red"),
         _panel(image, polished_boxes, names(polished_labels), "blue"),
     ]
-    strip = torch.cat(panels, dim=2)
-    return Image.fromarray(strip.permute(1, 2, 0).numpy())
+    strip = Image.fromarray(torch.cat(panels, dim=2).permute(1, 2, 0).numpy())
+    # A title over each panel: which boxes, how many (an empty panel then says 0, not nothing).
+    titles = [f"ground truth: {len(gt_boxes)}", f"raw: {len(raw_boxes)}", f"polished: {len(polished_boxes)}"]
+    picture = Image.new("RGB", (strip.width, strip.height + TITLE_HEIGHT), "white")
+    picture.paste(strip, (0, TITLE_HEIGHT))
+    draw = ImageDraw.Draw(picture)
+    width = image.shape[-1]
+    for index, (title, colour) in enumerate(zip(titles, ("green", "red", "blue"))):
+        draw.text((index * width + 2, 1), title, fill=colour)
+    return picture
+
+
+TITLE_HEIGHT = 12
