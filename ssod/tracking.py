@@ -77,12 +77,12 @@ def strict_json(data: Any, **options) -> str:
     """JSON that strict readers accept: a NaN or infinite number (an undefined metric) is null."""
 
     def clean(value):
+        if hasattr(value, "tolist") and callable(value.tolist):  # numpy and torch values, of any shape
+            value = value.tolist()
         if isinstance(value, Mapping):
             return {key: clean(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return [clean(item) for item in value]
-        if hasattr(value, "item") and callable(value.item):  # numpy and torch scalars
-            value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             return None
         return value
