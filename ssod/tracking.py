@@ -177,8 +177,9 @@ class Tracker:
         all_tags = {k: mask_secrets(str(v)) for k, v in dict(tags).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        if run_id and resume_step is not None:
-            tagged = self.client.get_run(run_id).data.tags.get(CHECKPOINT_STEP_TAG)
+        reopened = self.client.get_run(run_id) if run_id else None
+        if reopened is not None and resume_step is not None:
+            tagged = reopened.data.tags.get(CHECKPOINT_STEP_TAG)
             passed = max(int(tagged) if tagged is not None else 0, saved_step)
             if passed > resume_step:
                 log.warning("MLflow run %s already went on to a checkpoint at step %d: going back to step %d "
@@ -192,8 +193,8 @@ class Tracker:
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-            self.logged_steps, self.previous_metrics = self._metrics_so_far()
-            self.previous_tags = dict(self.client.get_run(run_id).data.tags)
+            self.logged_steps, self.previous_metrics = self._metrics_so_far(reopened)
+            self.previous_tags = dict(reopened.data.tags)
             for key, value in all_tags.items():
                 self.client.set_tag(run_id, key, value)
         else:
@@ -204,7 +205,7 @@ class Tracker:
                 try:
                     branches = self.client.get_run(self.branched_from).data.tags.get("ssod.branches", "")
                     self.client.set_tag(self.branched_from, "ssod.branches", ",".join(filter(None, [branches, self.run_id])))
-                except _tracking_errors() as error:
+                except tracking_errors() as error:
                     self._warn(f"tag ssod.branches of run {self.branched_from}", error, "skipped")
         return self.run_id
 
@@ -221,13 +222,14 @@ class Tracker:
         )
         return [run.info.run_id for run in runs]
 
-    def _metrics_so_far(self) -> tuple[dict[str, int], dict[str, float]]:
-        """The largest step of each metric already in the run, and its latest value.
+    def _metrics_so_far(self, run) -> tuple[dict[str, int], dict[str, float]]:
+        """The largest step of each metric already in ``run`` (this one, as reopened), and
+        its latest value.
 
         Steps per metric, not overall: a run killed during an evaluation has the interval's
         training scalars at that step but not the evaluation's, which the resumed run logs.
         """
-        latest = dict(self.client.get_run(self.run_id).data.metrics)
+        latest = dict(run.data.metrics)
         steps = {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in latest}
         return steps, latest
 
@@ -284,7 +286,7 @@ class Tracker:
             try:
                 self.client.log_batch(self.run_id, metrics=chunk)
                 continue
-            except _tracking_errors() as error:
+            except tracking_errors() as error:
                 if not _permanent(error):
                     return metrics[start:], error
             done, error = self._send_each(chunk)
@@ -298,16 +300,11 @@ class Tracker:
         for index, metric in enumerate(chunk):
             try:
                 self.client.log_batch(self.run_id, metrics=[metric])
-            except _tracking_errors() as error:
+            except tracking_errors() as error:
                 if not _permanent(error):
                     return index, error
                 self._warn(f"logging {metric.key} at step {metric.step}", error, "that value dropped")
         return len(chunk), None
-
-    @staticmethod
-    def errors() -> tuple[type[BaseException], ...]:
-        """What a tracking call raises when the store is unreachable or busy."""
-        return _tracking_errors()
 
     def note_checkpoint(self, step: int) -> None:
         """Tag the run with the step of the checkpoint just saved (``end`` tags it again:
@@ -319,6 +316,15 @@ class Tracker:
         if self.enabled:
             for key, value in tags.items():
                 self._best_effort(f"tag {key}", self.client.set_tag, self.run_id, key, mask_secrets(str(value)))
+
+    def delete_tag(self, key: str) -> None:
+        """Remove ``key`` from the run's tags if it has it (best effort, as ``set_tags``)."""
+        if self.enabled:
+            self._best_effort(f"removing tag {key}", self._delete_tag_if_set, key)
+
+    def _delete_tag_if_set(self, key: str) -> None:
+        if key in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
@@ -379,7 +385,7 @@ class Tracker:
             return
         try:
             call(*args, **kwargs)
-        except _tracking_errors() as error:
+        except tracking_errors() as error:
             if not _permanent(error):
                 self._pause()
             self._warn(what, error, "skipped")
@@ -399,7 +405,7 @@ def _permanent(error: BaseException) -> bool:
     return getattr(error, "error_code", None) in _PERMANENT
 
 
-def _tracking_errors() -> tuple[type[BaseException], ...]:
+def tracking_errors() -> tuple[type[BaseException], ...]:
     """What an unreachable server or a busy store raises (requests' errors are OSErrors)."""
     from mlflow.exceptions import MlflowException
 

@@ -53,7 +53,7 @@ from ssod.engine import eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, stop_if_too_many_bad
 from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
-from ssod.tracking import Tracker, default_tracking_uri, mask_secrets, provenance_tags
+from ssod.tracking import Tracker, default_tracking_uri, mask_secrets, provenance_tags, tracking_errors
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def _log_resume(tracker: Tracker, cfg: DictConfig, step: int, checkpoint: Path) 
     tracker.set_tags({"ssod.resumed_at_steps": ",".join([*steps, str(step)])})
     try:
         changed = tracker.log_params({k: v for k, v in flatten(cfg).items() if not k.startswith(_NOT_COMPARED)})
-    except tracker.errors() as error:  # the record of a resume must not stop it
+    except tracking_errors() as error:  # the record of a resume must not stop it
         log.warning("MLflow: could not compare this resume's config with the run's params: %s", mask_secrets(str(error)))
         return
     name = f"resumes/step-{step:08d}"

@@ -100,9 +100,7 @@ def mark_trial_run(setup: StudySetup, trial_number: int, state: str, params: Opt
         tracker.set_tags({"optuna.state": "FAIL", "optuna.interrupted": "true"})
     else:
         tracker.set_tags({"optuna.state": state})
-        if "optuna.interrupted" in tracker.client.get_run(run_id).data.tags:
-            # A retry that continued the stopped trial's run: it is not stopped any more.
-            tracker.client.delete_tag(run_id, "optuna.interrupted")
+        tracker.delete_tag("optuna.interrupted")  # a retry that continued the stopped trial's run
     tracker.end(RUN_STATUS[state])
     return run_id
 
@@ -126,8 +124,8 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: str, sta
             # The first of them is reported: the metric does not tell them apart.
             summary["best_tied_trials"] = tied
             tracker.set_tags({"optuna.best_tied_trials": tied})
-        elif "optuna.best_tied_trials" in tracker.client.get_run(parent_run_id).data.tags:
-            tracker.client.delete_tag(parent_run_id, "optuna.best_tied_trials")  # a later trial broke the tie
+        else:
+            tracker.delete_tag("optuna.best_tied_trials")  # a later trial broke the tie
         tracker.log_metrics({"study/best_value": best.value}, step=finished)
         tracker.set_tags({
             "optuna.best_trial_number": best.number,
