@@ -239,8 +239,8 @@ def test_interrupted_trials_are_requeued_without_counting_against_max_retry(proj
     (a dead worker) use up retries."""
     from ssod.tracking import Tracker
     from ssod.train import RunResult
-    from ssod.tuning.objective import INTERRUPTED_ATTR
-    from ssod.tuning.workers import INTERRUPTED_TRIALS, StaleTrials
+    from ssod.tuning.storage import INTERRUPTED_ATTR, INTERRUPTED_TRIALS
+    from ssod.tuning.workers import StaleTrials
 
     calls, run_ids = [], []
 

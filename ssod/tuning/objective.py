@@ -37,15 +37,11 @@ from ssod.tuning.processes import group_alive, signal_group, terminate_group
 from ssod.tuning.report import mark_trial_run, trial_tags
 from ssod.tuning.settings import StudySetup, override
 from ssod.tuning.space import suggest, to_overrides
-from ssod.tuning.storage import OWNER_ATTR, SURPLUS_ATTR, owner_record, quiet_experimental, within_budget
+from ssod.tuning.storage import INTERRUPTED_ATTR, OWNER_ATTR, SURPLUS_ATTR, owner_record, quiet_experimental, within_budget
 
 log = logging.getLogger(__name__)
 
 Trainer = Callable[..., dict]
-
-
-# User attribute of a trial stopped on request (see ``ssod.tuning.workers.StaleTrials``).
-INTERRUPTED_ATTR = "interrupted"
 
 
 class TrialInterrupted(Exception):

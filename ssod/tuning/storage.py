@@ -40,6 +40,8 @@ STORAGE_ENV = "SSOD_OPTUNA_STORAGE"
 RESOLVED_ENV = "_SSOD_TUNE_STORAGE"
 OWNER_ATTR = "worker"
 SURPLUS_ATTR = "surplus"
+INTERRUPTED_ATTR = "interrupted"  # stopped on request, not failed (see ssod.tuning.workers.StaleTrials)
+INTERRUPTED_TRIALS = "interrupted_trials"  # system attribute: the stopped trials of a retry chain
 
 
 

@@ -26,15 +26,12 @@ from typing import Optional
 
 import optuna
 
-from ssod.tuning.objective import INTERRUPTED_ATTR, Objective, TrialInterrupted, Trainer
+from ssod.tuning.objective import Objective, TrialInterrupted, Trainer
 from ssod.tuning.report import mark_trial_run, parent_run, write_report
 from ssod.tuning.settings import PrunerSpec, SamplerSpec, StudySetup
-from ssod.tuning.storage import RESOLVED_ENV, Usage, is_journal, open_storage, quiet_experimental, reap_dead_workers, usage
+from ssod.tuning.storage import INTERRUPTED_ATTR, INTERRUPTED_TRIALS, RESOLVED_ENV, Usage, is_journal, open_storage, quiet_experimental, reap_dead_workers, usage
 
 log = logging.getLogger(__name__)
-
-
-INTERRUPTED_TRIALS = "interrupted_trials"  # system attribute: the stopped trials of a retry chain
 
 
 class StaleTrials:
@@ -51,10 +48,12 @@ class StaleTrials:
         self.setup = setup
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, interrupted: bool = False) -> None:
-        interrupted = interrupted or bool(trial.user_attrs.get(INTERRUPTED_ATTR))
+        """``interrupted``: this worker stopped the trial itself, and its objective has closed
+        the trial's run; otherwise (the heartbeat, the reaper) the run is closed here."""
+        stopped_on_request = interrupted or bool(trial.user_attrs.get(INTERRUPTED_ATTR))
         attrs = dict(trial.system_attrs)
         history = [*attrs.get("retry_history", ()), trial.number]
-        stopped = [*attrs.get(INTERRUPTED_TRIALS, ()), *([trial.number] if interrupted else [])]
+        stopped = [*attrs.get(INTERRUPTED_TRIALS, ()), *([trial.number] if stopped_on_request else [])]
         failures = len(history) - len(stopped)
         if failures > self.setup.tune.max_retry:
             log.warning("trial %d failed %d times (tune.max_retry=%d): not re-queued",
@@ -67,8 +66,10 @@ class StaleTrials:
                 state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
                 user_attrs=inherited, system_attrs=attrs,
             ))
+        if interrupted:
+            return
         try:
-            mark_trial_run(self.setup, trial.number, "INTERRUPTED" if interrupted else "FAIL")
+            mark_trial_run(self.setup, trial.number, "INTERRUPTED" if stopped_on_request else "FAIL")
         except Exception:  # noqa: BLE001 - the re-queue matters more than the run's status
             log.exception("trial %d: could not mark its MLflow run", trial.number)
 
