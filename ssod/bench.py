@@ -188,7 +188,7 @@ def measure(args: argparse.Namespace, cfg: DictConfig, accelerator: Accelerator)
     nonfinite: dict[str, list] = {name: [] for name in STEPS}
     parts = training_parts(cfg, args.overrides, accelerator, student, teacher, labeled, unlabeled, everything, nonfinite, start)
     rows, peak_gib = interleaved_medians(parts, device, args.repeats, args.warmup)
-    bad_rows = {name: sum(flags) for name, flags in nonfinite.items() if sum(flags)}
+    bad_rows = {name: count for name, flags in nonfinite.items() if (count := sum(flags))}
     rows["data loading per batch"] = median_seconds(lambda: (next(labeled_iter), next(unlabeled_iter)), device, args.repeats, args.warmup)
     if not args.no_mlflow:
         rows["mlflow logging per interval"] = _mlflow_cost(args)

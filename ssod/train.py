@@ -124,8 +124,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             log.info("resuming from %s at step %d", resume_path, training.state.step)
         # A resume from before a checkpoint the run already saved (train.resume=<file>, going
         # back) continues in a new MLflow run (see Tracker.start), and only once that and the
-        # model are set up are the folder's later checkpoints set aside.
-        # The folder's checkpoints tell how far the run went only if the resumed one is of it.
+        # model are set up are the folder's later checkpoints set aside. The folder's
+        # checkpoints tell how far the run went only if the resumed one is of it.
         on_disk = list_checkpoints(ckpt_dir) if resumed and is_in_folder(resume_path, ckpt_dir) else []
         training.state.run_id = tracker.start(
             train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=training.state.run_id,
@@ -331,9 +331,9 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     for context, dataset in (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val)):
         if dataset is not None:  # supervised: no unlabeled set
-            profile = {"images": len(dataset), "image_dir": str(dataset.image_dir)}
+            details = {"images": len(dataset), "image_dir": str(dataset.image_dir)}
             tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
-                                context, profile)
+                                context, details)
 
 
 def _run_context(accelerator: Accelerator) -> dict[str, str]:
