@@ -20,6 +20,8 @@ def build_model(model_cfg: ModelConfig, method: MethodConfig, num_classes: int) 
     """Student: Faster R-CNN, plus the polishing networks when ``method.polish``."""
     if method.name not in METHODS:
         raise ValueError(f"method.name={method.name!r}: choose one of {METHODS}")
+    if method.pseudo_labels not in ("teacher", "oracle"):
+        raise ValueError(f"method.pseudo_labels={method.pseudo_labels!r}: choose teacher or oracle")
     detector = build_detector(model_cfg, num_classes)
     polisher = None
     if method.polish:
@@ -76,5 +78,17 @@ def build_scheduler(train: TrainConfig, optimizer: torch.optim.Optimizer) -> tor
     )
 
 
-def build_loss_weights(method: MethodConfig) -> dict[str, float]:
-    return loss_weights(method.unsup_weight, method.polish_box_weight, method.polish_cls_weight)
+def unsup_weight_at(step: int, method: MethodConfig) -> float:
+    """The unsupervised loss weight of iteration ``step`` (0-based): 0 during the burn-in
+    (``method.unsup_start``), then a linear ramp over ``method.unsup_warmup`` iterations."""
+    if step < method.unsup_start:
+        return 0.0
+    if method.unsup_warmup <= 0:
+        return method.unsup_weight
+    return method.unsup_weight * min(1.0, (step - method.unsup_start + 1) / method.unsup_warmup)
+
+
+def build_loss_weights(method: MethodConfig, step: int | None = None) -> dict[str, float]:
+    """Every loss's weight at iteration ``step`` (None: after burn-in and ramp)."""
+    unsup = method.unsup_weight if step is None else unsup_weight_at(step, method)
+    return loss_weights(unsup, method.polish_box_weight, method.polish_cls_weight)

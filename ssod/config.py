@@ -59,6 +59,13 @@ class DataConfig:
     keep_images_without_annotations: bool = True
     train_min_sizes: list[int] = field(default_factory=lambda: [400, 1200])
     train_max_size: int = 1333
+    # The strong view's geometric op (one of: translate x, translate y, rotate, shear x+y),
+    # Soft Teacher's ranges by default. Rotation and shear map a box to the box enclosing
+    # its turned corners, up to 37% (rotate 30) or 58% (shear 30) wider than the object:
+    # the student then learns looser boxes from every target, the oracle's included.
+    strong_translate: float = 0.1
+    strong_rotate_deg: float = 30.0
+    strong_shear_deg: float = 30.0
     test_size: int = 800
     test_max_size: int = 1333
     num_workers: int = 2
@@ -105,6 +112,15 @@ class MethodConfig:
 
     name: str = "supervised"
     unsup_weight: float = 0.0
+    # Burn-in: the first ``unsup_start`` iterations train on labeled images only (no
+    # unlabeled batch is drawn, the teacher only follows by EMA); then the unsupervised
+    # weight ramps linearly from 0 to ``unsup_weight`` over ``unsup_warmup`` iterations.
+    unsup_start: int = 0
+    unsup_warmup: int = 0
+    # Where pseudo labels come from: ``teacher`` (the method), or ``oracle``: the unlabeled
+    # images' hidden ground truth through the same projection, views and losses, a
+    # diagnostic upper bound that needs hidden ground truth and tags its run ssod.oracle.
+    pseudo_labels: str = "teacher"
     ema_momentum: float = 0.999
     ema_include_buffers: bool = False
     ema_freeze_after_first_lr_step: bool = False

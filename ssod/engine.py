@@ -24,7 +24,7 @@ from torch.profiler import record_function
 from torchvision.models.detection.image_list import ImageList
 
 from ssod.config import MethodConfig
-from ssod.data.transforms import map_boxes, project_boxes, relative_matrix
+from ssod.data.transforms import map_boxes, project_boxes, project_target, relative_matrix
 from ssod.losses import _box_outputs, detector_losses
 from ssod.models.boxes import valid_boxes_mask
 from ssod.models.host_waits import indices_where_all
@@ -237,6 +237,8 @@ def compute_losses(
     weak = [item[0] for item in unlabeled]
     strong = [item[1] for item in unlabeled]
     out = teacher_forward(teacher, images, targets, [view.image for view in weak], method)
+    if method.pseudo_labels == "oracle":
+        out.pseudo_labels = oracle_pseudo_labels(unlabeled)
     weak_matrices = torch.stack([view.matrix for view in weak])
     strong_matrices = torch.stack([view.matrix for view in strong])
     strong_sizes = [tuple(view.image.shape[-2:]) for view in strong]
@@ -248,6 +250,18 @@ def compute_losses(
         background = make_background_weights(teacher, out, relative_matrix(strong_matrices, weak_matrices))
     losses, stats = student(images, targets, [view.image for view in strong], pseudo_targets, background, out.polish_inputs)
     return StepResult(losses, stats, out)
+
+
+def oracle_pseudo_labels(unlabeled: list) -> list[PseudoLabels]:
+    """The hidden ground truth of each unlabeled image in its weak view, as pseudo labels of
+    score 1 (``method.pseudo_labels=oracle``: a diagnostic, never a result)."""
+    oracle = []
+    for weak, _, hidden in unlabeled:
+        height, width = weak.image.shape[-2:]
+        target = project_target(hidden, weak.matrix, width, height)
+        boxes, labels = target["boxes"].float(), target["labels"]
+        oracle.append(PseudoLabels.unpolished(boxes, labels, torch.ones(len(labels), device=boxes.device)))
+    return oracle
 
 
 def eval_loader(dataset, indices: list[int], batch_size: int = 4, num_workers: int = 0, pin_memory: bool = False):

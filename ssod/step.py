@@ -88,8 +88,9 @@ def train_step(training: Training, labeled: list, unlabeled: list, method: Metho
     with record_function("ssod::backward"):
         accelerator.backward(total)
     with record_function("ssod::optimizer"):
-        if train.grad_clip_norm:
-            accelerator.clip_grad_norm_(training.student.parameters(), train.grad_clip_norm)
+        # The norm before clipping (train/grad_norm); without clipping, measured only.
+        limit = train.grad_clip_norm or float("inf")
+        result.stats["train/grad_norm"] = accelerator.clip_grad_norm_(training.student.parameters(), limit).detach()
         training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
     if not accelerator.optimizer_step_was_skipped:

@@ -35,7 +35,14 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer, build_scheduler
+from ssod.build import (
+    apply_speed_settings,
+    build_loss_weights,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    unsup_weight_at,
+)
 from ssod.checkpoint import (
     find_resume_checkpoint,
     is_in_folder,
@@ -119,6 +126,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     try:
         with accelerator.main_process_first():
             data = build_data(cfg.data, project_dir, need_unlabeled=method.name != "supervised")
+        tags = dict(cfg.tracking.tags)
+        if method.pseudo_labels == "oracle":
+            _check_oracle(data)
+            tags["ssod.oracle"] = "true"
         training = _build_training(cfg, method, data.category_map.num_classes, accelerator, ckpt_dir, resumed)
         if resumed:
             log.info("resuming from %s at step %d", resume_path, training.state.step)
@@ -128,7 +139,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         # checkpoints tell how far the run went only if the resumed one is of it.
         on_disk = list_checkpoints(ckpt_dir) if resumed and is_in_folder(resume_path, ckpt_dir) else []
         training.state.run_id = tracker.start(
-            train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id, run_id=training.state.run_id,
+            train.run_name, tags, cfg.tracking.parent_run_id, run_id=training.state.run_id,
             resume_step=training.state.step if resumed else None, saved_step=on_disk[-1][0] if on_disk else 0,
             new_run_tags=_run_context(accelerator) if tracker.enabled else {},
         )
@@ -149,9 +160,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
-            log.info("finished at step %d: teacher AP %.4f, student AP %.4f; checkpoint %s", training.state.step,
-                     final_metrics.get("val/teacher/bbox_AP", math.nan), final_metrics.get("val/student/bbox_AP", math.nan),
-                     final_checkpoint)
+            # AP in percent, as papers and this README print it (MLflow holds pycocotools' 0-1 values).
+            log.info("finished at step %d: teacher AP %.1f, student AP %.1f (COCO AP in %%, validation set); checkpoint %s",
+                     training.state.step, 100 * final_metrics.get("val/teacher/bbox_AP", math.nan),
+                     100 * final_metrics.get("val/student/bbox_AP", math.nan), final_checkpoint)
         return final_metrics
     except KeyboardInterrupt:
         status = "KILLED"
@@ -179,7 +191,6 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
                 tracker: Tracker, interrupts: Interrupts, on_eval: Optional[EvalCallback]) -> RunResult:
     """Iterate from ``training.state.step`` to ``train.iterations``: step, log, evaluate, checkpoint."""
     train, accelerator, state = cfg.train, training.accelerator, training.state
-    weights = build_loss_weights(method)
     meters = Meters(method, data.category_map.names)
     progress = _progress(accelerator, train, state.step)
     final_metrics = RunResult()
@@ -200,12 +211,14 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
 
     for step in range(state.step, train.iterations):
         labeled, labeled_meta = next(loaders.labeled)
-        unlabeled, unlabeled_meta = next(loaders.unlabeled) if loaders.unlabeled is not None else ([], [])
+        # During the burn-in (method.unsup_start) no unlabeled batch is drawn: a supervised step.
+        semi = loaders.unlabeled is not None and step >= method.unsup_start
+        unlabeled, unlabeled_meta = next(loaders.unlabeled) if semi else ([], [])
         state.note_bad_files(labeled_meta + unlabeled_meta)
         labeled = to_device(labeled, accelerator.device)
         unlabeled = to_device(unlabeled, accelerator.device)
         result, total, flags = train_step(
-            training, labeled, unlabeled, method, weights, train, lambda: interrupts.requested,
+            training, labeled, unlabeled, method, build_loss_weights(method, step), train, lambda: interrupts.requested,
             on_flags=lambda flags: stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, flags.bad_files),
         )
         state.step = step + 1
@@ -312,10 +325,22 @@ def _build_loaders(cfg: DictConfig, data: DataBundle, accelerator: Accelerator, 
     labeled = infinite_loader(data.labeled, train.batch_labeled, train.seed, rank, world, step, workers, pin)
     unlabeled = None
     if data.unlabeled is not None:
-        unlabeled = infinite_loader(data.unlabeled, train.batch_unlabeled, train.seed + 1, rank, world, step, workers, pin)
+        # The unlabeled stream starts after the burn-in: its position is the steps since then.
+        unlabeled_step = max(step - cfg.method.unsup_start, 0)
+        unlabeled = infinite_loader(data.unlabeled, train.batch_unlabeled, train.seed + 1, rank, world, unlabeled_step,
+                                    workers, pin)
     val_workers = eval_workers(cfg.data, accelerator.device)
     val = eval_loader(data.val, shard(data.val, accelerator), num_workers=val_workers, pin_memory=pin)
     return Loaders(labeled, unlabeled, val)
+
+
+def _check_oracle(data: DataBundle) -> None:
+    """``method.pseudo_labels=oracle`` needs unlabeled images whose hidden ground truth exists."""
+    if data.unlabeled is None:
+        raise ValueError("method.pseudo_labels=oracle needs unlabeled images (a semi-supervised method)")
+    if not data.unlabeled.coco.dataset.get("annotations"):
+        raise ValueError(f"method.pseudo_labels=oracle needs hidden ground truth, and {data.unlabeled.coco.source_path} "
+                         "has no annotations (it is really unlabeled)")
 
 
 def forget_accelerator(accelerator: Accelerator) -> None:
@@ -380,7 +405,7 @@ def _schedule_scalars(optimizer, state: RunState, method, seconds_per_iter: floa
         "train/bad_images": len(state.bad_files),
         "train/ema_momentum": ema_momentum(last_ema_step, method.ema_momentum),
         "train/polish_ema_momentum": ema_momentum(last_ema_step, method.polish_ema_momentum, method.polish_ema_warmup),
-        "train/unsup_weight": method.unsup_weight,
+        "train/unsup_weight": unsup_weight_at(max(state.step - 1, 0), method),
     }
 
 

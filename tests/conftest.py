@@ -53,10 +53,16 @@ TINY_OVERRIDES = (
 )
 
 
-def tiny_overrides(tmp_dir: Path, cache_dir: Path, mlflow_uri: str, method: str = "supervised") -> list[str]:
-    """Command-line overrides of a tiny run whose outputs all live in ``tmp_dir``."""
+def tiny_overrides(tmp_dir: Path, cache_dir: Path, mlflow_uri: str, method: str = "supervised",
+                   model: str = "resnet18_fpn") -> list[str]:
+    """Command-line overrides of a tiny run whose outputs all live in ``tmp_dir``.
+
+    The model is a narrow ResNet-18 FPN from scratch unless ``model`` names another
+    (``efficientnet_lite0_fpn``: the main job's pretrained model, as narrow).
+    """
     return [
         f"method={method}",
+        f"model={model}",
         *TINY_OVERRIDES,
         f"data.cache_dir={cache_dir}",
         f"train.output_dir={tmp_dir / 'outputs'}",
@@ -89,11 +95,11 @@ def mlflow_uri(tmp_path: Path, empty_mlflow_db: Path) -> str:
 
 @pytest.fixture
 def make_config(tmp_path: Path, dataset_cache: Path, mlflow_uri: str) -> Callable:
-    """``make_config(*overrides, method="supervised")`` -> a composed tiny config."""
+    """``make_config(*overrides, method="supervised", model="resnet18_fpn")`` -> a composed tiny config."""
     from ssod.config import compose
 
-    def make(*overrides: str, method: str = "supervised"):
-        return compose([*tiny_overrides(tmp_path, dataset_cache, mlflow_uri, method), *overrides])
+    def make(*overrides: str, method: str = "supervised", model: str = "resnet18_fpn"):
+        return compose([*tiny_overrides(tmp_path, dataset_cache, mlflow_uri, method, model), *overrides])
 
     return make
 

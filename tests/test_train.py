@@ -16,6 +16,7 @@ from ssod.data.splits import make_split, split_paths
 from ssod.data.synthetic import SyntheticRecipe, ensure_synthetic
 from ssod.train import run
 
+LITE0 = {"method": "polish_teacher", "model": "efficientnet_lite0_fpn"}
 SECRET = "postgresql+psycopg2://u:secret@h/db"
 MASKED = "postgresql+psycopg2://u:***@h/db"
 # Iterations 1-3, evaluations at 2 and 3, checkpoints at 2 and 3; then a resume to 4.
@@ -187,3 +188,26 @@ def test_the_hidden_ground_truth_of_unlabeled_images_never_reaches_training(make
         weights[name] = final_checkpoint(tmp_path / name)
     for part in ("student", "teacher"):
         assert_same_weights(weights["real"][part], weights["garbage"][part])
+
+
+@pytest.mark.slow
+def test_burn_in_then_ramp_on_the_pretrained_model_resumes_like_a_straight_run(make_config, mlflow_store, tmp_path: Path):
+    """The main job's shape: EfficientNet-Lite0 (ImageNet), 2 supervised burn-in steps, a
+    2-step ramp of the unsupervised weight; a resume inside the ramp ends bit-identical."""
+    recipe = ("method.unsup_start=2", "method.unsup_warmup=2",
+              "method.pseudo_label_initial_score_thr=0.0", "train.ckpt_every=3", "train.keep_checkpoints=5",
+              "data.val_max_images=2")
+    run(make_config(*recipe, "train.iterations=3", **LITE0))
+    run(make_config(*recipe, "train.iterations=5", "train.resume=auto", **LITE0))
+    run_id = mlflow_store.only_run().info.run_id
+    weight = mlflow_store.history(run_id, "train/unsup_weight")
+    assert {step: values[0] for step, values in weight.items()} == {1: 0.0, 2: 0.0, 3: 1.5, 4: 3.0, 5: 3.0}
+    # No unlabeled batch during the burn-in: pseudo-label figures only from step 3 on.
+    assert mlflow_store.steps(run_id, "pseudo/raw/num_per_image") == [3, 4, 5]
+    assert mlflow_store.steps(run_id, "train/unsup/roi_cls") == [3, 4, 5]
+
+    run(make_config(*recipe, "train.iterations=5", f"train.output_dir={tmp_path / 'straight'}",
+                    "tracking.experiment=straight", **LITE0))
+    resumed, straight = final_checkpoint(tmp_path / "outputs"), final_checkpoint(tmp_path / "straight")
+    for part in ("student", "teacher"):
+        assert_same_weights(resumed[part], straight[part])

@@ -132,7 +132,10 @@ def build_data(cfg: DataConfig, project_dir: Path, need_unlabeled: bool) -> Data
     if need_unlabeled:
         if files.unlabeled_json is None:
             raise ValueError("this method needs unlabeled images: set data.percent < 100 or data.unlabeled_json")
-        weak_strong = UnlabeledView(WeakStrongTransform(cfg.train_min_sizes, cfg.train_max_size))
+        weak_strong = UnlabeledView(WeakStrongTransform(
+            cfg.train_min_sizes, cfg.train_max_size, max_rotate_deg=cfg.strong_rotate_deg,
+            max_translate=cfg.strong_translate, max_shear_deg=cfg.strong_shear_deg,
+        ))
         unlabeled = load_split(files.unlabeled_json, files.unlabeled_images, category_map, weak_strong)
     val = load_split(files.val_json, files.val_images, category_map, EvalView(EvalTransform(cfg.test_size, cfg.test_max_size)))
     if cfg.val_max_images is not None:
