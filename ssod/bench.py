@@ -131,6 +131,9 @@ def parse_args(argv):
                         help="student and teacher weights of a training checkpoint (a file, or a run's checkpoint "
                              "directory: its newest); random weights give no pseudo labels, so the steps then "
                              "polish and project empty sets")
+    parser.add_argument("--compare-model", metavar="NAME",
+                        help="also time the supervised, soft_teacher and polish_teacher steps with model=NAME "
+                             "(e.g. resnet18_fpn), interleaved with the others on the same batch")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile this many polish_teacher steps (torch.profiler) and print the top operators")
     return parser.parse_args(argv)
@@ -187,6 +190,8 @@ def measure(args: argparse.Namespace, cfg: DictConfig, accelerator: Accelerator)
     pseudo = _pseudo_label_counts(teacher, labeled, unlabeled, polish, accelerator)
     nonfinite: dict[str, list] = {name: [] for name in STEPS}
     parts = training_parts(cfg, args.overrides, accelerator, student, teacher, labeled, unlabeled, everything, nonfinite, start)
+    if args.compare_model:
+        parts.update(_other_model_steps(args, data, accelerator, labeled, unlabeled, everything, nonfinite))
     rows, peak_gib = interleaved_medians(parts, device, args.repeats, args.warmup)
     bad_rows = {name: count for name, flags in nonfinite.items() if (count := sum(flags))}
     rows["data loading per batch"] = median_seconds(lambda: (next(labeled_iter), next(unlabeled_iter)), device, args.repeats, args.warmup)
@@ -196,6 +201,8 @@ def measure(args: argparse.Namespace, cfg: DictConfig, accelerator: Accelerator)
         teacher.detector, data.val, device, args.eval_images, eval_workers(cfg.data, device)
     )
     ratios = {
+        **{f"{name} / same with {args.compare_model}": rows[name] / rows[_other(name, args.compare_model)]
+           for name in COMPARED if args.compare_model},
         "polish / (supervised all + teacher inference)": rows["polish_teacher step"]
         / (rows["supervised step (labeled + unlabeled)"] + rows["teacher inference (weak views)"]),
         "polish / soft_teacher": rows["polish_teacher step"] / rows["soft_teacher step"],
@@ -206,6 +213,8 @@ def measure(args: argparse.Namespace, cfg: DictConfig, accelerator: Accelerator)
         ratios["mlflow share of training time"] = rows["mlflow logging per interval"] / interval
     images = {STEPS[0]: len(labeled), STEPS[1]: len(everything), STEPS[4]: len(labeled) + len(unlabeled),
               STEPS[5]: len(labeled) + len(unlabeled)}
+    if args.compare_model:
+        images.update({_other(name, args.compare_model): images[name] for name in COMPARED})
     throughput = {name: count / rows[name] for name, count in images.items()}
     report = f"{weights_note}; {pseudo}\n" + _table(rows, ratios, speeds, args, cfg, throughput, peak_gib)
     if bad_rows:
@@ -253,12 +262,36 @@ def training_parts(cfg: DictConfig, overrides: list[str], accelerator: Accelerat
     }
 
 
+# The steps ``--compare-model`` times with the other model too.
+COMPARED = (STEPS[0], STEPS[4], STEPS[5])
+
+
+def _other(name: str, model: str) -> str:
+    return f"{name} [model={model}]"
+
+
+def _other_model_steps(args, data, accelerator: Accelerator, labeled: list, unlabeled: list, everything: list,
+                       nonfinite: dict[str, list]) -> dict[str, Callable[[], object]]:
+    """``COMPARED`` steps of a fresh student of ``model=args.compare_model``, on the same batch."""
+    overrides = [*args.overrides, f"model={args.compare_model}"]
+    cfg = compose(["method=polish_teacher", *overrides])
+    polish = OmegaConf.to_object(cfg.method)
+    model = build_model(cfg.model, polish, data.category_map.num_classes).to(accelerator.device)
+    student = apply_speed_settings(cfg.train, model)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    flags: dict[str, list] = {name: [] for name in STEPS}
+    parts = training_parts(cfg, overrides, accelerator, student, teacher, labeled, unlabeled, everything, flags, RunState())
+    for name in COMPARED:
+        nonfinite[_other(name, args.compare_model)] = flags[name]
+    return {_other(name, args.compare_model): parts[name] for name in COMPARED}
+
+
 def _log_to_mlflow(args: argparse.Namespace, cfg: DictConfig, result: BenchResult) -> None:
     """One run in the ``ssod-bench`` experiment: the config, every number, and the report."""
     tracker = Tracker(default_tracking_uri(Path.cwd()), "ssod-bench")
     tracker.start(f"bench-{args.device}-{args.precision}")
     tracker.log_params({**flatten(cfg), "bench.device": args.device, "bench.precision": args.precision,
-                        "bench.checkpoint": args.checkpoint or ""})
+                        "bench.checkpoint": args.checkpoint or "", "bench.compare_model": args.compare_model or ""})
     tracker.log_metrics({f"bench/{_slug(k)}_s": v for k, v in result.rows.items()}, 0)
     tracker.log_metrics({f"bench/ratio/{_slug(k)}": v for k, v in result.ratios.items()}, 0)
     tracker.log_metrics({f"bench/{name}_images_per_s": value for name, value in result.speeds.items()}, 0)

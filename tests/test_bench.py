@@ -142,3 +142,17 @@ def test_the_bench_times_training_own_step(tmp_path, dataset_cache, accelerator)
     parts["polish_teacher step"]()
     assert moved(student, trained) and moved(teacher.detector, detector) and moved(teacher.polisher, polisher)
     assert nonfinite["polish_teacher step"] == [False] and nonfinite["soft_teacher step"] == [False]
+
+
+@pytest.mark.slow
+def test_bench_compares_another_model_in_the_same_rounds(tmp_path, dataset_cache, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = [o for o in tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db") if not o.startswith("method=")]
+    assert main(["--no-mlflow", "--repeats", "1", "--warmup", "1", "--eval-images", "2",
+                 "--compare-model", "efficientnet_lite0_fpn", "--overrides", *overrides]) == 0
+    out = capsys.readouterr().out
+    for step in ("supervised step (labeled)", "soft_teacher step", "polish_teacher step"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {step} [model=efficientnet_lite0_fpn] |"))
+        assert float(row.split("|")[2]) > 0
+        assert f"| {step} / same with efficientnet_lite0_fpn |" in out
+    assert "WARNING" not in out

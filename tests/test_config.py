@@ -11,7 +11,7 @@ def test_default_is_polish_teacher_on_synthetic():
     cfg = compose()
     assert cfg.method.name == "polish_teacher"
     assert cfg.data.name == "synthetic"
-    assert cfg.model.arch == "resnet18_fpn"
+    assert cfg.model.arch == "efficientnet_lite0_fpn" and cfg.model.weights_backbone == "IMAGENET"
     assert cfg.method.rf_cls_thr == 0.9
 
 
