@@ -129,6 +129,9 @@ def test_boxes_are_clipped_and_degenerate_ones_dropped_and_counted():
         ({"images": [], "annotations": [], "categories": CATEGORIES}, "the 'images' list is empty"),
         (_dataset_json([_ann(1, 3, [1, 1, 5, 5])]), r"category ids \[3\] not in 'categories'"),
         (_dataset_json([_ann(9, 1, [1, 1, 5, 5])]), r"unknown image ids \[9\]"),
+        # pycocotools would keep the last entry: one image's boxes paired with another file.
+        ({**_dataset_json([]), "images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}]},
+         r"duplicate image ids \[1\]"),
     ],
 )
 def test_load_errors_name_the_file_and_the_problem(tmp_path: Path, content, message: str):

@@ -59,6 +59,17 @@ def load_coco(json_path: str | Path) -> COCO:
     if not data["images"]:
         raise DatasetError(f"{path}: the 'images' list is empty")
     data.setdefault("annotations", [])
+    # pycocotools keeps the last of two images with one id: one image's boxes would then be
+    # paired with another file. Refused here, as ``ssod-data check`` does.
+    seen, duplicates = set(), []
+    for image in data["images"]:
+        image_id = image.get("id") if isinstance(image, dict) else None
+        if image_id in seen:
+            duplicates.append(image_id)
+        seen.add(image_id)
+    if duplicates:
+        raise DatasetError(f"{path}: duplicate image ids {sorted(set(duplicates), key=str)[:10]} "
+                           f"({len(duplicates)} repeated entries); each image needs its own id")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
