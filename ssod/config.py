@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -239,7 +239,116 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    return validate(cfg) if config_name == "config" else cfg
+
+
+class ConfigError(ValueError):
+    """Config values out of their range; the message lists every one."""
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+_FRACTION = ((lambda v: 0 <= v <= 1), "in [0, 1]")
+_PERCENT = ((lambda v: 0 < v <= 100), "in (0, 100]")
+# Dotted key -> (check, what it must be). A list's every element is checked; None passes
+# (an optional value left unset). Only ranges: Hydra's schemas already check the types.
+_RULES = {
+    "data.percent": _PERCENT,
+    "data.fold": _at_least(1),
+    "data.num_workers": _at_least(0),
+    "data.eval_num_workers": _at_least(0),
+    "data.train_min_sizes": _at_least(1),
+    "data.train_max_size": _at_least(1),
+    "data.test_size": _at_least(1),
+    "data.test_max_size": _at_least(1),
+    "data.max_bad_image_fraction": _FRACTION,
+    "data.val_max_images": _at_least(1),
+    "data.strong_translate": _FRACTION,
+    "data.strong_rotate_deg": ((lambda v: 0 <= v <= 180), "in [0, 180]"),
+    "data.strong_shear_deg": ((lambda v: 0 <= v < 90), "in [0, 90)"),
+    "data.synthetic.num_train": _at_least(1),
+    "data.synthetic.num_val": _at_least(1),
+    "model.trainable_backbone_layers": _at_least(0),
+    "model.fpn_channels": _at_least(1),
+    "model.box_head_dim": _at_least(1),
+    "model.anchor_sizes": _POSITIVE,
+    "model.rpn_pre_nms_top_n_train": _at_least(1),
+    "model.rpn_post_nms_top_n_train": _at_least(1),
+    "model.rpn_pre_nms_top_n_test": _at_least(1),
+    "model.rpn_post_nms_top_n_test": _at_least(1),
+    "model.rpn_batch_size_per_image": _at_least(1),
+    "model.box_batch_size_per_image": _at_least(1),
+    "model.box_positive_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "model.box_score_thresh": _FRACTION,
+    "model.box_nms_thresh": _FRACTION,
+    "model.box_detections_per_img": _at_least(1),
+    "method.unsup_weight": _at_least(0),
+    "method.unsup_start": _at_least(0),
+    "method.unsup_warmup": _at_least(0),
+    "method.ema_momentum": _FRACTION,
+    "method.pseudo_label_initial_score_thr": _FRACTION,
+    "method.rpn_pseudo_threshold": _FRACTION,
+    "method.cls_pseudo_threshold": _FRACTION,
+    "method.reg_uncertainty_thr": _at_least(0),
+    "method.reg_jitter_times": _at_least(1),
+    "method.reg_jitter_scale": _at_least(0),
+    "method.rf_cls_thr": _FRACTION,
+    "method.det_score_thr": _FRACTION,
+    "method.rf_vote_frac": _at_least(0),
+    "method.reg_samples": _at_least(0),
+    "method.reg_scale": _at_least(0),
+    "method.cls_samples": _at_least(0),
+    "method.cls_scales": _at_least(0),
+    "method.cls_pos_iou": _FRACTION,
+    "method.polish_hidden": _at_least(1),
+    "method.polish_box_weight": _at_least(0),
+    "method.polish_cls_weight": _at_least(0),
+    "method.polish_ema_momentum": _FRACTION,
+    "method.polish_ema_warmup": _at_least(0),
+    "train.iterations": _at_least(1),
+    "train.batch_labeled": _at_least(1),
+    "train.batch_unlabeled": _at_least(1),
+    "train.lr": _POSITIVE,
+    "train.momentum": _FRACTION,
+    "train.weight_decay": _at_least(0),
+    "train.warmup_iters": _at_least(0),
+    "train.warmup_factor": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "train.lr_steps": _at_least(0),
+    "train.lr_gamma": _POSITIVE,
+    "train.log_every": _at_least(1),
+    "train.eval_every": _at_least(1),
+    "train.ckpt_every": _at_least(1),
+    "train.keep_checkpoints": _at_least(0),
+    "train.max_consecutive_nonfinite": _at_least(1),
+    "train.grad_clip_norm": _POSITIVE,
+    "train.num_vis_images": _at_least(0),
+}
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check every numeric value's range (``_RULES``) before anything runs; returns ``cfg``.
+
+    Raises ``ConfigError`` naming each bad key, its value and its range: a negative
+    ``train.iterations`` would otherwise "finish" at once, ``train.log_every=0`` divide by
+    zero once the MLflow run exists, ``data.percent=150`` train on 100% and log 150.
+    """
+    problems = []
+    for key, (check, rule) in _RULES.items():
+        # Each value alone: a string elsewhere may hold an interpolation only Hydra's app resolves.
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(value, ListConfig):
+            value = list(value)
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v is not None and not check(v)]
+        if bad:
+            problems.append(f"{key}={value} (must be {rule})")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    return cfg
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

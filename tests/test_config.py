@@ -66,3 +66,33 @@ def test_evaluation_workers_default_to_none_on_a_cpu_and_num_workers_on_a_gpu():
     assert eval_workers(data, torch.device("cpu")) == 0
     assert eval_workers(data, torch.device("cuda")) == 3
     assert eval_workers(compose(["data.eval_num_workers=2"]).data, torch.device("cpu")) == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.iterations=-3", r"train.iterations=-3 \(must be >= 1\)"),
+    ("train.log_every=0", r"train.log_every=0 \(must be >= 1\)"),
+    ("data.percent=150", r"data.percent=150.0 \(must be in \(0, 100\]\)"),
+    ("method.rf_cls_thr=1.5", r"method.rf_cls_thr=1.5 \(must be in \[0, 1\]\)"),
+    ("model.anchor_sizes=[16,0,64,128,256]", r"model.anchor_sizes=\[16, 0, 64, 128, 256\] \(must be > 0\)"),
+])
+def test_out_of_range_values_fail_at_compose_time(override, message):
+    from ssod.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose([override])
+
+
+def test_every_bad_value_is_named_at_once_and_run_refuses_before_creating_anything(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ssod.config import ConfigError
+    from ssod.train import run
+
+    cfg = compose()
+    OmegaConf.update(cfg, "train.iterations", -3)
+    OmegaConf.update(cfg, "train.ckpt_every", 0)
+    OmegaConf.update(cfg, "train.output_dir", str(tmp_path / "out"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"train.iterations=-3 .*train.ckpt_every=0"):
+        run(cfg)
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no output folder
