@@ -12,10 +12,12 @@ and the previous checkpoint stays.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -58,20 +60,89 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
             os.fsync(handle.fileno())
         os.replace(temp, final)
         _fsync_dir(directory)
-    except OSError as error:
+    except BaseException as error:
+        # Any failure (torch's zip writer raises RuntimeError on a full disk; Ctrl-C) leaves no temp file.
         temp.unlink(missing_ok=True)
+        if not isinstance(error, Exception):
+            raise
         previous = list_checkpoints(directory)
         kept = previous[-1][1] if previous else "none"
-        reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
+        reason = f"the disk is full ({error})" if _disk_full(error, directory) else str(error)
         raise CheckpointError(f"could not write checkpoint {final}: {reason}; last complete checkpoint: {kept}") from error
     # Only this run's past: never the checkpoint just written, nor any of a later step.
     earlier = [path for saved, path in list_checkpoints(directory) if saved <= step]
     for old in earlier[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     for stale in directory.glob(".step-*.tmp-*"):
-        if stale != temp:
+        if stale != temp and not _writer_alive(stale):
             stale.unlink(missing_ok=True)
     return final
+
+
+# Below this much free space a failed write is taken for a full disk: torch's zip writer
+# reports one as "file write failed", without the errno.
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _disk_full(error: BaseException, directory: Path) -> bool:
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(directory).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that is writing ``temp`` (``.step-N.pt.tmp-<pid>``) still runs."""
+    try:
+        pid = int(temp.name.rsplit("-", 1)[1])
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+class DirectoryLock:
+    """An exclusive lock on a run's checkpoint directory, held while the run lives.
+
+    ``fcntl.flock`` on ``<dir>/.lock``: the kernel releases it when the process ends, however
+    it ends, so a lock left by a dead run is never in the way. A second training into the
+    same directory gets a ``CheckpointError`` naming the holder. Taking it also proves at start
+    that the directory can be written (not 4000 iterations later, at the first checkpoint).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.directory / ".lock", "a+")
+        except OSError as error:
+            raise CheckpointError(f"cannot write to the checkpoint directory {self.directory}: {error.strerror or error}; "
+                                  "choose another train.output_dir") from error
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise CheckpointError(f"{self.directory} is in use by another training ({holder}): two runs in one "
+                                  "directory would overwrite each other's checkpoints; choose another "
+                                  "train.output_dir, or wait for that run to end") from error
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -98,6 +169,27 @@ def find_resume_checkpoint(resume: Optional[str], directory: Path) -> Optional[P
         found = list_checkpoints(directory)
         return found[-1][1] if found else None
     return checkpoint_file(resume, "train.resume")
+
+
+def load_newest_loadable(directory: Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """``train.resume=auto``: the newest checkpoint of ``directory`` that loads, and its state.
+
+    One that does not load (corrupt, truncated, unsafe) is moved to ``<dir>/unloadable/``,
+    never deleted, with a warning, and the next older one is tried: a scheduler that always
+    passes ``auto`` must not crash-loop on one bad file. (None, None) when none is left.
+    """
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as error:
+            aside = Path(directory) / "unloadable"
+            aside.mkdir(exist_ok=True)
+            try:
+                os.replace(path, aside / path.name)
+            except FileNotFoundError:
+                continue  # another process of the same job moved it first
+            log.warning("%s; moved it to %s and trying the next older checkpoint", error, aside / path.name)
+    return None, None
 
 
 def refuse_foreign_checkpoints(directory: Path) -> None:

@@ -295,3 +295,109 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path: Path):
     _draw()
     set_rng_state(load_checkpoint(path)["rng"])
     assert _draw() == expected
+
+
+# --- reliability: full disk from torch's writer, concurrent runs, unwritable and corrupt --------
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_any_failure_while_writing_removes_the_temp_file_and_names_a_full_disk(tmp_path: Path, monkeypatch):
+    save_checkpoint(tmp_path, 1, _state(1), keep=1)
+
+    def zip_writer_fails(state, handle):
+        handle.write(b"\0" * 4096)
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", zip_writer_fails)
+    with pytest.raises(CheckpointError, match="file write failed") as caught:
+        save_checkpoint(tmp_path, 2, _state(2), keep=1)
+    assert "disk is full" not in str(caught.value)  # plenty of space here: not called a full disk
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001.pt"]
+    free = checkpoint.shutil.disk_usage(tmp_path)._replace(free=1024)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(CheckpointError, match="the disk is full .*file write failed.*step-00000001.pt"):
+        save_checkpoint(tmp_path, 2, _state(2), keep=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001.pt"]
+
+    def interrupted(state, handle):
+        handle.write(b"\0" * 16)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, _state(2), keep=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001.pt"]
+
+
+def test_cleanup_removes_only_temp_files_of_dead_writers(tmp_path: Path):
+    live = tmp_path / f".step-00000002.pt.tmp-{os.getppid()}"  # another live process is writing it
+    dead = tmp_path / f".step-00000002.pt.tmp-{_dead_pid()}"
+    live.write_bytes(b"in flight")
+    dead.write_bytes(b"partial")
+    save_checkpoint(tmp_path, 3, _state(3))
+    assert live.exists() and not dead.exists()
+
+
+def test_a_second_training_into_a_locked_directory_is_refused(tmp_path: Path):
+    first = checkpoint.DirectoryLock(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match=rf"in use by another training \(pid {os.getpid()} on "):
+        checkpoint.DirectoryLock(tmp_path / "checkpoints")
+    first.release()
+    checkpoint.DirectoryLock(tmp_path / "checkpoints").release()
+
+
+def test_a_lock_left_by_a_killed_process_is_not_in_the_way(tmp_path: Path):
+    import subprocess
+    import sys
+
+    code = f"from ssod.checkpoint import DirectoryLock; lock = DirectoryLock({str(tmp_path)!r}); print('held', flush=True); input()"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(CheckpointError, match=f"pid {holder.pid}"):
+        checkpoint.DirectoryLock(tmp_path)
+    holder.kill()
+    holder.wait()
+    checkpoint.DirectoryLock(tmp_path).release()  # the kernel dropped the dead holder's lock
+
+
+def test_an_unwritable_output_directory_is_an_error_at_start(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CheckpointError, match=f"cannot write to the checkpoint directory {blocker}/checkpoints"):
+        checkpoint.DirectoryLock(blocker / "checkpoints")
+
+
+def test_auto_resume_skips_an_unloadable_newest_checkpoint_and_keeps_it_aside(tmp_path: Path, caplog):
+    save_checkpoint(tmp_path, 1, _state(1), keep=5)
+    save_checkpoint(tmp_path, 2, _state(2), keep=5)
+    checkpoint_path(tmp_path, 3).write_bytes(b"PK\x03\x04 truncated")
+    path, state = checkpoint.load_newest_loadable(tmp_path)
+    assert path == checkpoint_path(tmp_path, 2) and state["step"] == 2
+    assert (tmp_path / "unloadable" / "step-00000003.pt").read_bytes() == b"PK\x03\x04 truncated"  # never deleted
+    assert "step-00000003.pt" in caplog.text and "trying the next older checkpoint" in caplog.text
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 2]
+    for step in (1, 2):
+        checkpoint_path(tmp_path, step).write_bytes(b"garbage")
+    assert checkpoint.load_newest_loadable(tmp_path) == (None, None)
+    assert sorted(p.name for p in (tmp_path / "unloadable").iterdir()) == [f"step-0000000{i}.pt" for i in (1, 2, 3)]
+
+
+def test_run_refuses_a_directory_another_training_holds_before_creating_its_mlflow_run(make_config, mlflow_store,
+                                                                                          tmp_path: Path):
+    from ssod.train import run
+
+    other = checkpoint.DirectoryLock(tmp_path / "outputs" / "checkpoints")
+    try:
+        with pytest.raises(CheckpointError, match="in use by another training"):
+            run(make_config("train.iterations=1"))
+        assert mlflow_store.runs() == []
+    finally:
+        other.release()
