@@ -18,8 +18,11 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
+import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -97,6 +100,58 @@ def mask_secrets(text: str) -> str:
     to the ``@``: a URL with ``host:port/...@`` in its path is masked too (safe side).
     """
     return _URI_PASSWORD.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
+
+
+class MaskedStream:
+    """A text stream that masks URL passwords (``mask_secrets``) in everything written to it.
+
+    The console entry points put ``sys.stdout`` and ``sys.stderr`` behind one: MLflow prints
+    "View run ... at: <tracking URI>", Hydra prints the overrides of a failed job and Python
+    the traceback of an error, each of which may carry ``user:password@`` in a URI.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(mask_secrets(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def mask_console() -> None:
+    """Put ``sys.stdout`` / ``sys.stderr`` behind ``MaskedStream`` (once; for console entry points)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, MaskedStream):
+            setattr(sys, name, MaskedStream(stream))
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server does not answer at start."""
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast when ``uri`` is an HTTP(S) tracking server that does not answer.
+
+    MLflow's client would retry for minutes (urllib3 backoff) and then raise a traceback; one
+    connection attempt says the same at once, in one line that names the way out.
+    """
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise TrackingUnreachable(
+            f"MLflow tracking server {mask_secrets(uri)} is unreachable ({error.strerror or error}): start it, "
+            "point tracking.uri / MLFLOW_TRACKING_URI at one that runs, or train without tracking "
+            "(tracking.enabled=false); MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT "
+            "set how long MLflow itself retries during a run"
+        ) from None
 
 
 def default_tracking_uri(project_dir: str | Path) -> str:

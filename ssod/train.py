@@ -44,23 +44,37 @@ from ssod.build import (
     unsup_weight_at,
 )
 from ssod.checkpoint import (
+    CheckpointError,
+    DirectoryLock,
     find_resume_checkpoint,
     is_in_folder,
     list_checkpoints,
     load_checkpoint,
+    load_newest_loadable,
     load_weights,
     refuse_foreign_checkpoints,
     set_aside_other_checkpoints,
     set_rng_state,
 )
-from ssod.config import CONF_DIR, MethodConfig, eval_workers, flatten
+from ssod.config import CONF_DIR, ConfigError, MethodConfig, eval_workers, flatten, validate
+from ssod.data.coco import DatasetError
+from ssod.models.efficientnet import WeightsError
 from ssod.data.pipeline import DataBundle, build_data
 from ssod.data.sampling import infinite_loader
 from ssod.engine import eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, stop_if_too_many_bad
 from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
-from ssod.tracking import Tracker, default_tracking_uri, mask_secrets, provenance_tags, tracking_errors
+from ssod.tracking import (
+    Tracker,
+    TrackingUnreachable,
+    check_reachable,
+    default_tracking_uri,
+    mask_console,
+    mask_secrets,
+    provenance_tags,
+    tracking_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +120,28 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     may raise (e.g. ``optuna.TrialPruned``) to stop training, which ends the MLflow run
     KILLED after a checkpoint.
     """
+    validate(cfg)  # before anything is created: no MLflow run, no output folder
     method = OmegaConf.to_object(cfg.method)
     train = cfg.train
     project_dir = Path.cwd()
     output_dir = Path(train.output_dir).expanduser()
     ckpt_dir = (output_dir if output_dir.is_absolute() else project_dir / output_dir) / "checkpoints"
+    uri = cfg.tracking.uri or default_tracking_uri(project_dir)
+    first_process = int(os.environ.get("RANK", "0")) == 0
+    if first_process and cfg.tracking.enabled:
+        check_reachable(uri)  # seconds, not minutes of MLflow's retries
     # Before accelerate's process-wide state exists: a missing or refused checkpoint must not
     # leave it set (the ``finally`` below resets it, and a failed resume never gets there).
-    resume_path = find_resume_checkpoint(train.resume, ckpt_dir)
-    if resume_path is None:
-        refuse_foreign_checkpoints(ckpt_dir)
-    resumed = load_checkpoint(resume_path) if resume_path else None
-    accelerator = _accelerator(train)
+    # The first process locks the folder first: a second training into it stops here.
+    lock = DirectoryLock(ckpt_dir) if first_process else None
+    try:
+        resume_path, resumed = _find_resume(train.resume, ckpt_dir)
+        accelerator = _accelerator(train)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     set_seed(train.seed)
-    uri = cfg.tracking.uri or default_tracking_uri(project_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, enabled=accelerator.is_main_process and cfg.tracking.enabled)
     interrupts = Interrupts()
     status, training = "FAILED", None
@@ -176,6 +198,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     finally:
         interrupts.restore()
         tracker.end(status)
+        if lock is not None:
+            lock.release()
         if status != "FAILED":
             # Not after an error: it may have struck this process alone, while the others
             # wait in a collective of the step for it; waiting for them too would hang the
@@ -258,6 +282,19 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
     if progress is not None:
         progress.close()
     return final_metrics
+
+
+def _find_resume(resume: Optional[str], ckpt_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint to resume and its state, or (None, None) for a fresh run (which must
+    not start among another run's checkpoints). ``auto`` takes the newest one that loads."""
+    if resume == "auto":
+        path, state = load_newest_loadable(ckpt_dir)
+    else:
+        path = find_resume_checkpoint(resume, ckpt_dir)
+        state = load_checkpoint(path) if path else None
+    if path is None:
+        refuse_foreign_checkpoints(ckpt_dir)
+    return path, state
 
 
 def _accelerator(train) -> Accelerator:
@@ -439,10 +476,31 @@ def _progress(accelerator, train, start: int):
     return tqdm(total=train.iterations, initial=start, desc="train", dynamic_ncols=True)
 
 
+# Errors that name a fault of the input or the machine, not of the code.
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, TrackingUnreachable, WeightsError)
+
+
+def main() -> Optional[float]:
+    """Console entry point (``ssod-train``): Hydra's app with every password in a URI masked
+    on the console (MLflow's run links, Hydra's report of a failed job, tracebacks)."""
+    mask_console()
+    return _hydra_main()
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> Optional[float]:
-    """Console entry point (``ssod-train``); returns the teacher AP for Hydra sweepers."""
-    metrics = run(cfg)
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    """Hydra's app: returns the teacher AP for Hydra sweepers.
+
+    A user's error (a bad value, file, folder or server) is one line on the console and exit
+    status 2; a traceback is for bugs, or for every error with ``HYDRA_FULL_ERROR=1``.
+    """
+    try:
+        metrics = run(cfg)
+    except USER_ERRORS as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"ssod-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
     if metrics.status == "KILLED":
         # Stopped by a signal after a checkpoint: not a success for the job scheduler.
         sys.exit(128 + signal.SIGTERM)

@@ -219,3 +219,58 @@ def test_the_checkpoint_tag_skipped_during_an_outage_is_set_when_the_run_ends(ml
     reopened = Tracker(mlflow_uri, "unit")
     assert reopened.start("name", run_id=run_id, resume_step=200) != run_id
     assert reopened.branched_from == run_id
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens there once the probe is closed
+
+
+def test_an_unreachable_tracking_server_fails_fast_in_one_masked_line():
+    import time
+
+    from ssod.tracking import TrackingUnreachable, check_reachable
+
+    uri = f"http://user:s3cret@127.0.0.1:{_closed_port()}"
+    start = time.perf_counter()
+    with pytest.raises(TrackingUnreachable) as caught:
+        check_reachable(uri)
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    assert "s3cret" not in message and "http://user:***@127.0.0.1" in message
+    assert "tracking.enabled=false" in message and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in message
+    check_reachable("sqlite:////nowhere/mlflow.db")  # not a server: nothing to check
+
+
+def test_masked_console_streams_hide_passwords_from_anything_written():
+    import io
+
+    from ssod.tracking import MaskedStream
+
+    sink = io.StringIO()
+    stream = MaskedStream(sink)
+    assert stream.write("View run x at: http://user:s3cret@host:5000/#/runs/1\n") == 53
+    assert sink.getvalue() == "View run x at: http://user:***@host:5000/#/runs/1\n"
+    assert stream.getvalue() == sink.getvalue()  # everything else is the wrapped stream's
+
+
+@pytest.mark.slow
+def test_ssod_train_prints_no_password_when_the_server_is_down(tmp_path: Path, dataset_cache: Path):
+    import subprocess
+    import sys
+
+    uri = f"http://user:s3cret@127.0.0.1:{_closed_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "ssod.train", f"tracking.uri={uri}", f"data.cache_dir={dataset_cache}",
+         f"train.output_dir={tmp_path / 'out'}", "train.iterations=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "s3cret" not in output and "user:***@127.0.0.1" in output
+    # One line that says what to do, not a traceback.
+    assert result.stderr.strip().splitlines()[-1].startswith("ssod-train: error: MLflow tracking server http://user:***@")
+    assert "tracking.enabled=false" in output and "Traceback" not in output
