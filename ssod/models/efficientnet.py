@@ -118,17 +118,17 @@ class _Features(nn.Module):
 # one pattern; BatchNorm's ``num_batches_tracked`` has no place in a frozen BatchNorm.
 _BN = r"(weight|bias|running_mean|running_var)"
 _NAME_MAP = (
-    (rf"_conv_stem\.weight", r"stem.0.weight"),
+    (r"_conv_stem\.weight", r"stem.0.weight"),
     (rf"_bn0\.{_BN}", r"stem.1.\1"),
-    (rf"_blocks\.(\d+)\._expand_conv\.weight", r"blocks.\1.expand.0.weight"),
+    (r"_blocks\.(\d+)\._expand_conv\.weight", r"blocks.\1.expand.0.weight"),
     (rf"_blocks\.(\d+)\._bn0\.{_BN}", r"blocks.\1.expand.1.\2"),
-    (rf"_blocks\.(\d+)\._depthwise_conv\.weight", r"blocks.\1.depthwise.0.weight"),
+    (r"_blocks\.(\d+)\._depthwise_conv\.weight", r"blocks.\1.depthwise.0.weight"),
     (rf"_blocks\.(\d+)\._bn1\.{_BN}", r"blocks.\1.depthwise.1.\2"),
-    (rf"_blocks\.(\d+)\._project_conv\.weight", r"blocks.\1.project.0.weight"),
+    (r"_blocks\.(\d+)\._project_conv\.weight", r"blocks.\1.project.0.weight"),
     (rf"_blocks\.(\d+)\._bn2\.{_BN}", r"blocks.\1.project.1.\2"),
-    (rf"_conv_head\.weight", r"head.0.weight"),
+    (r"_conv_head\.weight", r"head.0.weight"),
     (rf"_bn1\.{_BN}", r"head.1.\1"),
-    (rf"_fc\.(weight|bias)", r"classifier.\1"),
+    (r"_fc\.(weight|bias)", r"classifier.\1"),
 )
 _SKIPPED = re.compile(r".*num_batches_tracked")
 
