@@ -67,7 +67,11 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
             raise
         previous = list_checkpoints(directory)
         kept = previous[-1][1] if previous else "none"
-        reason = f"the disk is full ({error})" if _disk_full(error, directory) else str(error)
+        reason = str(error)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            reason = "the disk is full"
+        elif _disk_full(error, directory):
+            reason = f"the disk is full ({error})"
         raise CheckpointError(f"could not write checkpoint {final}: {reason}; last complete checkpoint: {kept}") from error
     # Only this run's past: never the checkpoint just written, nor any of a later step.
     earlier = [path for saved, path in list_checkpoints(directory) if saved <= step]
@@ -119,6 +123,7 @@ class DirectoryLock:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        self.created = not self.directory.exists()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.handle = open(self.directory / ".lock", "a+")
@@ -140,9 +145,15 @@ class DirectoryLock:
         self.handle.flush()
 
     def release(self) -> None:
-        if not self.handle.closed:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
+        """Unlock; a directory this lock created and nothing else used is removed again (a
+        run that failed at start leaves no empty folder behind)."""
+        if self.handle.closed:
+            return
+        if self.created and [p.name for p in self.directory.iterdir()] == [".lock"]:
+            (self.directory / ".lock").unlink()
+            self.directory.rmdir()
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
 
 
 def _fsync_dir(directory: Path) -> None:
