@@ -281,13 +281,18 @@ def shard(dataset, accelerator) -> list[int]:
     return list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
 
 
+class EvaluationInterrupted(Exception):
+    """A stop was requested during an evaluation, which was cut short (its metrics would be wrong)."""
+
+
 @torch.no_grad()
-def predict(detector: nn.Module, loader, device) -> list[dict]:
+def predict(detector: nn.Module, loader, device, should_stop=lambda: False) -> list[dict]:
     """Detections of the images of ``loader`` (see ``eval_loader``) in original-image pixels.
 
     Returns one dict per image: ``image_id``, ``boxes`` [K, 4] xyxy, ``scores`` [K],
     ``labels`` [K] (contiguous), all on the CPU; an image that could not be read gives
     ``{"image_id": id, "unreadable": True}`` (the loader gave its neighbour instead).
+    ``should_stop()`` is asked before each batch; when true, ``EvaluationInterrupted`` is raised.
     """
     was_training = detector.training
     detector.eval()
@@ -296,6 +301,9 @@ def predict(detector: nn.Module, loader, device) -> list[dict]:
     # evaluation never shifts the training's random stream (a resumed run equals a straight one).
     with torch.random.fork_rng(devices=[]):
         for items, metas in loader:
+            if should_stop():
+                detector.train(was_training)
+                raise EvaluationInterrupted
             outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
             for (_, matrix), meta, (boxes, scores, labels) in zip(items, metas, detections_to_host(outputs)):
                 height, width = meta["size"]
@@ -320,7 +328,7 @@ def detections_to_host(outputs: list[dict[str, Tensor]]) -> list[tuple[Tensor, T
     return [(part[:, :4].clone(), part[:, 4].clone(), part[:, 5].long()) for part in parts]
 
 
-def evaluate(detector: nn.Module, loader, accelerator) -> Optional[dict[str, float]]:
+def evaluate(detector: nn.Module, loader, accelerator, should_stop=lambda: False) -> Optional[dict[str, float]]:
     """COCO bbox metrics of ``detector`` on ``loader.dataset``, computed once on the main process.
 
     ``loader`` (``eval_loader`` over ``shard(dataset, accelerator)``) yields this process's
@@ -330,7 +338,7 @@ def evaluate(detector: nn.Module, loader, accelerator) -> Optional[dict[str, flo
     from ssod.evaluation import coco_evaluate
 
     dataset = loader.dataset
-    predictions = predict(detector, loader, accelerator.device)
+    predictions = predict(detector, loader, accelerator.device, should_stop)
     gathered = accelerator.gather_for_metrics(predictions, use_gather_object=True)
     if not accelerator.is_main_process:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections import deque
 import threading
@@ -17,6 +18,8 @@ from ssod.data.coco import DatasetError
 from ssod.data.transforms import project_boxes
 from ssod.evaluation import PseudoLabelQuality
 from ssod.visualize import pseudo_label_picture
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,11 +105,16 @@ def save_state(accelerator, directory: Path, state: RunState, student, teacher, 
 class Interrupts:
     """SIGTERM / SIGINT set a flag the loop checks each step (checkpoint, then KILLED).
 
-    A second Ctrl-C raises KeyboardInterrupt at once.
+    The first is acknowledged on the console at once; an evaluation under way is cut short
+    (one process) or announced as the wait (several: they must finish it together). A second
+    Ctrl-C raises KeyboardInterrupt at once; ``safe_to_save`` says whether the model is then
+    in a consistent state (between steps, e.g. evaluating), so the run can still checkpoint.
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self.safe_to_save = False
+        self.evaluating = False
         self._signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
@@ -118,6 +126,9 @@ class Interrupts:
             raise KeyboardInterrupt
         self.requested = True
         self._signum = self._signum or signum
+        where = "the evaluation" if self.evaluating else "this step"
+        log.warning("%s received: stopping after %s with a checkpoint; Ctrl-C again stops at once",
+                    signal.Signals(signum).name, where)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

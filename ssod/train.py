@@ -61,7 +61,7 @@ from ssod.data.coco import DatasetError
 from ssod.models.efficientnet import WeightsError
 from ssod.data.pipeline import DataBundle, build_data
 from ssod.data.sampling import infinite_loader
-from ssod.engine import eval_loader, evaluate, shard
+from ssod.engine import EvaluationInterrupted, eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, stop_if_too_many_bad
 from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
@@ -189,6 +189,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         return final_metrics
     except KeyboardInterrupt:
         status = "KILLED"
+        if interrupts.safe_to_save and training is not None:
+            # A second Ctrl-C between steps (evaluating): the weights are whole, keep them.
+            training.save()
+            log.warning("stopped at once: checkpoint saved at step %d", training.state.step)
         raise
     except BaseException as error:
         if _is_prune(error) and training is not None:
@@ -263,8 +267,18 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
             interval_start, interval_step = time.perf_counter(), state.step
         # Evaluations and checkpoints are not training time: train/sec_per_iter leaves them out.
         paused = time.perf_counter()
-        if state.step % train.eval_every == 0 or state.step == train.iterations:
-            metrics = _evaluate_both(training, loaders.val)
+        if (state.step % train.eval_every == 0 or state.step == train.iterations) and not flags.stop:
+            interrupts.evaluating = interrupts.safe_to_save = True
+            try:
+                metrics = _evaluate_both(training, loaders.val, interrupts)
+            except EvaluationInterrupted:
+                log.warning("the evaluation at step %d was cut short by the stop request: not logged", state.step)
+                metrics, flags.stop = None, True
+            # Not in a ``finally``: a second Ctrl-C (KeyboardInterrupt) leaves it set for ``run``.
+            interrupts.evaluating = interrupts.safe_to_save = False
+        else:
+            metrics = None
+        if metrics is not None:
             if accelerator.is_main_process:
                 metrics["val/seconds"] = time.perf_counter() - paused
                 tracker.log_metrics(metrics, state.step)
@@ -457,12 +471,19 @@ def _is_prune(error: BaseException) -> bool:
     return type(error).__name__ == "TrialPruned"
 
 
-def _evaluate_both(training: Training, val_loader) -> dict[str, float]:
-    """``val/teacher/bbox_*`` and ``val/student/bbox_*`` (main process; empty elsewhere)."""
+def _evaluate_both(training: Training, val_loader, interrupts: Optional[Interrupts] = None) -> dict[str, float]:
+    """``val/teacher/bbox_*`` and ``val/student/bbox_*`` (main process; empty elsewhere).
+
+    With ``interrupts`` and one process, a stop request cuts the evaluation short
+    (``EvaluationInterrupted``); several processes finish it together (one alone leaving
+    would hang the others in the gather).
+    """
     accelerator = training.accelerator
     metrics: dict[str, float] = {}
+    can_stop = interrupts is not None and accelerator.num_processes == 1
+    should_stop = (lambda: interrupts.requested) if can_stop else (lambda: False)
     for name, detector in (("teacher", training.teacher.detector), ("student", accelerator.unwrap_model(training.student).detector)):
-        result = evaluate(detector, val_loader, accelerator)
+        result = evaluate(detector, val_loader, accelerator, should_stop)
         if result is not None:
             metrics.update({f"val/{name}/bbox_{key}": value for key, value in result.items()})
     return metrics

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ssod.engine
 import ssod.step
 from ssod import checkpoint
 from ssod.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
@@ -286,6 +287,48 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_s
     assert stopped.info.status == "KILLED"
     # The interval the stop cut short (steps 1-2 of 5) is logged, not lost: a resume starts after it.
     assert mlflow_store.steps(stopped.info.run_id, "train/loss") == [2]
+
+
+def _ctrl_c_in_evaluation(monkeypatch, presses: int) -> list:
+    """Press Ctrl-C ``presses`` times (real SIGINTs) while the first evaluation's first batch
+    is being converted; returns the list of batches the evaluations converted."""
+    real = ssod.engine.detections_to_host
+    batches = []
+
+    def convert(outputs):
+        batches.append(len(outputs))
+        if len(batches) == 1:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(outputs)
+
+    monkeypatch.setattr(ssod.engine, "detections_to_host", convert)
+    return batches
+
+
+def test_ctrl_c_during_an_evaluation_cuts_it_short_and_checkpoints(make_config, mlflow_store, monkeypatch, tmp_path, caplog):
+    batches = _ctrl_c_in_evaluation(monkeypatch, presses=1)
+    result = run(make_config("train.iterations=6", "train.eval_every=2", "data.val_max_images=8"))
+    assert result.status == "KILLED"
+    assert batches == [4]  # of the teacher's two batches of 4, the second never ran; nor the student's
+    assert "SIGINT received: stopping after the evaluation" in caplog.text
+    assert "the evaluation at step 2 was cut short by the stop request: not logged" in caplog.text
+    (step, _), = list_checkpoints(tmp_path / "outputs" / "checkpoints")
+    assert step == 2
+    stopped = mlflow_store.only_run()
+    assert stopped.info.status == "KILLED"
+    assert mlflow_store.steps(stopped.info.run_id, "val/teacher/bbox_AP") == []  # no metric of half a set
+
+
+def test_a_second_ctrl_c_during_an_evaluation_stops_at_once_and_still_checkpoints(make_config, mlflow_store,
+                                                                                  monkeypatch, tmp_path):
+    batches = _ctrl_c_in_evaluation(monkeypatch, presses=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_config("train.iterations=6", "train.eval_every=2", "data.val_max_images=8"))
+    assert batches == [4]
+    (step, _), = list_checkpoints(tmp_path / "outputs" / "checkpoints")
+    assert step == 2  # the weights were whole (between steps): saved
+    assert mlflow_store.only_run().info.status == "KILLED"
 
 
 def test_a_stop_request_after_the_last_step_reaches_the_handler_that_was_there_before(make_config, mlflow_store):
