@@ -69,6 +69,9 @@ def run_one(method: str, percent: float, args: argparse.Namespace, iterations: i
         f"train.ckpt_every={iterations}",
         f"train.lr_steps=[{int(iterations * 0.8)}]",
         f"train.seed={args.seed}",
+        # Its burn-in is a run of its own (--burn-in): no second one inside each method's run.
+        "method.unsup_start=0",
+        "method.unsup_warmup=0",
         f"train.run_name={name}",
         f"train.output_dir=outputs/benchmark/{name}",
         "train.progress=false",
