@@ -170,6 +170,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if resumed and train.resume != "auto" and accelerator.is_main_process:
             set_aside_other_checkpoints(ckpt_dir, resume_path, training.state.step)
         training.on_saved = tracker.note_checkpoint
+        for context, dataset in (("labeled", data.labeled), ("unlabeled", data.unlabeled), ("validation", data.val)):
+            if dataset is not None:
+                log.info("%s set: %d images, %d boxes; %d degenerate boxes dropped (%s)", context, len(dataset),
+                         dataset.box_count, dataset.degenerate_boxes, dataset.coco.source_path)
         if not resumed or tracker.branched_from:
             _log_run_inputs(tracker, cfg, data)
         else:
@@ -405,11 +409,16 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
     """Flattened params, the resolved config, and the json files read (a new run only)."""
     tracker.log_params(flatten(cfg))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    counts = {}
     for context, dataset in (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val)):
         if dataset is not None:  # supervised: no unlabeled set
-            details = {"images": len(dataset), "image_dir": str(dataset.image_dir)}
+            counts.update({f"data/{context}/images": len(dataset), f"data/{context}/boxes": dataset.box_count,
+                           f"data/{context}/degenerate_boxes": dataset.degenerate_boxes})
+            details = {"images": len(dataset), "boxes": dataset.box_count, "degenerate_boxes": dataset.degenerate_boxes,
+                       "image_dir": str(dataset.image_dir)}
             tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
                                 context, details)
+    tracker.log_metrics(counts, 0)
 
 
 def _run_context(accelerator: Accelerator) -> dict[str, str]:

@@ -100,6 +100,34 @@ def test_a_messy_dataset_trains_with_bad_images_skipped_counted_and_listed(messy
     listed = mlflow_store.read_text(run_id, "bad_images.txt").splitlines()
     assert sorted(line.split(":")[0] for line in listed) == [
         str(messy_dataset["images"] / "missing.jpg"), str(messy_dataset["images"] / "truncated.jpg")]
+    # The two degenerate boxes (outside, zero width) are counted at start, not only dropped.
+    assert mlflow_store.history(run_id, "data/train/degenerate_boxes") == {0: [2.0]}
+    assert mlflow_store.history(run_id, "data/train/boxes") == {0: [7.0]}
+    assert mlflow_store.history(run_id, "data/eval/boxes") == {0: [4.0]}
+
+
+def test_a_labeled_set_without_usable_boxes_is_refused_naming_the_file(messy_dataset, make_config, mlflow_store, tmp_path):
+    data = json.loads(messy_dataset["train_json"].read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["bbox"][2] == 0]  # only the zero-width box
+    empty = tmp_path / "no-boxes.json"
+    empty.write_text(json.dumps(data))
+    files = {**messy_dataset, "train_json": empty}
+    with pytest.raises(DatasetError, match=rf"{empty}: the labeled images .* have no usable box \(1 degenerate\)"):
+        run(make_config(*_data_overrides(files), "train.iterations=1"))
+    assert mlflow_store.runs() == []
+
+
+def test_a_fault_found_in_a_split_names_the_users_json(messy_dataset, make_config, mlflow_store, tmp_path):
+    data = json.loads(messy_dataset["train_json"].read_text())
+    for annotation in data["annotations"]:
+        if annotation["category_id"] == 1:
+            annotation["category_id"] = 2  # not in 'categories': in every split, whatever it draws
+    broken = tmp_path / "user.json"
+    broken.write_text(json.dumps(data))
+    files = {**messy_dataset, "train_json": broken}
+    overrides = [o for o in _data_overrides(files) if o != "data.percent=100"]
+    with pytest.raises(DatasetError, match=rf"^{broken} \(data.train_json; found in the split made from it\): .*category ids \[2\] not in"):
+        run(make_config(*overrides, "data.percent=50", "train.iterations=1"))
 
 
 def test_unreadable_validation_images_are_left_out_of_the_metrics_and_counted(messy_dataset, make_config, mlflow_store):

@@ -230,6 +230,9 @@ def _check_annotations(
         annotated_images.add(annotation.get("image_id"))
         _check_one_annotation(annotation, by_id, category_names, report)
     report.images_without_annotations = len(set(by_id) - annotated_images)
+    if by_id and not annotations:
+        report.warnings.append(f"{source}: no annotations at all: usable as unlabeled images, but training refuses "
+                               "it as a labeled set")
 
 
 def check_dataset(coco_json: Path, image_dir: Path, *, check_images: bool = True) -> CheckReport:

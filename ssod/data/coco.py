@@ -136,6 +136,28 @@ def annotations_to_target(anns: list[dict], category_map: CategoryMap, width: in
     return {"boxes": boxes[keep], "labels": labels[keep]}, int((~keep).sum())
 
 
+def box_counts(coco: COCO, image_ids: list[int]) -> tuple[int, int]:
+    """(usable boxes, degenerate boxes) of ``image_ids``, by the rules of
+    ``annotations_to_target``, with the image sizes the json gives (known before any image
+    is read; images without a size count their boxes as usable)."""
+    rows, sizes = [], []
+    for image_id in image_ids:
+        info = coco.imgs[image_id]
+        size = (info.get("width") or float("inf"), info.get("height") or float("inf"))
+        for a in coco.imgToAnns.get(image_id, []):
+            if not (a.get("iscrowd", 0) or a.get("difficult", 0) or a.get("ignore", 0)):
+                rows.append(a["bbox"])
+                sizes.append(size)
+    if not rows:
+        return 0, 0
+    xywh, limits = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4), torch.tensor(sizes, dtype=torch.float64)
+    x1, y1 = xywh[:, 0].clamp(min=0), xywh[:, 1].clamp(min=0)
+    x2 = torch.minimum(xywh[:, 0] + xywh[:, 2], limits[:, 0])
+    y2 = torch.minimum(xywh[:, 1] + xywh[:, 3], limits[:, 1])
+    keep = torch.isfinite(xywh).all(dim=1) & (x2 > x1) & (y2 > y1)
+    return int(keep.sum()), int((~keep).sum())
+
+
 def read_rgb(path: Path) -> torch.Tensor:
     """Decode an image fully (truncation raises here, not later) -> uint8 [3, H, W] RGB."""
     with Image.open(path) as image:
@@ -176,6 +198,8 @@ class CocoDetection(Dataset):
             raise DatasetError(f"{coco.source_path}: no images left after dropping images without annotations")
         self.image_ids = ids
         self.degenerate_dropped = 0
+        # Known at start from the json: logged by training (data/<set>/boxes, .../degenerate_boxes).
+        self.box_count, self.degenerate_boxes = box_counts(coco, ids)
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ssod.config import DataConfig
-from ssod.data.coco import CategoryMap, CocoDetection, load_split
+from ssod.data.coco import CategoryMap, CocoDetection, DatasetError, load_split
 from ssod.data.splits import make_split, split_paths
 from ssod.data.synthetic import SyntheticRecipe, default_cache_dir, ensure_synthetic
 from ssod.data.transforms import EvalTransform, LabeledTransform, WeakStrongTransform
@@ -61,6 +61,7 @@ class DataFiles:
     unlabeled_images: Optional[Path]
     val_json: Path
     val_images: Path
+    source_json: Optional[Path] = None  # the json the labeled/unlabeled split files were made from
 
 
 @dataclass
@@ -109,7 +110,7 @@ def resolve_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
     labeled, unlabeled = split_paths(source, split_dir / scheme, cfg.fold, cfg.percent)
     if not (labeled.is_file() and unlabeled.is_file()):
         make_split(source, split_dir / scheme, cfg.fold, cfg.percent, cfg.split_seed, cfg.split_reference_offset)
-    return DataFiles(labeled, source_images, unlabeled, source_images, val_json, val_images)
+    return DataFiles(labeled, source_images, unlabeled, source_images, val_json, val_images, source)
 
 
 def _coco_split_dir(cache: Path, source: Path) -> Path:
@@ -122,11 +123,26 @@ def _coco_split_dir(cache: Path, source: Path) -> Path:
     return cache / "splits" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def _from_user_file(files: DataFiles, load):
+    """``load()``, with a fault found in a split file made in the cache reported against the
+    user's json it was made from (the file to fix)."""
+    try:
+        return load()
+    except DatasetError as error:
+        if files.source_json is None or str(files.source_json) in str(error):
+            raise
+        raise DatasetError(f"{files.source_json} (data.train_json; found in the split made from it): {error}") from error
+
+
 def build_data(cfg: DataConfig, project_dir: Path, need_unlabeled: bool) -> DataBundle:
     """Datasets for training (labeled, unlabeled if ``need_unlabeled``) and validation."""
     files = resolve_files(cfg, project_dir)
     labeled_view = LabeledView(LabeledTransform(cfg.train_min_sizes, cfg.train_max_size))
-    labeled = load_split(files.train_json, files.train_images, None, labeled_view, cfg.keep_images_without_annotations)
+    labeled = _from_user_file(files, lambda: load_split(files.train_json, files.train_images, None, labeled_view,
+                                                        cfg.keep_images_without_annotations))
+    if labeled.box_count == 0:
+        raise DatasetError(f"{files.source_json or files.train_json}: the labeled images ({len(labeled)} of {files.train_json.name}) have no "
+                           f"usable box ({labeled.degenerate_boxes} degenerate): a detector cannot learn from them")
     category_map = labeled.category_map
     unlabeled = None
     if need_unlabeled:
@@ -136,7 +152,8 @@ def build_data(cfg: DataConfig, project_dir: Path, need_unlabeled: bool) -> Data
             cfg.train_min_sizes, cfg.train_max_size, max_rotate_deg=cfg.strong_rotate_deg,
             max_translate=cfg.strong_translate, max_shear_deg=cfg.strong_shear_deg,
         ))
-        unlabeled = load_split(files.unlabeled_json, files.unlabeled_images, category_map, weak_strong)
+        unlabeled = _from_user_file(files, lambda: load_split(files.unlabeled_json, files.unlabeled_images, category_map,
+                                                              weak_strong))
     val = load_split(files.val_json, files.val_images, category_map, EvalView(EvalTransform(cfg.test_size, cfg.test_max_size)))
     if cfg.val_max_images is not None:
         val.image_ids = val.image_ids[: cfg.val_max_images]

@@ -146,6 +146,7 @@ CASES = {
         "annotation id 11: unknown image id 12345",
     ),
     "duplicate image id": (_set(("images", 1, "id"), 1), "error", "duplicate image id 1"),
+    "no annotations at all": (_set(("annotations",), []), "warning", "no annotations at all: usable as unlabeled"),
     "duplicate annotation id": (
         _set(("annotations", 2, "id"), 10),
         "error",
