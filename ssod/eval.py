@@ -21,7 +21,8 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from ssod.build import apply_speed_settings, build_model
-from ssod.checkpoint import find_resume_checkpoint, load_checkpoint
+from ssod.checkpoint import checkpoint_file, load_checkpoint
+from ssod.cli import one_line_errors
 from ssod.config import compose, eval_workers
 from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.coco import CategoryMap, load_coco, load_split
@@ -45,12 +46,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``ssod-eval``): a user's error is one line and exit status 2."""
+    return one_line_errors("ssod-eval", _evaluate_checkpoint, argv)
+
+
+def _evaluate_checkpoint(argv: list[str] | None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.score_thr is not None:
         overrides.append(f"model.box_score_thresh={args.score_thr}")
     cfg = compose(overrides)
-    path = find_resume_checkpoint(args.checkpoint, Path(args.checkpoint))
+    path = checkpoint_file(args.checkpoint, "checkpoint")
     state = load_checkpoint(path)
     files = resolve_files(cfg.data, Path.cwd())
     # The label space is the training set's: predictions map back through its categories.

@@ -44,7 +44,6 @@ from ssod.build import (
     unsup_weight_at,
 )
 from ssod.checkpoint import (
-    CheckpointError,
     DirectoryLock,
     find_resume_checkpoint,
     is_in_folder,
@@ -56,9 +55,8 @@ from ssod.checkpoint import (
     set_aside_other_checkpoints,
     set_rng_state,
 )
-from ssod.config import CONF_DIR, ConfigError, MethodConfig, eval_workers, flatten, validate
-from ssod.data.coco import DatasetError
-from ssod.models.efficientnet import WeightsError
+from ssod.cli import USER_ERRORS, user_error_status
+from ssod.config import CONF_DIR, MethodConfig, eval_workers, flatten, validate
 from ssod.data.pipeline import DataBundle, build_data
 from ssod.data.sampling import infinite_loader
 from ssod.engine import EvaluationInterrupted, eval_loader, evaluate, shard
@@ -67,7 +65,6 @@ from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
 from ssod.tracking import (
     Tracker,
-    TrackingUnreachable,
     check_reachable,
     default_tracking_uri,
     mask_console,
@@ -506,14 +503,10 @@ def _progress(accelerator, train, start: int):
     return tqdm(total=train.iterations, initial=start, desc="train", dynamic_ncols=True)
 
 
-# Errors that name a fault of the input or the machine, not of the code.
-USER_ERRORS = (ConfigError, CheckpointError, DatasetError, TrackingUnreachable, WeightsError)
-
-
 def main() -> Optional[float]:
     """Console entry point (``ssod-train``): Hydra's app with every password in a URI masked
     on the console (MLflow's run links, Hydra's report of a failed job, tracebacks)."""
-    mask_console()
+    mask_console()  # before Hydra: its own report of a failed job must be masked too
     return _hydra_main()
 
 
@@ -527,10 +520,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     try:
         metrics = run(cfg)
     except USER_ERRORS as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"ssod-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(user_error_status("ssod-train", error))
     if metrics.status == "KILLED":
         # Stopped by a signal after a checkpoint: not a success for the job scheduler.
         sys.exit(128 + signal.SIGTERM)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ssod.tracking import mask_secrets
+from ssod.tracking import mask_console, mask_secrets
 from ssod.tuning.child import child_main
 from ssod.tuning.report import parent_run, write_report
 from ssod.tuning.settings import StudySetup, load_setup
@@ -88,6 +88,7 @@ def _gpus(text: Optional[str]) -> Optional[list[str]]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    mask_console()  # storage and tracking URLs may carry passwords; so may any library's message
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     args = _parser(command).parse_intermixed_args(argv)
     label = f"worker {args.index}" if command == "worker" else command

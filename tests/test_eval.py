@@ -28,3 +28,9 @@ def test_ssod_eval_scores_a_checkpoint_and_writes_strict_json(make_config, tmp_p
     # The same teacher weights on the same images: the training run's final evaluation.
     for key in ("AP", "AP50", "AR100"):
         assert record[f"teacher/bbox_{key}"] == pytest.approx(trained[f"val/teacher/bbox_{key}"], rel=1e-6, abs=1e-9)
+
+
+def test_ssod_eval_makes_a_user_error_one_line(tmp_path: Path, capsys):
+    assert main([str(tmp_path / "no-such-run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ssod-eval: error: checkpoint={tmp_path / 'no-such-run'}: no such checkpoint file"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from ssod.data.check import check_dataset, format_report
 from ssod.data.splits import make_split
 from ssod.data.voc import voc_to_coco
+from ssod.tracking import mask_console
 
 
 def _year_split(text: str) -> tuple[str, str]:
@@ -101,6 +102,7 @@ def _run_check(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ssod-data``; returns the process exit status."""
     args = _build_parser().parse_args(argv)
+    mask_console()
     handlers = {"split": _run_split, "voc2coco": _run_voc, "check": _run_check}
     try:
         return handlers[args.command](args)
