@@ -6,8 +6,10 @@ Examples::
     ssod-eval CKPT --json val.json --images val2017/ --model teacher --score-thr 0.05
     ssod-eval CKPT --overrides experiment=coco_partial --out metrics.json
 
-The checkpoint's own config is not stored in it: pass the same ``--overrides`` the run
-was trained with (model architecture, image size) so the weights fit. Without
+A checkpoint carries the resolved config of its run and its categories, so it needs no
+other argument: the model is rebuilt as it was trained, and only its detector is loaded
+(the polishing networks are not needed to detect). ``--overrides`` composes another
+config instead (a checkpoint from before configs were stored needs the run's). Without
 ``--json`` the config's validation set is used.
 """
 
@@ -18,10 +20,10 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ssod.build import apply_speed_settings, build_model
-from ssod.checkpoint import checkpoint_file, load_checkpoint
+from ssod.checkpoint import CheckpointError, checkpoint_file, load_checkpoint
 from ssod.cli import one_line_errors
 from ssod.config import compose, eval_workers
 from ssod.data.pipeline import EvalView, resolve_files
@@ -52,22 +54,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_checkpoint(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.score_thr is not None:
-        overrides.append(f"model.box_score_thresh={args.score_thr}")
-    cfg = compose(overrides)
     path = checkpoint_file(args.checkpoint, "checkpoint")
     state = load_checkpoint(path)
-    files = resolve_files(cfg.data, Path.cwd())
+    cfg = checkpoint_config(state, args.overrides)
+    if args.score_thr is not None:
+        cfg.model.box_score_thresh = args.score_thr
     # The label space is the training set's: predictions map back through its categories.
-    category_map = CategoryMap.from_coco(load_coco(files.train_json))
+    if "categories" in state:
+        category_map = CategoryMap(tuple(state["categories"]["ids"]), tuple(state["categories"]["names"]))
+    else:
+        category_map = CategoryMap.from_coco(load_coco(resolve_files(cfg.data, Path.cwd()).train_json))
+    method = OmegaConf.to_object(cfg.method)
+    model = apply_speed_settings(cfg.train, build_model(cfg.model, method, category_map.num_classes))
+    load_detector(model.detector, state[args.model], f"{path} ({args.model})")  # before any data is read
+    files = resolve_files(cfg.data, Path.cwd())
     json_path = Path(args.json) if args.json else files.val_json
     images = Path(args.images) if args.images else (files.val_images if not args.json else json_path.parent)
     view = EvalView(EvalTransform(cfg.data.test_size, cfg.data.test_max_size))
     dataset = load_split(json_path, images, category_map, view)
-    method = OmegaConf.to_object(cfg.method)
-    model = apply_speed_settings(cfg.train, build_model(cfg.model, method, category_map.num_classes))
-    model.load_state_dict(state[args.model])
     accelerator = Accelerator(cpu=args.cpu)
     try:
         detector = model.detector.to(accelerator.device)
@@ -86,6 +90,28 @@ def _evaluate_checkpoint(argv: list[str] | None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0
+
+
+def checkpoint_config(state: dict, overrides: list[str]) -> DictConfig:
+    """The config to rebuild a checkpoint's model: composed from ``overrides`` when given,
+    else the one the checkpoint carries (over the schema's defaults, so typed as ever), else
+    (a checkpoint from before configs were stored) the default config."""
+    if overrides or "config" not in state:
+        return compose(list(overrides))
+    return OmegaConf.merge(compose([]), state["config"])
+
+
+def load_detector(detector, weights: dict, source: str) -> None:
+    """Load the ``detector.*`` part of a student or teacher state dict; the polishing
+    networks are not needed to detect. A misfit is one clear error, not a list of sizes."""
+    own = {key[len("detector."):]: value for key, value in weights.items() if key.startswith("detector.")}
+    try:
+        detector.load_state_dict(own)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1:3]
+        raise CheckpointError(f"{source}: the weights do not fit the model this config builds "
+                              f"({'; '.join(line.strip() for line in first)}); leave out --overrides to use the "
+                              "checkpoint's own config") from None
 
 
 if __name__ == "__main__":

@@ -84,11 +84,14 @@ def log_bad_files(tracker, bad_files: list[str], already_logged: int) -> int:
     return len(bad_files)
 
 
-def save_state(accelerator, directory: Path, state: RunState, student, teacher, optimizer, scheduler, keep: int) -> None:
-    """Write a checkpoint from the main process; every process waits for it."""
+def save_state(accelerator, directory: Path, state: RunState, student, teacher, optimizer, scheduler, keep: int,
+               describe: Optional[dict] = None) -> None:
+    """Write a checkpoint from the main process; every process waits for it. ``describe``:
+    plain values stored beside the weights (``config``, ``categories``)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         payload = {
+            **(describe or {}),
             **state.to_checkpoint(),
             "student": accelerator.unwrap_model(student).state_dict(),
             "teacher": teacher.state_dict(),

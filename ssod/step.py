@@ -8,7 +8,7 @@ the ``train`` config group.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,11 +44,14 @@ class Training:
     ckpt_dir: Path
     keep_checkpoints: int
     on_saved: Callable[[int], None] = lambda step: None  # called with the step of each checkpoint written
+    # Plain values every checkpoint carries besides the weights: the resolved config and the
+    # categories, so that a checkpoint alone says how to rebuild and read its model.
+    describe: dict = field(default_factory=dict)
 
     def save(self) -> None:
         save_state(
             self.accelerator, self.ckpt_dir, self.state, self.student, self.teacher,
-            self.optimizer, self.scheduler, self.keep_checkpoints,
+            self.optimizer, self.scheduler, self.keep_checkpoints, self.describe,
         )
         self.on_saved(self.state.step)
 

@@ -150,6 +150,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             _check_oracle(data)
             tags["ssod.oracle"] = "true"
         training = _build_training(cfg, method, data.category_map.num_classes, accelerator, ckpt_dir, resumed)
+        training.describe = describe_run(cfg, data.category_map)
+        if accelerator.is_main_process:  # beside the checkpoints, for a person to read
+            (ckpt_dir.parent / "config.yaml").write_text(OmegaConf.to_yaml(training.describe["config"]))
         if resumed:
             log.info("resuming from %s at step %d", resume_path, training.state.step)
         # A resume from before a checkpoint the run already saved (train.resume=<file>, going
@@ -384,6 +387,17 @@ def _build_loaders(cfg: DictConfig, data: DataBundle, accelerator: Accelerator, 
     val_workers = eval_workers(cfg.data, accelerator.device)
     val = eval_loader(data.val, shard(data.val, accelerator), num_workers=val_workers, pin_memory=pin)
     return Loaders(labeled, unlabeled, val)
+
+
+def describe_run(cfg: DictConfig, categories) -> dict:
+    """What a checkpoint carries to be used alone: ``config`` (resolved; as given where an
+    interpolation only Hydra's app resolves) and ``categories`` (COCO ids and names, label order)."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside Hydra's app
+        config = OmegaConf.to_container(cfg, resolve=False)
+    return {"config": config,
+            "categories": {"ids": list(categories.category_ids), "names": list(categories.names)}}
 
 
 def _check_oracle(data: DataBundle) -> None:

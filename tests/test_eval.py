@@ -34,3 +34,22 @@ def test_ssod_eval_makes_a_user_error_one_line(tmp_path: Path, capsys):
     assert main([str(tmp_path / "no-such-run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ssod-eval: error: checkpoint={tmp_path / 'no-such-run'}: no such checkpoint file"]
+
+
+def test_a_checkpoint_alone_is_enough_to_evaluate_it(make_config, tmp_path: Path, monkeypatch, capsys):
+    """The run's config and categories travel in the checkpoint: no --overrides, and only the
+    detector is loaded (a polish_teacher checkpoint: its polishing networks are not needed)."""
+    trained = run(make_config("train.iterations=1", "model.fpn_channels=16", method="polish_teacher"))
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    assert "fpn_channels: 16" in (tmp_path / "outputs" / "config.yaml").read_text()
+    monkeypatch.chdir(tmp_path)  # nowhere near the project's conf or data
+    out = tmp_path / "metrics.json"
+    assert main([str(checkpoints), "--cpu", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["teacher/bbox_AP"] == pytest.approx(trained["val/teacher/bbox_AP"], rel=1e-6, abs=1e-9)
+    capsys.readouterr()
+    # A config that builds another model: one line that says so, not PyTorch's list of sizes.
+    assert main([str(checkpoints), "--cpu", "--overrides", "model.fpn_channels=32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the weights do not fit the model this config builds" in err[0]
+    assert "leave out --overrides" in err[0]
