@@ -3,7 +3,7 @@
 Run as ``ssod-data <command> ...`` (installed console script) or
 ``python -m ssod.data.cli <command> ...``::
 
-    # folds 1..5 at 1%, 5%, 10% -> data/coco/annotations/semi_supervised/
+    # folds 1..5 at 1%, 5%, 10% -> data/coco/annotations/semi_supervised/seed-0/
     ssod-data split data/coco/annotations/instances_train2017.json \\
         --percent 1 5 10 --fold 1 2 3 4 5
     # SoftTeacher's exact selection, offset 0 (seeded with fold + offset)
@@ -15,7 +15,8 @@ Run as ``ssod-data <command> ...`` (installed console script) or
     ssod-data check data/coco128/annotations/instances_train2017.json data/coco128/train2017
 
 ``split`` writes ``<stem>.{fold}@{percent}.json`` and ``<stem>.{fold}@{percent}-unlabeled.json``
-into ``--out-dir`` (default: ``semi_supervised/`` beside the input json); see
+into ``--out-dir`` (default: ``semi_supervised/seed-<seed>/`` or
+``semi_supervised/reference-<offset>/`` beside the input json); see
 ``ssod.data.splits`` for the seed schemes. Exit status: 0 success, 1 failure (bad input
 or a failed check), 2 bad command line.
 """
@@ -27,7 +28,7 @@ import sys
 from pathlib import Path
 
 from ssod.data.check import check_dataset, format_report
-from ssod.data.splits import make_split
+from ssod.data.splits import make_split, scheme_name
 from ssod.data.voc import voc_to_coco
 from ssod.tracking import mask_console
 
@@ -73,7 +74,11 @@ def _run_split(args: argparse.Namespace) -> int:
     if args.reference_offset is not None and args.seed != 0:
         print("error: --seed is not used with --reference-offset", file=sys.stderr)
         return 1
-    out_dir = args.out_dir or args.coco_json.parent / "semi_supervised"
+    scheme = scheme_name(args.seed, args.reference_offset)
+    out_dir = args.out_dir or args.coco_json.parent / "semi_supervised" / scheme
+    mode = (f"seed {args.seed}" if args.reference_offset is None
+            else f"SoftTeacher's scheme, np.random.seed(fold + {args.reference_offset})")
+    print(f"selection: {mode} (recorded in each file's info.ssod_split); into {out_dir}")
     for fold in args.fold:
         for percent in args.percent:
             paths = make_split(

@@ -20,7 +20,7 @@ from typing import Optional
 
 from ssod.config import DataConfig
 from ssod.data.coco import CategoryMap, CocoDetection, DatasetError, load_split
-from ssod.data.splits import make_split, split_paths
+from ssod.data.splits import make_split, scheme_name, split_paths
 from ssod.data.synthetic import SyntheticRecipe, default_cache_dir, ensure_synthetic
 from ssod.data.transforms import EvalTransform, LabeledTransform, WeakStrongTransform
 
@@ -106,7 +106,7 @@ def resolve_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
     split_dir = split_dir or _coco_split_dir(cache, source)
     # One directory per selection scheme (the files keep SoftTeacher's names): another
     # split_seed or reference offset must not reuse a split made with the first.
-    scheme = f"seed-{cfg.split_seed}" if cfg.split_reference_offset is None else f"reference-{cfg.split_reference_offset}"
+    scheme = scheme_name(cfg.split_seed, cfg.split_reference_offset)
     labeled, unlabeled = split_paths(source, split_dir / scheme, cfg.fold, cfg.percent)
     if not (labeled.is_file() and unlabeled.is_file()):
         make_split(source, split_dir / scheme, cfg.fold, cfg.percent, cfg.split_seed, cfg.split_reference_offset)

@@ -195,6 +195,12 @@ def _partition(
     return labeled, unlabeled
 
 
+def scheme_name(seed: int, reference_offset: int | None) -> str:
+    """The folder of one selection scheme's splits: ``seed-<seed>`` or ``reference-<offset>``
+    (another seed's files never land on this one's)."""
+    return f"seed-{seed}" if reference_offset is None else f"reference-{reference_offset}"
+
+
 def make_split(
     coco_json: Path,
     out_dir: Path,
@@ -213,6 +219,13 @@ def make_split(
     data = load_coco_json(coco_json)
     positions = select_labeled_indices(len(data["images"]), fold, percent, seed, reference_offset)
     labeled, unlabeled = _partition(data, positions, coco_json)
+    # How the files were made, in each file's own ``info`` block (the source's info kept).
+    record = {"source": coco_json.name, "fold": fold, "percent": percent, "labeled_images": len(positions),
+              "mode": "seed" if reference_offset is None else "reference",
+              "seed": seed if reference_offset is None else None, "reference_offset": reference_offset}
+    for part, role in ((labeled, "labeled"), (unlabeled, "unlabeled")):
+        info = part.get("info") if isinstance(part.get("info"), dict) else {}
+        part["info"] = {**info, "ssod_split": {**record, "role": role}}
     labeled_path, unlabeled_path = split_paths(coco_json, out_dir, fold, percent)
     write_json_atomic(labeled, labeled_path)
     write_json_atomic(unlabeled, unlabeled_path)

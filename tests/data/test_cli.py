@@ -38,7 +38,7 @@ def test_split_writes_every_fold_and_percent(tmp_path: Path, capsys):
     coco_json = _write_coco(tmp_path, ["RGB"] * 20)
     status = main(["split", str(coco_json), "--percent", "10", "50", "--fold", "1", "2"])
     assert status == 0
-    out_dir = tmp_path / "semi_supervised"
+    out_dir = tmp_path / "semi_supervised" / "seed-0"
     names = sorted(path.name for path in out_dir.iterdir())
     assert names == sorted(
         f"instances_train2017.{fold}@{percent}{suffix}.json"
@@ -133,3 +133,20 @@ def test_runs_as_python_module(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert "result: OK" in result.stdout
+
+
+def test_a_split_records_how_it_was_made_and_another_seed_gets_its_own_folder(tmp_path: Path, capsys):
+    coco_json = _write_coco(tmp_path, ["RGB"] * 20)
+    argv = ["split", str(coco_json), "--percent", "10", "--fold", "1"]
+    assert main(argv) == 0 and main(argv + ["--seed", "7"]) == 0 and main(argv + ["--reference-offset", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "selection: seed 7" in out and "np.random.seed(fold + 2)" in out
+    files = {scheme: tmp_path / "semi_supervised" / scheme / "instances_train2017.1@10.json"
+             for scheme in ("seed-0", "seed-7", "reference-2")}
+    info = {scheme: json.loads(path.read_text())["info"]["ssod_split"] for scheme, path in files.items()}
+    assert info["seed-0"] == {"source": "instances_train2017.json", "fold": 1, "percent": 10.0, "labeled_images": 2,
+                              "mode": "seed", "seed": 0, "reference_offset": None, "role": "labeled"}
+    assert info["seed-7"]["seed"] == 7 and info["reference-2"]["mode"] == "reference"
+    assert info["reference-2"]["reference_offset"] == 2 and info["reference-2"]["seed"] is None
+    unlabeled = tmp_path / "semi_supervised" / "seed-7" / "instances_train2017.1@10-unlabeled.json"
+    assert json.loads(unlabeled.read_text())["info"]["ssod_split"]["role"] == "unlabeled"
