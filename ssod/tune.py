@@ -26,12 +26,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import optuna
+
 from ssod.tracking import mask_console, mask_secrets
 from ssod.tuning.child import child_main
-from ssod.tuning.report import parent_run, write_report
+from ssod.tuning.report import find_parent_run, write_report
 from ssod.tuning.settings import StudySetup, load_setup
-from ssod.tuning.storage import check_not_mlflow, resolve_storage_url, usage
-from ssod.tuning.workers import launch, open_study, run_worker
+from ssod.tuning.storage import check_not_mlflow, is_journal, open_storage, resolve_storage_url, usage
+from ssod.tuning.workers import launch, run_worker
 
 log = logging.getLogger("ssod.tune")
 
@@ -48,11 +50,30 @@ def prepare(overrides: list[str], workers: Optional[int] = 1, storage: str = "",
     return setup
 
 
-def report(setup: StudySetup) -> dict:
-    """``ssod-tune report``: write the report to the parent run now (FINISHED if the study is)."""
-    study = open_study(setup)
+class StudyNotFound(LookupError):
+    """``ssod-tune report`` found no such study (it reads; it never creates one)."""
+
+
+def report(setup: StudySetup, named: bool = True) -> dict:
+    """``ssod-tune report``: read the study and write the report onto its existing parent run
+    (closed FINISHED once the budget is spent). It creates nothing: no storage, no study, no
+    MLflow run; without a parent run the report is only printed. ``named=False`` (no ``tune=``
+    on the command line): the study of the storage that was tuned last."""
+    url = setup.storage_url
+    local = Path(url.removeprefix("journal:")) if is_journal(url) else Path(url[len("sqlite:///"):])
+    if (is_journal(url) or url.startswith("sqlite:///")) and not local.is_file():
+        raise StudyNotFound(f"no Optuna storage at {local}: nothing has been tuned here (or pass --storage)")
+    storage = open_storage(url, None, None, None) if is_journal(url) else optuna.storages.RDBStorage(url)
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    if not named and summaries:
+        latest = max(summaries, key=lambda s: (s.datetime_start is not None, s.datetime_start or 0))
+        setup.tune.study_name = latest.study_name
+    names = sorted(s.study_name for s in summaries)
+    if setup.tune.study_name not in names:
+        raise StudyNotFound(f"study {setup.tune.study_name!r} is not in {mask_secrets(url)}; it holds {names or 'none'}")
+    study = optuna.load_study(study_name=setup.tune.study_name, storage=storage)
     done = usage(study).spent(setup.tune.n_trials)
-    return write_report(setup, study, parent_run(setup), "FINISHED" if done else None)
+    return write_report(setup, study, find_parent_run(setup), "FINISHED" if done else None)
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -112,7 +133,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_worker(setup, args.index)
         return 0
     if command == "report":
-        print(json.dumps(report(setup), indent=2, default=str))
+        named = any(o.lstrip("+").startswith(("tune=", "tune.study_name=")) for o in args.overrides)
+        try:
+            print(json.dumps(report(setup, named), indent=2, default=str))
+        except StudyNotFound as error:
+            log.error("%s", error)
+            return 2
         return 0
     return launch(setup, args.workers, _gpus(args.gpus))
 

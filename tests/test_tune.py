@@ -355,6 +355,20 @@ def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> Non
     first = study.trials[0]
     assert "resumed_from_step" not in first.user_attrs
     assert Path(first.user_attrs["output_dir"]).name.startswith("trial-0000-")
+    assert study.metric_names == ["val/teacher/bbox_AP"]  # optuna-dashboard's axis label
+
+    # ``report`` only reads: the study tuned last when none is named, a clear refusal for one
+    # that does not exist, and never a new study, storage or MLflow run.
+    unnamed = [o for o in project.overrides if not o.startswith("tune=")]
+    assert main(["report", *unnamed]) == 0
+    assert main(["report", *project.overrides, "tune.study_name=nope"]) == 2
+    assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{project.root / 'optuna.db'}")] == [STUDY]
+    again, rerun = project.runs()
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED" and len(rerun) == 3
+    elsewhere = project.root / "elsewhere"
+    elsewhere.mkdir()
+    assert main(["report", *unnamed, f"--storage=sqlite:///{elsewhere / 'optuna.db'}"]) == 2
+    assert not (elsewhere / "optuna.db").exists()
 
 
 @pytest.mark.slow

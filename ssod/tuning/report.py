@@ -43,6 +43,12 @@ def trial_tags(study_name: str, trial_number: int, original_number: Optional[int
     return tags
 
 
+def find_parent_run(setup: StudySetup) -> Optional[str]:
+    """The study's parent run, if there is one (read only)."""
+    found = _tracker(setup).find_runs({"optuna.study": setup.tune.study_name, "optuna.role": "study"})
+    return found[0] if found else None
+
+
 def parent_run(setup: StudySetup, reopen: bool = False) -> str:
     """Find the study's parent run by tag, or create it (the oldest wins a creation race).
 
@@ -106,12 +112,13 @@ def mark_trial_run(setup: StudySetup, trial_number: int, state: str, params: Opt
     return run_id
 
 
-def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: str, status: Optional[str] = None) -> dict:
+def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: Optional[str], status: Optional[str] = None) -> dict:
     """Best trial, counts, trials table and plots onto the parent run, then close it with
-    ``status`` (FINISHED when the budget is spent, KILLED when stopped; None: still open)."""
+    ``status`` (FINISHED when the budget is spent, KILLED when stopped; None: still open).
+    ``parent_run_id`` None: the summary only, nothing logged."""
     trials = study.get_trials(deepcopy=False)
     states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    tracker = _tracker(setup)
+    tracker = _tracker(setup) if parent_run_id else Tracker(setup.tracking_uri, setup.experiment, enabled=False)
     tracker.run_id = parent_run_id
     summary: dict = {"study": setup.tune.study_name, "trials": len(trials), **states}
     finished = sum(t.state.is_finished() for t in trials)
@@ -165,6 +172,8 @@ def _log_trials_table(tracker: Tracker, study: optuna.Study) -> None:
         return  # pandas is absent
     wanted = {f"{kind}_{name}" for kind, names in TABLE_ATTRS.items() for name in names}
     table = table[[column for column in table.columns if not column.startswith(tuple(TABLE_ATTRS)) or column in wanted]]
+    # A study with metric names makes the objective's column "value_<metric>": keep "value".
+    table = table.rename(columns={f"value_{name}": "value" for name in (study.metric_names or [])[:1]})
     path = Path(tempfile.mkdtemp(prefix="ssod-tune-")) / "trials.csv"
     table.to_csv(path, index=False)
     tracker.log_artifact(path, "study")

@@ -112,6 +112,9 @@ def open_study(setup: StudySetup, worker_index: int = 0) -> optuna.Study:
         direction=tune.direction,
         load_if_exists=True,
     )
+    if not study.metric_names:  # optuna-dashboard labels its axis with it, not "Objective 0"
+        with quiet_experimental():
+            study.set_metric_names([tune.metric])
     local = is_journal(setup.storage_url) or setup.storage_url.startswith("sqlite:")
     host = 0 if local else zlib.crc32(os.uname().nodename.encode()) % 1000 * 1_000_000
     study.sampler = build_sampler(tune.sampler, len(study.get_trials(deepcopy=False)) + 10_000 * worker_index + host)
