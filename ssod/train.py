@@ -225,7 +225,7 @@ def _train_loop(cfg: DictConfig, method: MethodConfig, data: DataBundle, trainin
     train, accelerator, state = cfg.train, training.accelerator, training.state
     meters = Meters(method, data.category_map.names)
     progress = _progress(accelerator, train, state.step)
-    final_metrics = RunResult()
+    final_metrics = RunResult(data_counts(data))  # what the run read, in final_metrics.json too
     interval_start, interval_step = time.perf_counter(), state.step
     bad_files_logged = 0
     if state.step >= train.iterations:
@@ -420,16 +420,23 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
     """Flattened params, the resolved config, and the json files read (a new run only)."""
     tracker.log_params(flatten(cfg))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    for context, dataset in (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val)):
+        if dataset is not None:  # supervised: no unlabeled set
+            details = {"images": len(dataset), "boxes": dataset.box_count, "degenerate_boxes": dataset.degenerate_boxes,
+                       "image_dir": str(dataset.image_dir)}
+            tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
+                                context, details)
+    tracker.log_metrics(data_counts(data), 0)
+
+
+def data_counts(data: DataBundle) -> dict[str, float]:
+    """``data/<set>/{images,boxes,degenerate_boxes}`` of the sets a run reads."""
     counts = {}
     for context, dataset in (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val)):
         if dataset is not None:  # supervised: no unlabeled set
             counts.update({f"data/{context}/images": len(dataset), f"data/{context}/boxes": dataset.box_count,
                            f"data/{context}/degenerate_boxes": dataset.degenerate_boxes})
-            details = {"images": len(dataset), "boxes": dataset.box_count, "degenerate_boxes": dataset.degenerate_boxes,
-                       "image_dir": str(dataset.image_dir)}
-            tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
-                                context, details)
-    tracker.log_metrics(counts, 0)
+    return counts
 
 
 def _run_context(accelerator: Accelerator) -> dict[str, str]:
