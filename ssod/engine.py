@@ -299,19 +299,21 @@ def predict(detector: nn.Module, loader, device, should_stop=lambda: False) -> l
     results = []
     # Iterating a DataLoader draws its base seed from the global RNG: fork it, so that an
     # evaluation never shifts the training's random stream (a resumed run equals a straight one).
-    with torch.random.fork_rng(devices=[]):
-        for items, metas in loader:
-            if should_stop():
-                detector.train(was_training)
-                raise EvaluationInterrupted
-            outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
-            for (_, matrix), meta, (boxes, scores, labels) in zip(items, metas, detections_to_host(outputs)):
-                height, width = meta["size"]
-                inverse = torch.linalg.inv(matrix.double())
-                boxes, _ = project_boxes(boxes, inverse, width, height, min_size=0.0)
-                results.append({"image_id": meta["image_id"], "boxes": boxes, "scores": scores, "labels": labels})
-            results.extend({"image_id": image_id, "unreadable": True} for meta in metas for image_id in meta.get("bad_image_ids", ()))
-    detector.train(was_training)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for items, metas in loader:
+                if should_stop():
+                    raise EvaluationInterrupted
+                outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
+                for (_, matrix), meta, (boxes, scores, labels) in zip(items, metas, detections_to_host(outputs)):
+                    height, width = meta["size"]
+                    inverse = torch.linalg.inv(matrix.double())
+                    boxes, _ = project_boxes(boxes, inverse, width, height, min_size=0.0)
+                    results.append({"image_id": meta["image_id"], "boxes": boxes, "scores": scores, "labels": labels})
+                results.extend({"image_id": image_id, "unreadable": True}
+                               for meta in metas for image_id in meta.get("bad_image_ids", ()))
+    finally:
+        detector.train(was_training)  # a cut-short or failed evaluation too
     return results
 
 

@@ -170,10 +170,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if resumed and train.resume != "auto" and accelerator.is_main_process:
             set_aside_other_checkpoints(ckpt_dir, resume_path, training.state.step)
         training.on_saved = tracker.note_checkpoint
-        for context, dataset in (("labeled", data.labeled), ("unlabeled", data.unlabeled), ("validation", data.val)):
-            if dataset is not None:
-                log.info("%s set: %d images, %d boxes; %d degenerate boxes dropped (%s)", context, len(dataset),
-                         dataset.box_count, dataset.degenerate_boxes, dataset.coco.source_path)
+        for context, dataset in _data_sets(data):
+            log.info("%s set: %d images, %d boxes; %d degenerate boxes dropped (%s)", context, len(dataset),
+                     dataset.box_count, dataset.degenerate_boxes, dataset.coco.source_path)
         if not resumed or tracker.branched_from:
             _log_run_inputs(tracker, cfg, data)
         else:
@@ -420,22 +419,26 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
     """Flattened params, the resolved config, and the json files read (a new run only)."""
     tracker.log_params(flatten(cfg))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    for context, dataset in (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val)):
-        if dataset is not None:  # supervised: no unlabeled set
-            details = {"images": len(dataset), "boxes": dataset.box_count, "degenerate_boxes": dataset.degenerate_boxes,
-                       "image_dir": str(dataset.image_dir)}
-            tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
-                                context, details)
+    for context, dataset in _data_sets(data):
+        details = {"images": len(dataset), "boxes": dataset.box_count, "degenerate_boxes": dataset.degenerate_boxes,
+                   "image_dir": str(dataset.image_dir)}
+        tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
+                            context, details)
     tracker.log_metrics(data_counts(data), 0)
+
+
+def _data_sets(data: DataBundle):
+    """(MLflow dataset context, dataset) of each set a run reads (supervised: no unlabeled set)."""
+    sets = (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val))
+    return [(context, dataset) for context, dataset in sets if dataset is not None]
 
 
 def data_counts(data: DataBundle) -> dict[str, float]:
     """``data/<set>/{images,boxes,degenerate_boxes}`` of the sets a run reads."""
     counts = {}
-    for context, dataset in (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val)):
-        if dataset is not None:  # supervised: no unlabeled set
-            counts.update({f"data/{context}/images": len(dataset), f"data/{context}/boxes": dataset.box_count,
-                           f"data/{context}/degenerate_boxes": dataset.degenerate_boxes})
+    for context, dataset in _data_sets(data):
+        counts.update({f"data/{context}/images": len(dataset), f"data/{context}/boxes": dataset.box_count,
+                       f"data/{context}/degenerate_boxes": dataset.degenerate_boxes})
     return counts
 
 

@@ -133,22 +133,30 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
 
 
 def test_sec_per_iter_is_training_time_and_the_evaluation_has_its_own(make_config, mlflow_store, monkeypatch):
-    """An evaluation (here made to last 1.5 s) between two logs is not training time."""
+    """An evaluation between two logs is not training time. The training loop's clock is made
+    to jump 1000 s during each evaluation (no real waiting), so the check does not depend on
+    how fast this machine happens to be: counted as training, the jump alone would make
+    the interval's two iterations 500 s each."""
+    import types
+
     import ssod.train
 
+    jumped = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jumped[0])
     real = ssod.train._evaluate_both
 
     def slow_evaluation(*args, **kwargs):
-        time.sleep(1.5)
+        jumped[0] += 1000.0
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(ssod.train, "time", clock)
     monkeypatch.setattr(ssod.train, "_evaluate_both", slow_evaluation)
     run(make_config("train.iterations=4", "train.eval_every=2", "train.log_every=2", "data.val_max_images=2"))
     run_id = mlflow_store.only_run().info.run_id
     per_iter = mlflow_store.history(run_id, "train/sec_per_iter")
     evaluation = mlflow_store.history(run_id, "val/seconds")
-    assert sorted(evaluation) == [2, 4] and min(seconds for (seconds,) in evaluation.values()) >= 1.5
-    assert per_iter[4][0] < 0.75, per_iter  # the interval 3-4 holds no 1.5 s evaluation
+    assert sorted(evaluation) == [2, 4] and min(seconds for (seconds,) in evaluation.values()) >= 1000
+    assert per_iter[4][0] < 500, per_iter  # the interval 3-4 holds none of the evaluation at 2
 
 
 def _garbage_annotations(data: dict, seed: int) -> dict:
