@@ -1,152 +1,362 @@
-"""Synthetic benchmark: supervised vs Soft Teacher vs Polishing Teacher at 5% and 10% labeled.
+"""The method benchmark: Polishing Teacher against supervised training and Soft Teacher.
 
-Every run has the same budget (iterations, labeled batch, seed) and lands in the MLflow
-experiment ``ssod-benchmark`` of the project's store; the table of final metrics is
-written as markdown with the command that produced it::
+One command runs the whole protocol, resumable run by run::
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/benchmark.py --burn-in 600 --iterations 600 \\
-        --out experiments/results/synthetic_benchmark.md -- data.num_workers=1
+    .venv/bin/python experiments/benchmark.py --profile cpu
 
-With ``--burn-in B``, each labeled fraction first gets one supervised run of B iterations
-(which also trains the polishing networks on the labeled images, without touching the
-detector), and every method then starts from that checkpoint (``train.init_from``): a
-from-scratch teacher on a CPU budget is too weak for any pseudo label to pass 0.5, so
-the comparison would otherwise measure nothing but the supervised part.
+Protocol (``--profile`` sets the sizes; every flag below overrides it):
 
-Extra Hydra overrides after ``--`` apply to every run.
+- Data: the built-in synthetic shapes with a larger unlabeled pool (``--num-train``) and a
+  held-out **test** split (``--num-test``) read once at the end of each run, never for
+  tuning or for choosing a checkpoint; the validation split is what the recipes were
+  tuned on. Labeled fractions: ``--percents`` of the train split.
+- Seeds are paired: seed ``s`` fixes the labeled split (``data.fold = s + 1``) and the
+  training seed, the same for every arm.
+- Each (fraction, seed) first gets one supervised burn-in of ``--burn-in`` iterations
+  (``method=polish_teacher`` with no unsupervised step: the detector trains as supervised
+  does, the polishing networks learn beside it from the labeled images). Every arm then
+  continues that checkpoint's schedule (``train.init_from`` + ``train.init_continue``:
+  step, learning rate, EMA counters) for ``--iterations`` more, its unsupervised weight
+  ramping up over ``--unsup-warmup``. The supervised arm continues the same way with
+  labeled images only, so every arm gets the same labeled batches and schedule.
+- Arms: supervised, soft_teacher, polish_teacher, the ablations pt_no_polish (networks
+  trained, neither used), pt_box_only, pt_cls_only, and the oracle (hidden ground truth
+  as pseudo labels through the same path; a diagnostic, first seed only). ``--ablation-seeds``
+  limits the ablations to the first seeds.
+
+Output: ``<out-dir>/method_benchmark.json`` (one record per finished run, written after
+each run; a run already recorded is skipped, an interrupted one resumes from its last
+checkpoint) and ``<out-dir>/method_benchmark.md`` (mean +- std over seeds and the paired
+differences). Runs land in the MLflow experiment ``--experiment`` of the project's store.
+``--jobs N`` runs N trainings side by side (a GPU machine with many cores); each gets
+``cores / N`` threads. Extra Hydra overrides after ``--`` apply to every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
-import shutil
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS = ("supervised", "soft_teacher", "polish_teacher")
-COLUMNS = (
-    ("teacher AP", "val/teacher/bbox_AP"),
-    ("teacher AP50", "val/teacher/bbox_AP50"),
-    ("student AP", "val/student/bbox_AP"),
-    ("pseudo P (raw)", "pseudo/raw/precision"),
-    ("pseudo R (raw)", "pseudo/raw/recall"),
-    ("pseudo P (cls)", "pseudo/cls/precision"),
-    ("pseudo R (cls)", "pseudo/cls/recall"),
-    ("IoU raw", "pseudo/raw/iou_mean"),
-    ("IoU polished", "pseudo/polished/iou_mean"),
-    ("s/iter", "train/sec_per_iter"),
-)
+# Arm -> the overrides that make it, on top of the common ones.
+ARMS = {
+    "supervised": ["method=supervised"],
+    "soft_teacher": ["method=soft_teacher"],
+    "polish_teacher": ["method=polish_teacher"],
+    "pt_no_polish": ["method=polish_teacher", "method.polish_use=none"],
+    "pt_box_only": ["method=polish_teacher", "method.polish_use=boxes"],
+    "pt_cls_only": ["method=polish_teacher", "method.polish_use=categories"],
+    "oracle": ["method=polish_teacher", "method.pseudo_labels=oracle"],
+}
+MAIN_ARMS = ("supervised", "soft_teacher", "polish_teacher")
+ABLATIONS = ("pt_no_polish", "pt_box_only", "pt_cls_only")
+
+PROFILES = {
+    # 2 CPU cores: one run at a time, a reduced grid (about 100 minutes).
+    "cpu": dict(num_train=4000, num_test=500, percents=[2.5], seeds=[0, 1, 2], burn_in=400, iterations=300,
+                unsup_warmup=50, ablation_seeds=1, jobs=1, extra=[]),
+    # One H200 and 16 cores: the full grid, 8 runs side by side, in about 8 minutes.
+    "gpu": dict(num_train=4000, num_test=500, percents=[2.5, 10.0], seeds=[0, 1, 2], burn_in=400, iterations=300,
+                unsup_warmup=50, ablation_seeds=3, jobs=8, extra=["data.num_workers=1"]),
+}
+
+# Record field -> MLflow metric (the last value, at the run's final step).
+FINAL = {
+    f"{split}_{who}_{metric}": f"{split}/{who}/bbox_{metric}"
+    for split in ("test", "val") for who in ("teacher", "student") for metric in ("AP", "AP50", "AP75")
+}
+# Pseudo-label quality against the hidden ground truth: mean over the unsupervised intervals
+# (or their sum for counts).
+QUALITY_MEAN = {
+    "pseudo_iou_raw": "pseudo/raw/iou_mean",
+    "pseudo_iou_polished": "pseudo/polished/iou_mean",
+    "label_acc_raw": "pseudo/raw/label_acc",
+    "label_acc_polished": "pseudo/polished/label_acc",
+    "pseudo_per_image": "pseudo/raw/num_per_image",
+    "pseudo_recall_raw": "pseudo/raw/recall",
+}
+QUALITY_SUM = {"wrong_to_right": "pseudo/relabel/wrong_to_right", "right_to_wrong": "pseudo/relabel/right_to_wrong"}
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: str
+    percent: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"mb-{self.arm}-{self.percent:g}pct-s{self.seed}"
+
+
+@dataclass
+class Plan:
+    args: argparse.Namespace
+    runs: list[Run] = field(default_factory=list)
+
+    def output_dir(self, name: str) -> Path:
+        return Path(self.args.outputs) / name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=600)
-    parser.add_argument("--burn-in", type=int, default=0, help="shared supervised iterations before each method")
-    parser.add_argument("--percents", type=float, nargs="+", default=[5.0, 10.0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--experiment", default="ssod-benchmark", help="MLflow experiment name")
-    parser.add_argument("--out", default="experiments/results/synthetic_benchmark.md")
-    parser.add_argument("--table-only", action="store_true", help="write the table from runs already in MLflow")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--num-train", type=int)
+    parser.add_argument("--num-test", type=int)
+    parser.add_argument("--percents", type=float, nargs="+")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), help="default: all")
+    parser.add_argument("--ablation-seeds", type=int, help="ablation arms run on the first N seeds")
+    parser.add_argument("--burn-in", type=int)
+    parser.add_argument("--iterations", type=int, help="iterations of each arm after the burn-in")
+    parser.add_argument("--unsup-warmup", type=int)
+    parser.add_argument("--jobs", type=int)
+    parser.add_argument("--experiment", default="ssod-method-benchmark", help="MLflow experiment name")
+    parser.add_argument("--out-dir", default="experiments/results")
+    parser.add_argument("--outputs", default="outputs/method_benchmark", help="the runs' output folders")
+    parser.add_argument("--table-only", action="store_true", help="write the table from the json, run nothing")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for key, value in PROFILES[args.profile].items():
+        if key == "extra":
+            args.overrides = [*value, *args.overrides]
+        elif getattr(args, key) is None:
+            setattr(args, key, value)
+    args.arms = args.arms or list(ARMS)
+    return args
 
 
-def run_one(method: str, percent: float, args: argparse.Namespace, iterations: int, extra=(), tag: str = "") -> str:
-    """Train one configuration in a fresh process; returns its run name."""
-    name = f"bench-{tag or method}-{percent:g}pct-s{args.seed}"
-    overrides = [
+def plan_runs(args: argparse.Namespace) -> list[Run]:
+    """Every run, in the order they go: per fraction the main arms over all seeds, then the
+    oracle, then the ablations (a benchmark stopped early has the main comparison first)."""
+    runs = []
+    for percent in args.percents:
+        order = [arm for arm in (*MAIN_ARMS, "oracle", *ABLATIONS) if arm in args.arms]
+        for arm in order:
+            seeds = args.seeds[:1] if arm == "oracle" else args.seeds[: args.ablation_seeds] if arm in ABLATIONS else args.seeds
+            runs += [Run(arm, percent, seed) for seed in seeds]
+    return runs
+
+
+def common_overrides(args: argparse.Namespace, percent: float, seed: int) -> list[str]:
+    return [
         "experiment=synthetic",
-        f"method={method}",
+        f"data.synthetic.num_train={args.num_train}",
+        f"data.synthetic.num_test={args.num_test}",
         f"data.percent={percent}",
-        f"train.iterations={iterations}",
-        f"train.eval_every={max(iterations // 3, 1)}",
-        f"train.ckpt_every={iterations}",
-        f"train.lr_steps=[{int(iterations * 0.8)}]",
-        f"train.seed={args.seed}",
-        # Its burn-in is a run of its own (--burn-in): no second one inside each method's run.
-        "method.unsup_start=0",
-        "method.unsup_warmup=0",
-        f"train.run_name={name}",
-        f"train.output_dir=outputs/benchmark/{name}",
+        f"data.fold={seed + 1}",
+        f"train.seed={seed}",
         "train.progress=false",
         f"tracking.experiment={args.experiment}",
-        *extra,
-        *args.overrides,
     ]
-    command = [sys.executable, "-m", "ssod.train", *overrides]
-    # A fresh run refuses a folder with checkpoints; a benchmark run replaces its own.
-    previous = Path("outputs/benchmark") / name / "checkpoints"
-    if previous.is_dir():
-        print(f"  replacing the checkpoints of an earlier {name} in {previous}", flush=True)
-        shutil.rmtree(previous)
+
+
+def burn_in_name(percent: float, seed: int) -> str:
+    return f"mb-burnin-{percent:g}pct-s{seed}"
+
+
+def train(name: str, overrides: list[str], output_dir: Path, threads: int, log_dir: Path) -> None:
+    """One training in a fresh process; an interrupted one resumes from its checkpoints."""
+    resume = ["train.resume=auto"] if (output_dir / "checkpoints").is_dir() else []
+    command = [sys.executable, "-m", "ssod.train", *overrides, f"train.run_name={name}",
+               f"train.output_dir={output_dir}", *resume]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log_dir.mkdir(parents=True, exist_ok=True)
     print("$", shlex.join(command), flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    with open(log_dir / f"{name}.log", "a") as log:
+        result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {result.returncode}); see {log_dir / f'{name}.log'}")
     print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
-    return name
 
 
-def final_metrics(experiment: str) -> dict[str, dict[str, float]]:
-    """Latest value of every metric of every FINISHED run of ``experiment``, by run name."""
+def ensure_burn_in(plan: Plan, percent: float, seed: int, threads: int) -> Path:
+    """The shared supervised burn-in of one (fraction, seed): its final checkpoint."""
+    args = plan.args
+    name = burn_in_name(percent, seed)
+    output_dir = plan.output_dir(name)
+    final = output_dir / "checkpoints" / f"step-{args.burn_in:08d}.pt"
+    if not final.is_file():
+        train(name, [
+            *common_overrides(args, percent, seed), "method=polish_teacher",
+            f"train.iterations={args.burn_in}", f"method.unsup_start={args.burn_in}",
+            f"train.eval_every={args.burn_in}", f"train.ckpt_every={args.burn_in}", *args.overrides,
+        ], output_dir, threads, Path(args.outputs) / "logs")
+    return final
+
+
+def run_arm(plan: Plan, run: Run, burn_in: Path, threads: int) -> dict:
+    args = plan.args
+    total = args.burn_in + args.iterations
+    overrides = [
+        *common_overrides(args, run.percent, run.seed), *ARMS[run.arm],
+        f"train.init_from={burn_in.resolve()}", "train.init_continue=true",
+        f"train.iterations={total}", f"method.unsup_start={args.burn_in}", f"method.unsup_warmup={args.unsup_warmup}",
+        f"train.eval_every={max(args.iterations // 2, 1)}", f"train.ckpt_every={max(args.iterations // 2, 1)}",
+        *args.overrides,
+    ]
+    try:  # finished before its record was written (the benchmark was stopped in between)
+        return record(args, run, total)
+    except LookupError:
+        pass
+    train(run.name, overrides, plan.output_dir(run.name), threads, Path(args.outputs) / "logs")
+    return record(args, run, total)
+
+
+def record(args: argparse.Namespace, run: Run, iterations: int) -> dict:
+    """The json record of a finished run, read back from MLflow."""
     from mlflow.tracking import MlflowClient
 
     from ssod.tracking import default_tracking_uri
 
-    client = MlflowClient(default_tracking_uri(Path.cwd()))
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
-    return {run.info.run_name: dict(run.data.metrics) for run in runs}
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")]
+    client = MlflowClient(given[-1] if given else default_tracking_uri(Path.cwd()))
+    experiment = client.get_experiment_by_name(args.experiment)
+    found = experiment and client.search_runs(
+        [experiment.experiment_id], f"attributes.run_name = '{run.name}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        raise LookupError(f"{run.name}: no FINISHED MLflow run in experiment {args.experiment}")
+    mlflow_run = found[0]
+    metrics = mlflow_run.data.metrics
+    entry = {"arm": run.arm, "method": ARMS[run.arm][0].split("=")[1], "percent": run.percent, "seed": run.seed,
+             "iterations": iterations, "burn_in": args.burn_in, "mlflow_run_id": mlflow_run.info.run_id,
+             "labeled_images": metrics.get("data/train/images")}
+    entry.update({key: metrics.get(metric) for key, metric in FINAL.items()})
+    for key, metric in {**QUALITY_MEAN, **QUALITY_SUM}.items():
+        values = [m.value for m in client.get_metric_history(mlflow_run.info.run_id, metric)
+                  if m.step > args.burn_in and not math.isnan(m.value)]
+        summary = sum if key in QUALITY_SUM else statistics.fmean
+        entry[key] = summary(values) if values else None
+    return entry
 
 
-def fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def load_records(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    return {f"mb-{r['arm']}-{r['percent']:g}pct-s{r['seed']}": r for r in json.loads(path.read_text())}
+
+
+def save_records(path: Path, records: dict[str, dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(sorted(records.values(), key=lambda r: (r["percent"], r["arm"], r["seed"])), indent=1))
+    os.replace(temporary, path)
+
+
+def mean_std(values: list[float]) -> str:
+    values = [100 * v for v in values if v is not None]
+    if not values:
         return "-"
-    return f"{100 * value:.1f}" if abs(value) <= 1.0 else f"{value:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def table(names: dict[tuple[str, float], str], metrics: dict[str, dict[str, float]], args) -> str:
-    header = "| labeled | method | " + " | ".join(c for c, _ in COLUMNS) + " |"
-    lines = [header, "|" + " --- |" * (len(COLUMNS) + 2)]
-    for (method, percent), name in names.items():
-        values = metrics.get(name, {})
-        cells = [fmt(values.get(key)) if key != "train/sec_per_iter" else f"{values.get(key, math.nan):.2f}" for _, key in COLUMNS]
-        lines.append(f"| {percent:g}% | {method} | " + " | ".join(cells) + " |")
+def paired(records: list[dict], arm: str, baseline: str, key: str) -> str:
+    """Mean ± std of arm - baseline over the seeds both have, and how many are positive."""
+    by_seed = {r["seed"]: r for r in records if r["arm"] == baseline}
+    diffs = [100 * (r[key] - by_seed[r["seed"]][key]) for r in records
+             if r["arm"] == arm and r["seed"] in by_seed and r[key] is not None and by_seed[r["seed"]][key] is not None]
+    if not diffs:
+        return "-"
+    spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+    return f"{statistics.fmean(diffs):+.1f}{spread} ({sum(d > 0 for d in diffs)}/{len(diffs)} > 0)"
+
+
+def table(records: list[dict]) -> str:
+    lines = []
+    for percent in sorted({r["percent"] for r in records}):
+        rows = [r for r in records if r["percent"] == percent]
+        labeled = rows[0].get("labeled_images")
+        lines += [f"\n### {percent:g}% labeled ({labeled:.0f} images)\n" if labeled else f"\n### {percent:g}% labeled\n",
+                  "| arm | seeds | test teacher AP | AP50 | AP75 | test student AP | val teacher AP | "
+                  "teacher AP - supervised (paired) | AP75 - supervised | IoU raw → polished | "
+                  "label acc raw → polished | wrong→right / right→wrong |",
+                  "|" + " --- |" * 12]
+        for arm in ARMS:
+            group = [r for r in rows if r["arm"] == arm]
+            if not group:
+                continue
+            column = lambda key: mean_std([r[key] for r in group])  # noqa: E731
+            quality = lambda key: statistics.fmean([r[key] for r in group if r[key] is not None])  # noqa: E731
+            has = lambda key: any(r[key] is not None for r in group)  # noqa: E731
+            iou = f"{quality('pseudo_iou_raw'):.3f} → {quality('pseudo_iou_polished'):.3f}" if has("pseudo_iou_polished") else (
+                f"{quality('pseudo_iou_raw'):.3f}" if has("pseudo_iou_raw") else "-")
+            acc = f"{quality('label_acc_raw'):.3f} → {quality('label_acc_polished'):.3f}" if has("label_acc_polished") else "-"
+            relabels = (f"{sum(r['wrong_to_right'] or 0 for r in group) / len(group):.0f} / "
+                        f"{sum(r['right_to_wrong'] or 0 for r in group) / len(group):.0f}") if has("wrong_to_right") else "-"
+            versus = "" if arm == "supervised" else paired(rows, arm, "supervised", "test_teacher_AP")
+            versus75 = "" if arm == "supervised" else paired(rows, arm, "supervised", "test_teacher_AP75")
+            lines.append(f"| {arm} | {len(group)} | {column('test_teacher_AP')} | {column('test_teacher_AP50')} | "
+                         f"{column('test_teacher_AP75')} | {column('test_student_AP')} | {column('val_teacher_AP')} | "
+                         f"{versus} | {versus75} | {iou} | {acc} | {relabels} |")
+        if any(r["arm"] == "soft_teacher" for r in rows) and any(r["arm"] == "polish_teacher" for r in rows):
+            lines.append(f"\npolish_teacher - soft_teacher, test teacher AP (paired): "
+                         f"{paired(rows, 'polish_teacher', 'soft_teacher', 'test_teacher_AP')}")
+        if any(r["arm"] == "pt_no_polish" for r in rows):
+            lines.append(f"polish_teacher - pt_no_polish, test teacher AP75 (paired): "
+                         f"{paired(rows, 'polish_teacher', 'pt_no_polish', 'test_teacher_AP75')}")
     return "\n".join(lines)
+
+
+def write_markdown(args: argparse.Namespace, records: list[dict], path: Path, wall: float | None) -> str:
+    command = "python experiments/benchmark.py " + shlex.join(sys.argv[1:])
+    text = (
+        "# Method benchmark (synthetic shapes)\n\n"
+        f"Command: `{command}`\n\n"
+        f"Protocol: {args.num_train} train images split into labeled/unlabeled per seed, a held-out test split of "
+        f"{args.num_test} images (AP columns are on it unless marked val), supervised burn-in of {args.burn_in} "
+        f"iterations per (fraction, seed) shared by every arm, then {args.iterations} iterations per arm "
+        f"(unsupervised weight ramped over {args.unsup_warmup}). AP in percent; ± is the standard deviation over "
+        "seeds; paired differences are per seed (same split, same burn-in). Pseudo-label columns: mean over the "
+        "unsupervised log intervals against the unlabeled images' hidden ground truth; relabels summed per run.\n"
+        + (f"\nWall time of this invocation: {wall / 60:.0f} min on {os.cpu_count()} CPU cores.\n" if wall else "")
+        + table(records) + "\n"
+    )
+    path.write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = {}
-    for percent in args.percents if not args.table_only else []:
-        extra = []
-        if args.burn_in:
-            burn_in = run_one("supervised", percent, args, args.burn_in, ["method.polish=true"], tag="burnin")
-            extra = [f"train.init_from=outputs/benchmark/{burn_in}/checkpoints", "train.warmup_iters=0"]
-        for method in args.methods:
-            names[(method, percent)] = run_one(method, percent, args, args.iterations, extra)
-    if args.table_only:
-        names = {(m, p): f"bench-{m}-{p:g}pct-s{args.seed}" for p in args.percents for m in args.methods}
-    metrics = final_metrics(args.experiment)
-    command = "python experiments/benchmark.py " + shlex.join(sys.argv[1:])
-    text = (
-        "# Synthetic benchmark\n\n"
-        f"Command: `{command}`\n\n"
-        f"Machine: {os.cpu_count()} CPU cores, no GPU. Same seed ({args.seed}), iterations "
-        f"({args.iterations}) and labeled batch for every method. AP, precision, recall and "
-        "IoU are percentages; pseudo-label columns are the last log interval's values "
-        "against the unlabeled images' hidden ground truth.\n\n" + table(names, metrics, args) + "\n"
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    return 0
+    out_dir = Path(args.out_dir)
+    json_path, md_path = out_dir / "method_benchmark.json", out_dir / "method_benchmark.md"
+    records = load_records(json_path)
+    started = time.perf_counter()
+    if not args.table_only:
+        plan = Plan(args, plan_runs(args))
+        todo = [run for run in plan.runs if run.name not in records]
+        print(f"{len(plan.runs)} runs planned, {len(plan.runs) - len(todo)} already recorded in {json_path}", flush=True)
+        threads = max((os.cpu_count() or 1) // args.jobs, 1)
+        # Burn-ins first (each is shared by its fraction and seed's arms), then the arms.
+        keys = sorted({(run.percent, run.seed) for run in todo})
+        with ThreadPoolExecutor(args.jobs) as pool:
+            burn_ins = dict(zip(keys, pool.map(lambda key: ensure_burn_in(plan, *key, threads), keys)))
+            futures = {pool.submit(run_arm, plan, run, burn_ins[(run.percent, run.seed)], threads): run for run in todo}
+            failed = []
+            for future, run in futures.items():
+                try:
+                    records[run.name] = future.result()
+                except Exception as error:  # the others go on; the failure is reported at the end
+                    failed.append(f"{run.name}: {error}")
+                    continue
+                save_records(json_path, records)
+        if failed:
+            print("failed runs (run the command again to retry them):\n  " + "\n  ".join(failed), file=sys.stderr)
+    wall = None if args.table_only else time.perf_counter() - started
+    print(write_markdown(args, list(records.values()), md_path, wall))
+    return 1 if not args.table_only and failed else 0
 
 
 if __name__ == "__main__":

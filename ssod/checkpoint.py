@@ -255,9 +255,12 @@ def set_aside_other_checkpoints(directory: Path, resumed: Path, step: int) -> Op
 
 
 def checkpoint_file(path: str, option: str) -> Path:
-    """The checkpoint ``path`` names: a file, or a run's checkpoint directory (its newest
-    complete checkpoint). ``option`` names the setting that gave ``path``, for the errors."""
+    """The checkpoint ``path`` names: a file, or a run's checkpoint directory or output
+    directory (its newest complete checkpoint). ``option`` names the setting that gave
+    ``path``, for the errors."""
     found = Path(path)
+    if found.is_dir() and not list_checkpoints(found) and (found / "checkpoints").is_dir():
+        found = found / "checkpoints"
     if found.is_dir():
         checkpoints = list_checkpoints(found)
         if not checkpoints:

@@ -27,6 +27,9 @@ class SyntheticConfig:
     seed: int = 0
     num_train: int = 1200
     num_val: int = 200
+    # A held-out test split, evaluated once at the end of a run (test/... metrics) and
+    # never used for tuning or for choosing a checkpoint; 0: none.
+    num_test: int = 0
     # Ranges (min, max) in pixels: image width and height are each drawn from image_size,
     # an object's side (geometric mean of width and height) from object_size.
     image_size: list[int] = field(default_factory=lambda: [128, 192])
@@ -50,6 +53,9 @@ class DataConfig:
     unlabeled_images: str = ""
     val_json: str = ""
     val_images: str = ""
+    # Optional held-out test set (COCO json and images), evaluated once at the end of a run.
+    test_json: str = ""
+    test_images: str = ""
     percent: float = 10.0
     fold: int = 1
     split_seed: int = 0
@@ -66,6 +72,10 @@ class DataConfig:
     strong_translate: float = 0.1
     strong_rotate_deg: float = 30.0
     strong_shear_deg: float = 30.0
+    # The strong view's photometric op (RandAugment-style, one per view) and its random
+    # erasing (how many rectangles, each up to 20% of the width and height); [0, 0] erases none.
+    strong_photometric: bool = True
+    strong_erase_count: list[int] = field(default_factory=lambda: [1, 4])
     test_size: int = 800
     test_max_size: int = 1333
     num_workers: int = 2
@@ -132,6 +142,11 @@ class MethodConfig:
     reg_jitter_times: int = 10
     reg_jitter_scale: float = 0.06
     polish: bool = False
+    # Which polished pseudo labels are used (the ablations of METHOD 6): ``both``; ``boxes``
+    # (box polishing only: classification keeps detections scoring above det_score_thr,
+    # with their own labels); ``categories`` (category polishing only: regression targets
+    # are the raw boxes); ``none`` (the networks train but neither is used).
+    polish_use: str = "both"
     rf_cls_thr: float = 0.9
     det_score_thr: float = 0.9
     rf_vote_frac: float = 0.06
@@ -178,6 +193,10 @@ class TrainConfig:
     run_name: str = "${method.name}-${data.name}"
     resume: Optional[str] = None
     init_from: Optional[str] = None
+    # With init_from: false takes only the weights (student and teacher) and starts the
+    # schedule at step 0; true continues the checkpoint's schedule in a new run and folder:
+    # its step, learning rate, EMA counters and (when the parameters match) SGD momentum.
+    init_continue: bool = False
     max_consecutive_nonfinite: int = 5
     grad_clip_norm: Optional[float] = None
     num_vis_images: int = 4
@@ -270,8 +289,10 @@ _RULES = {
     "data.strong_translate": _FRACTION,
     "data.strong_rotate_deg": ((lambda v: 0 <= v <= 180), "in [0, 180]"),
     "data.strong_shear_deg": ((lambda v: 0 <= v < 90), "in [0, 90)"),
+    "data.strong_erase_count": _at_least(0),
     "data.synthetic.num_train": _at_least(1),
     "data.synthetic.num_val": _at_least(1),
+    "data.synthetic.num_test": _at_least(0),
     "model.trainable_backbone_layers": _at_least(0),
     "model.fpn_channels": _at_least(1),
     "model.box_head_dim": _at_least(1),
@@ -326,6 +347,8 @@ _RULES = {
     "train.max_consecutive_nonfinite": _at_least(1),
     "train.grad_clip_norm": _POSITIVE,
     "train.num_vis_images": _at_least(0),
+    "method.pseudo_labels": ((lambda v: v in ("teacher", "oracle")), "teacher or oracle"),
+    "method.polish_use": ((lambda v: v in ("both", "boxes", "categories", "none")), "both, boxes, categories or none"),
 }
 
 

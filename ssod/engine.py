@@ -128,10 +128,7 @@ def _pseudo_labels(teacher: SemiSupervisedModel, features, proposals, sizes, met
     raw = filter_detections(detections, method.pseudo_label_initial_score_thr)
     if teacher.polisher is not None:
         polished = teacher.polisher.polish(features, *map(list, zip(*raw)), sizes)
-        return [
-            PseudoLabels(p.boxes, p.labels, p.scores, p.reg_boxes, valid_boxes_mask(p.reg_boxes), p.keep, p.cls_labels)
-            for p in polished
-        ]
+        return [_use_polished(p, method) for p in polished]
     if method.reg_uncertainty_thr is not None:
         boxes, labels, _ = map(list, zip(*raw))
         spread = regression_uncertainty(detector, features, boxes, labels, sizes, method.reg_jitter_times, method.reg_jitter_scale)
@@ -141,6 +138,16 @@ def _pseudo_labels(teacher: SemiSupervisedModel, features, proposals, sizes, met
             pseudo.append(PseudoLabels(b, l, s, b, u < method.reg_uncertainty_thr, keep, l))
         return pseudo
     return [PseudoLabels.unpolished(*r) for r in raw]
+
+
+def _use_polished(polished, method: MethodConfig) -> PseudoLabels:
+    """The pseudo labels of one image from its polished ones, as ``method.polish_use`` says."""
+    p = polished
+    boxes_polished = method.polish_use in ("both", "boxes")
+    categories_polished = method.polish_use in ("both", "categories")
+    reg_boxes = p.reg_boxes if boxes_polished else p.boxes
+    keep, cls_labels = (p.keep, p.cls_labels) if categories_polished else (p.scores > method.det_score_thr, p.labels)
+    return PseudoLabels(p.boxes, p.labels, p.scores, reg_boxes, valid_boxes_mask(reg_boxes), keep, cls_labels)
 
 
 @contextmanager

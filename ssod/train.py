@@ -45,6 +45,7 @@ from ssod.build import (
 )
 from ssod.checkpoint import (
     DirectoryLock,
+    checkpoint_file,
     find_resume_checkpoint,
     is_in_folder,
     list_checkpoints,
@@ -182,6 +183,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             set_rng_state(resumed["rng"])  # after the loaders: creating them draws from the RNG
         final_metrics = _train_loop(cfg, method, data, training, loaders, tracker, interrupts, on_eval)
         status = final_metrics.status
+        if status == "FINISHED" and data.test is not None:
+            final_metrics.update(_evaluate_test(cfg, data, training, tracker))
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
@@ -189,6 +192,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             log.info("finished at step %d: teacher AP %.1f, student AP %.1f (COCO AP in %%, validation set); checkpoint %s",
                      training.state.step, 100 * final_metrics.get("val/teacher/bbox_AP", math.nan),
                      100 * final_metrics.get("val/student/bbox_AP", math.nan), final_checkpoint)
+            if data.test is not None:
+                log.info("held-out test set: teacher AP %.1f, student AP %.1f (COCO AP in %%)",
+                         100 * final_metrics.get("test/teacher/bbox_AP", math.nan),
+                         100 * final_metrics.get("test/student/bbox_AP", math.nan))
         return final_metrics
     except KeyboardInterrupt:
         status = "KILLED"
@@ -336,10 +343,13 @@ def _build_training(cfg: DictConfig, method: MethodConfig, num_classes: int, acc
     scheduler = build_scheduler(train, optimizer)
     state = RunState()
     if train.init_from and not resumed:
-        initial = load_checkpoint(find_resume_checkpoint(train.init_from, ckpt_dir))
+        initial = load_checkpoint(checkpoint_file(train.init_from, "train.init_from"))
         load_weights(student, initial["student"])
         load_weights(teacher, initial["teacher"])
-        log.info("initialised from %s (step %d)", train.init_from, initial["step"])
+        if train.init_continue:
+            state = _continue_schedule(initial, optimizer, scheduler, train)
+        log.info("initialised from %s (step %d)%s", train.init_from, initial["step"],
+                 ", continuing its schedule" if train.init_continue else "")
     if resumed:
         student.load_state_dict(resumed["student"])
         teacher.load_state_dict(resumed["teacher"])
@@ -352,6 +362,34 @@ def _build_training(cfg: DictConfig, method: MethodConfig, num_classes: int, acc
         accelerator.scaler.load_state_dict(resumed["scaler"])
     teacher.to(accelerator.device)
     return Training(accelerator, student, teacher, optimizer, scheduler, state, ckpt_dir, train.keep_checkpoints)
+
+
+def _continue_schedule(initial: dict, optimizer: torch.optim.Optimizer, scheduler, train) -> RunState:
+    """``train.init_continue``: the checkpoint's step, schedule position and EMA counters for a
+    new run (its own MLflow run, no inherited bad files), and its SGD momentum when it was
+    made for the same parameters (another method's model, e.g. with polishing networks, starts
+    its momentum afresh: said in the log)."""
+    scheduler.load_state_dict(initial["scheduler"])
+    if _same_parameters(initial["optimizer"], optimizer):
+        optimizer.load_state_dict(initial["optimizer"])
+    else:
+        log.info("train.init_continue: the checkpoint's optimizer holds other parameters; momentum starts afresh")
+    _use_configured_rates(optimizer, scheduler, train)
+    return RunState(step=initial["step"], ema_steps=initial["ema_steps"])
+
+
+def _same_parameters(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether an optimizer state dict was made for ``optimizer``'s parameters (count and shapes)."""
+    groups = [group["params"] for group in optimizer.param_groups]
+    saved_groups = [group["params"] for group in saved["param_groups"]]
+    if [len(g) for g in groups] != [len(g) for g in saved_groups]:
+        return False
+    for params, indices in zip(groups, saved_groups):
+        for param, index in zip(params, indices):
+            buffer = saved["state"].get(index, {}).get("momentum_buffer")
+            if buffer is not None and buffer.shape != param.shape:
+                return False
+    return True
 
 
 def _use_configured_rates(optimizer: torch.optim.Optimizer, scheduler, train) -> None:
@@ -429,7 +467,7 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
 
 def _data_sets(data: DataBundle):
     """(MLflow dataset context, dataset) of each set a run reads (supervised: no unlabeled set)."""
-    sets = (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val))
+    sets = (("train", data.labeled), ("unlabeled", data.unlabeled), ("eval", data.val), ("test", data.test))
     return [(context, dataset) for context, dataset in sets if dataset is not None]
 
 
@@ -501,8 +539,9 @@ def _is_prune(error: BaseException) -> bool:
     return type(error).__name__ == "TrialPruned"
 
 
-def _evaluate_both(training: Training, val_loader, interrupts: Optional[Interrupts] = None) -> dict[str, float]:
-    """``val/teacher/bbox_*`` and ``val/student/bbox_*`` (main process; empty elsewhere).
+def _evaluate_both(training: Training, val_loader, interrupts: Optional[Interrupts] = None,
+                   prefix: str = "val") -> dict[str, float]:
+    """``<prefix>/teacher/bbox_*`` and ``<prefix>/student/bbox_*`` (main process; empty elsewhere).
 
     With ``interrupts`` and one process, a stop request cuts the evaluation short
     (``EvaluationInterrupted``); several processes finish it together (one alone leaving
@@ -515,7 +554,20 @@ def _evaluate_both(training: Training, val_loader, interrupts: Optional[Interrup
     for name, detector in (("teacher", training.teacher.detector), ("student", accelerator.unwrap_model(training.student).detector)):
         result = evaluate(detector, val_loader, accelerator, should_stop)
         if result is not None:
-            metrics.update({f"val/{name}/bbox_{key}": value for key, value in result.items()})
+            metrics.update({f"{prefix}/{name}/bbox_{key}": value for key, value in result.items()})
+    return metrics
+
+
+def _evaluate_test(cfg: DictConfig, data: DataBundle, training: Training, tracker: Tracker) -> dict[str, float]:
+    """``test/{teacher,student}/bbox_*`` of the finished run, logged at its last step: the
+    held-out set is read once, here, never during training (no choice is made on it)."""
+    accelerator = training.accelerator
+    pin = accelerator.device.type == "cuda"
+    loader = eval_loader(data.test, shard(data.test, accelerator), num_workers=eval_workers(cfg.data, accelerator.device),
+                         pin_memory=pin)
+    metrics = _evaluate_both(training, loader, prefix="test")
+    if accelerator.is_main_process:
+        tracker.log_metrics(metrics, training.state.step)
     return metrics
 
 

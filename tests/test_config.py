@@ -74,6 +74,10 @@ def test_evaluation_workers_default_to_none_on_a_cpu_and_num_workers_on_a_gpu():
     ("data.percent=150", r"data.percent=150.0 \(must be in \(0, 100\]\)"),
     ("method.rf_cls_thr=1.5", r"method.rf_cls_thr=1.5 \(must be in \[0, 1\]\)"),
     ("model.anchor_sizes=[16,0,64,128,256]", r"model.anchor_sizes=\[16, 0, 64, 128, 256\] \(must be > 0\)"),
+    ("method.polish_use=labels", r"method.polish_use=labels \(must be both, boxes, categories or none\)"),
+    ("method.pseudo_labels=truth", r"method.pseudo_labels=truth \(must be teacher or oracle\)"),
+    ("data.synthetic.num_test=-1", r"data.synthetic.num_test=-1 \(must be >= 0\)"),
+    ("data.strong_erase_count=[-1,2]", r"data.strong_erase_count=\[-1, 2\] \(must be >= 0\)"),
 ])
 def test_out_of_range_values_fail_at_compose_time(override, message):
     from ssod.config import ConfigError

@@ -102,3 +102,25 @@ def test_detections_come_to_the_host_unchanged_in_one_copy():
     for (boxes, scores, labels), out in zip(detections_to_host(outputs), outputs):
         assert torch.equal(boxes, out["boxes"]) and torch.equal(scores, out["scores"]) and torch.equal(labels, out["labels"])
         assert labels.dtype == torch.int64 and scores.untyped_storage().nbytes() == scores.numel() * 4
+
+
+@pytest.mark.parametrize("use", ["both", "boxes", "categories", "none"])
+def test_polish_use_takes_the_polished_boxes_and_categories_it_names(use):
+    """The ablations: each part of polishing is used only where ``method.polish_use`` says."""
+    from ssod.engine import _use_polished
+    from ssod.models.polish import PolishedPseudoLabels
+
+    raw = torch.tensor([[5.0, 5, 30, 30], [40, 10, 70, 50], [10, 10, 60, 60]])
+    polished_boxes = raw + torch.tensor([1.0, -1, 2, 0])
+    polished = PolishedPseudoLabels(
+        raw, torch.tensor([1, 2, 3]), torch.tensor([0.95, 0.6, 0.92]), polished_boxes,
+        keep=torch.tensor([True, True, False]), cls_labels=torch.tensor([1, 4, 3]),
+    )
+    labels = _use_polished(polished, MethodConfig(polish_use=use, det_score_thr=0.9))
+    assert torch.equal(labels.boxes, raw) and torch.equal(labels.labels, polished.labels)
+    expected_boxes = polished_boxes if use in ("both", "boxes") else raw
+    assert torch.equal(labels.reg_boxes, expected_boxes) and labels.reg_keep.all()
+    if use in ("both", "categories"):  # the category network's keep and relabel
+        assert labels.cls_keep.tolist() == [True, True, False] and labels.cls_labels.tolist() == [1, 4, 3]
+    else:  # the detector's own: a score above det_score_thr, its label
+        assert labels.cls_keep.tolist() == [True, False, True] and labels.cls_labels.tolist() == [1, 2, 3]

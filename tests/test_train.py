@@ -219,3 +219,31 @@ def test_burn_in_then_ramp_on_the_pretrained_model_resumes_like_a_straight_run(m
     resumed, straight = final_checkpoint(tmp_path / "outputs"), final_checkpoint(tmp_path / "straight")
     for part in ("student", "teacher"):
         assert_same_weights(resumed[part], straight[part])
+
+
+@pytest.mark.slow
+def test_init_continue_goes_on_with_the_burn_in_schedule_in_a_new_run_and_reports_the_held_out_test_set(
+        make_config, mlflow_store, tmp_path: Path):
+    """The method benchmark's shape: a polish_teacher burn-in, then another method continuing
+    its schedule (step, learning rate, EMA counters) as a new MLflow run in its own folder;
+    the test split is evaluated once, at the end, and never before."""
+    schedule = ("train.lr_steps=[3]", "train.warmup_iters=0", "data.val_max_images=2", "data.synthetic.num_test=3")
+    run(make_config(*schedule, "train.iterations=3", "method.unsup_start=3", method="polish_teacher"))
+    burn_in = mlflow_store.only_run()
+    burn_in_checkpoint = final_checkpoint(tmp_path / "outputs")
+    # Same model (polishing networks): momentum continues; supervised (none): it starts afresh.
+    for method, folder in (("polish_teacher", "pt"), ("supervised", "sup")):
+        run(make_config(*schedule, "train.iterations=5", "method.unsup_start=3", f"train.run_name={folder}",
+                        f"train.output_dir={tmp_path / folder}", f"train.init_from={tmp_path / 'outputs'}",
+                        "train.init_continue=true", method=method))
+        continued = [r for r in mlflow_store.runs() if r.info.run_name == folder][0]
+        assert continued.info.run_id != burn_in.info.run_id
+        assert mlflow_store.steps(continued.info.run_id, "train/loss") == [4, 5]
+        # Past the lr step at 3: the burn-in's schedule, not a restart at the peak (or a warmup).
+        assert mlflow_store.history(continued.info.run_id, "train/lr")[5] == [pytest.approx(0.001)]
+        final = final_checkpoint(tmp_path / folder)
+        assert final["step"] == 5 and final["ema_steps"] == burn_in_checkpoint["ema_steps"] + 2
+        assert mlflow_store.steps(continued.info.run_id, "test/teacher/bbox_AP") == [5]
+        assert mlflow_store.steps(continued.info.run_id, "val/teacher/bbox_AP")[-1] == 5
+    assert mlflow_store.steps(burn_in.info.run_id, "test/student/bbox_AP") == [3]
+    assert "test/teacher/bbox_AP" in mlflow_store.client.get_run(burn_in.info.run_id).data.metrics

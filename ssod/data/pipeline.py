@@ -21,7 +21,7 @@ from typing import Optional
 from ssod.config import DataConfig
 from ssod.data.coco import CategoryMap, CocoDetection, DatasetError, load_split
 from ssod.data.splits import make_split, scheme_name, split_paths
-from ssod.data.synthetic import SyntheticRecipe, default_cache_dir, ensure_synthetic
+from ssod.data.synthetic import SyntheticPaths, SyntheticRecipe, default_cache_dir, ensure_synthetic
 from ssod.data.transforms import EvalTransform, LabeledTransform, WeakStrongTransform
 
 
@@ -62,6 +62,8 @@ class DataFiles:
     val_json: Path
     val_images: Path
     source_json: Optional[Path] = None  # the json the labeled/unlabeled split files were made from
+    test_json: Optional[Path] = None  # the held-out test set, if any
+    test_images: Optional[Path] = None
 
 
 @dataclass
@@ -71,6 +73,7 @@ class DataBundle:
     labeled: CocoDetection
     unlabeled: Optional[CocoDetection]
     val: CocoDetection
+    test: Optional[CocoDetection] = None
 
 
 def _absolute(path: str, project_dir: Path) -> Path:
@@ -80,11 +83,22 @@ def _absolute(path: str, project_dir: Path) -> Path:
 
 def resolve_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
     """Turn the data config into concrete files, generating what is missing."""
+    files = _resolve_training_files(cfg, project_dir)
+    if cfg.name == "synthetic" and cfg.synthetic.num_test:
+        paths = SyntheticPaths.under(files.val_json.parent.parent)
+        files.test_json, files.test_images = paths.test_json, paths.test_images
+    elif cfg.test_json:
+        files.test_json = _absolute(cfg.test_json, project_dir)
+        files.test_images = _absolute(cfg.test_images or cfg.val_images, project_dir)
+    return files
+
+
+def _resolve_training_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if cfg.name == "synthetic":
         synthetic = cfg.synthetic
         recipe = SyntheticRecipe(
-            seed=synthetic.seed, num_train=synthetic.num_train, num_val=synthetic.num_val,
+            seed=synthetic.seed, num_train=synthetic.num_train, num_val=synthetic.num_val, num_test=synthetic.num_test,
             image_size=tuple(synthetic.image_size), object_size=tuple(synthetic.object_size),
         )
         paths = ensure_synthetic(cache / "synthetic", recipe)
@@ -151,10 +165,22 @@ def build_data(cfg: DataConfig, project_dir: Path, need_unlabeled: bool) -> Data
         weak_strong = UnlabeledView(WeakStrongTransform(
             cfg.train_min_sizes, cfg.train_max_size, max_rotate_deg=cfg.strong_rotate_deg,
             max_translate=cfg.strong_translate, max_shear_deg=cfg.strong_shear_deg,
+            erase_count=_erase_count(cfg.strong_erase_count), photometric=cfg.strong_photometric,
         ))
         unlabeled = _from_user_file(files, lambda: load_split(files.unlabeled_json, files.unlabeled_images, category_map,
                                                               weak_strong))
-    val = load_split(files.val_json, files.val_images, category_map, EvalView(EvalTransform(cfg.test_size, cfg.test_max_size)))
+    eval_view = EvalView(EvalTransform(cfg.test_size, cfg.test_max_size))
+    val = load_split(files.val_json, files.val_images, category_map, eval_view)
     if cfg.val_max_images is not None:
         val.image_ids = val.image_ids[: cfg.val_max_images]
-    return DataBundle(files, category_map, labeled, unlabeled, val)
+    test = None
+    if files.test_json is not None:
+        test = load_split(files.test_json, files.test_images, category_map, eval_view)
+    return DataBundle(files, category_map, labeled, unlabeled, val, test)
+
+
+def _erase_count(count) -> tuple[int, int]:
+    """``data.strong_erase_count`` as (fewest, most) rectangles."""
+    if len(count) != 2 or count[0] > count[1]:
+        raise ValueError(f"data.strong_erase_count must be [fewest, most] with fewest <= most, got {list(count)}")
+    return int(count[0]), int(count[1])

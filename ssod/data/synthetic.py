@@ -6,6 +6,7 @@ deterministically from a `SyntheticRecipe` on first use into a cache directory
 
     <cache>/synthetic-<hash>/train/000001.jpg ...      annotations/train.json
     <cache>/synthetic-<hash>/val/000001.jpg ...        annotations/val.json
+    <cache>/synthetic-<hash>/test/000001.jpg ...       annotations/test.json (num_test > 0)
 
 `<hash>` is a short hash of the recipe and of `GENERATOR_VERSION`, so a changed recipe or
 changed drawing code gets a fresh directory instead of a stale one.
@@ -63,7 +64,7 @@ _ROTATION = {
 }
 _SUPERSAMPLE = 4
 _MIN_CONTRAST = 80.0
-_SPLITS = ("train", "val")
+_SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class SyntheticRecipe:
     seed: int = 0
     num_train: int = 1200
     num_val: int = 200
+    # A held-out test split (its own random streams): for reporting only, never for tuning.
+    num_test: int = 0
     image_size: tuple[int, int] = (128, 192)
     objects_per_image: tuple[int, int] = (1, 6)
     object_size: tuple[float, float] = (10.0, 60.0)
@@ -103,7 +106,10 @@ class SyntheticRecipe:
 
     def fingerprint(self) -> str:
         """Short hash of the recipe and the generator version (names the cache directory)."""
-        payload = json.dumps({"generator_version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        recipe = asdict(self)
+        if not recipe["num_test"]:
+            del recipe["num_test"]  # the same files as before test splits existed: the same name
+        payload = json.dumps({"generator_version": GENERATOR_VERSION, **recipe}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
@@ -116,11 +122,14 @@ class SyntheticPaths:
     train_images: Path
     val_json: Path
     val_images: Path
+    test_json: Path  # present when the recipe has num_test > 0
+    test_images: Path
 
     @classmethod
     def under(cls, root: Path) -> SyntheticPaths:
         return cls(root, root / "annotations/train.json", root / "train",
-                   root / "annotations/val.json", root / "val")
+                   root / "annotations/val.json", root / "val",
+                   root / "annotations/test.json", root / "test")
 
 
 def default_cache_dir() -> Path:
@@ -160,7 +169,9 @@ def _build_dataset(root: Path, recipe: SyntheticRecipe) -> None:
     (root / "annotations").mkdir(parents=True)
     (root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     for split_index, split in enumerate(_SPLITS):
-        count = recipe.num_train if split == "train" else recipe.num_val
+        count = {"train": recipe.num_train, "val": recipe.num_val, "test": recipe.num_test}[split]
+        if split == "test" and not count:
+            continue
         _write_split(root, split, split_index, count, recipe)
 
 

@@ -48,3 +48,19 @@ def test_a_json_replaced_in_place_gets_new_splits(tmp_path: Path):
 def test_a_missing_training_json_is_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"missing\.json: COCO json file not found \(data\.train_json\)"):
         _labeled_ids(tmp_path, tmp_path / "missing.json")
+
+
+def test_the_strong_views_augmentations_follow_the_data_config(tmp_path: Path, dataset_cache: Path):
+    from ssod.data.pipeline import build_data
+
+    cfg = compose([*_small(dataset_cache), "data.strong_photometric=false", "data.strong_erase_count=[0,2]",
+                   "data.strong_rotate_deg=5"])
+    transform = build_data(OmegaConf.to_object(cfg.data), tmp_path, need_unlabeled=True).unlabeled.view.transform
+    assert (transform.photometric, transform.erase_count, transform.max_rotate_deg) == (False, (0, 2), 5.0)
+    with pytest.raises(ValueError, match="data.strong_erase_count"):
+        build_data(OmegaConf.to_object(compose([*_small(dataset_cache), "data.strong_erase_count=[3,1]"]).data),
+                   tmp_path, need_unlabeled=True)
+
+
+def _small(dataset_cache: Path) -> list[str]:
+    return ["data.synthetic.num_train=20", "data.synthetic.num_val=4", f"data.cache_dir={dataset_cache}", "data.percent=50"]

@@ -156,3 +156,18 @@ def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "cache"
     monkeypatch.delenv("SSOD_CACHE_DIR")
     assert default_cache_dir() == Path.home() / ".cache" / "ssod"
+
+
+def test_a_test_split_is_drawn_apart_and_leaves_the_other_files_and_name_unchanged(tmp_path):
+    with_test = SyntheticRecipe(seed=3, num_train=14, num_val=6, num_test=5)
+    assert with_test.fingerprint() != TINY.fingerprint()
+    # No test split: the name (and the files) of a dataset made before test splits existed.
+    assert SyntheticRecipe(seed=3, num_train=14, num_val=6, num_test=0).fingerprint() == TINY.fingerprint()
+    plain, tested = ensure_synthetic(tmp_path / "a", TINY), ensure_synthetic(tmp_path / "b", with_test)
+    assert not plain.test_json.exists()
+    assert len(json.loads(tested.test_json.read_text())["images"]) == 5
+    for split in ("train", "val"):
+        assert (plain.root / split / "000001.jpg").read_bytes() == (tested.root / split / "000001.jpg").read_bytes()
+    # Its own random streams: test image 1 is neither train nor val image 1.
+    test_image = (tested.test_images / "000001.jpg").read_bytes()
+    assert test_image not in ((tested.train_images / "000001.jpg").read_bytes(), (tested.val_images / "000001.jpg").read_bytes())
