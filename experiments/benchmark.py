@@ -180,6 +180,19 @@ def train(name: str, overrides: list[str], output_dir: Path, threads: int, log_d
     print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
+def prepare_data(args: argparse.Namespace, keys: list[tuple[float, int]]) -> None:
+    """Generate the dataset and every labeled split once, here, before runs start side by
+    side (each would otherwise draw its own copy of the images)."""
+    from omegaconf import OmegaConf
+
+    from ssod.config import compose
+    from ssod.data.pipeline import resolve_files
+
+    for percent, seed in keys:
+        cfg = compose([*common_overrides(args, percent, seed), *args.overrides])
+        resolve_files(OmegaConf.to_object(cfg.data), Path.cwd())
+
+
 def ensure_burn_in(plan: Plan, percent: float, seed: int, threads: int) -> Path:
     """The shared supervised burn-in of one (fraction, seed): its final checkpoint."""
     args = plan.args
@@ -206,39 +219,49 @@ def run_arm(plan: Plan, run: Run, burn_in: Path, threads: int) -> dict:
         *args.overrides,
     ]
     try:  # finished before its record was written (the benchmark was stopped in between)
-        return record(args, run, total)
+        return record(plan, run, total)
     except LookupError:
         pass
     train(run.name, overrides, plan.output_dir(run.name), threads, Path(args.outputs) / "logs")
-    return record(args, run, total)
+    return record(plan, run, total)
 
 
-def record(args: argparse.Namespace, run: Run, iterations: int) -> dict:
-    """The json record of a finished run, read back from MLflow."""
+def record(plan: Plan, run: Run, iterations: int) -> dict:
+    """The json record of a finished run: its ``final_metrics.json`` and, with tracking on,
+    the pseudo-label quality over all its unsupervised intervals from MLflow (with tracking
+    off, the last interval's). Raises LookupError when the run has not finished."""
+    args = plan.args
+    path = plan.output_dir(run.name) / "final_metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    if metrics.get("step") != iterations:
+        raise LookupError(f"{run.name}: not finished ({path})")
+    entry = {"arm": run.arm, "method": ARMS[run.arm][0].split("=")[1], "percent": run.percent, "seed": run.seed,
+             "iterations": iterations, "burn_in": args.burn_in, "mlflow_run_id": metrics.get("mlflow_run_id"),
+             "labeled_images": metrics.get("data/train/images")}
+    entry.update({key: metrics.get(metric) for key, metric in FINAL.items()})
+    histories = _quality_histories(args, entry["mlflow_run_id"])
+    for key, metric in {**QUALITY_MEAN, **QUALITY_SUM}.items():
+        if histories is None:
+            value = metrics.get(metric)
+            entry[key] = None if value is None or math.isnan(value) else value
+            continue
+        values = [v for step, v in histories.get(metric, []) if step > args.burn_in and not math.isnan(v)]
+        summary = sum if key in QUALITY_SUM else statistics.fmean
+        entry[key] = summary(values) if values else None
+    return entry
+
+
+def _quality_histories(args: argparse.Namespace, run_id: str | None) -> dict[str, list[tuple[int, float]]] | None:
+    if not run_id or "tracking.enabled=false" in args.overrides:
+        return None
     from mlflow.tracking import MlflowClient
 
     from ssod.tracking import default_tracking_uri
 
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")]
     client = MlflowClient(given[-1] if given else default_tracking_uri(Path.cwd()))
-    experiment = client.get_experiment_by_name(args.experiment)
-    found = experiment and client.search_runs(
-        [experiment.experiment_id], f"attributes.run_name = '{run.name}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not found:
-        raise LookupError(f"{run.name}: no FINISHED MLflow run in experiment {args.experiment}")
-    mlflow_run = found[0]
-    metrics = mlflow_run.data.metrics
-    entry = {"arm": run.arm, "method": ARMS[run.arm][0].split("=")[1], "percent": run.percent, "seed": run.seed,
-             "iterations": iterations, "burn_in": args.burn_in, "mlflow_run_id": mlflow_run.info.run_id,
-             "labeled_images": metrics.get("data/train/images")}
-    entry.update({key: metrics.get(metric) for key, metric in FINAL.items()})
-    for key, metric in {**QUALITY_MEAN, **QUALITY_SUM}.items():
-        values = [m.value for m in client.get_metric_history(mlflow_run.info.run_id, metric)
-                  if m.step > args.burn_in and not math.isnan(m.value)]
-        summary = sum if key in QUALITY_SUM else statistics.fmean
-        entry[key] = summary(values) if values else None
-    return entry
+    return {metric: [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+            for metric in {**QUALITY_MEAN, **QUALITY_SUM}.values()}
 
 
 def load_records(path: Path) -> dict[str, dict]:
@@ -341,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = max((os.cpu_count() or 1) // args.jobs, 1)
         # Burn-ins first (each is shared by its fraction and seed's arms), then the arms.
         keys = sorted({(run.percent, run.seed) for run in todo})
+        prepare_data(args, keys)
         with ThreadPoolExecutor(args.jobs) as pool:
             burn_ins = dict(zip(keys, pool.map(lambda key: ensure_burn_in(plan, *key, threads), keys)))
             futures = {pool.submit(run_arm, plan, run, burn_ins[(run.percent, run.seed)], threads): run for run in todo}

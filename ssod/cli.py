@@ -8,15 +8,26 @@ traceback; so does every error with ``HYDRA_FULL_ERROR=1``.
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 from ssod.checkpoint import CheckpointError
 from ssod.config import ConfigError
 from ssod.data.coco import DatasetError
 from ssod.models.efficientnet import WeightsError
-from ssod.tracking import TrackingUnreachable, mask_console
+from ssod.tracking import (
+    SPOOL_DIR,
+    TrackingUnreachable,
+    check_reachable,
+    default_tracking_uri,
+    mask_console,
+    mask_secrets,
+    replay_spool,
+)
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, TrackingUnreachable, WeightsError)
 
@@ -38,3 +49,27 @@ def user_error_status(prog: str, error: Exception) -> int:
         raise error
     print(f"{prog}: error: {error}", file=sys.stderr)
     return 2
+
+
+def sync_main(argv: Optional[list[str]] = None) -> int:
+    """``ssod-sync OUTPUT_DIR [--uri URI]``: send what runs in OUTPUT_DIR could not send to
+    MLflow when they ended (their ``tracking-spool``: metric values, tags, the run's end).
+    The next training in that folder does the same at its start."""
+    return one_line_errors("ssod-sync", _sync, argv)
+
+
+def _sync(argv: Optional[list[str]]) -> int:
+    parser = argparse.ArgumentParser(prog="ssod-sync", description=sync_main.__doc__)
+    parser.add_argument("output_dir", type=Path, help="a run's output folder (train.output_dir)")
+    parser.add_argument("--uri", default="", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spool = args.output_dir / SPOOL_DIR
+    if not spool.is_dir():
+        print(f"ssod-sync: nothing to send: {spool} does not exist")
+        return 0
+    uri = args.uri or default_tracking_uri(Path.cwd())
+    check_reachable(uri)
+    done, left = replay_spool(spool, uri)
+    print(f"ssod-sync: {done} spooled run(s) sent to {mask_secrets(uri)}; {left} left in {spool}")
+    return 1 if left else 0

@@ -181,8 +181,12 @@ class Tracker:
     deleted run) are dropped, not held. ``failures`` counts what did not get through.
     """
 
-    def __init__(self, uri: str, experiment: str, enabled: bool = True) -> None:
+    def __init__(self, uri: str, experiment: str, enabled: bool = True, spool_dir: Optional[Path] = None) -> None:
         self.enabled = enabled
+        # What ``end`` could not send (values, the run's end) is written here, and sent by
+        # the next start in this folder or by ``ssod-sync`` (see ``replay_spool``).
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
+        self.spooled: Optional[Path] = None  # the file ``end`` wrote, if any
         self.uri = uri
         self.experiment = experiment
         self.run_id: Optional[str] = None
@@ -229,6 +233,9 @@ class Tracker:
         """
         if not self.enabled:
             return ""
+        if self.spool_dir is not None and self.spool_dir.is_dir():
+            # What an earlier run in this folder could not send (the server was down at its end).
+            replay_spool(self.spool_dir, self.uri)
         all_tags = {k: mask_secrets(str(v)) for k, v in dict(tags).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -424,26 +431,42 @@ class Tracker:
             self.client.log_inputs(self.run_id, datasets=[entity])
 
     def end(self, status: str) -> None:
-        """Close the run as FINISHED, FAILED or KILLED (held metric values are sent first)."""
+        """Close the run as FINISHED, FAILED or KILLED (held metric values are sent first).
+
+        What still does not get through (held values, the checkpoint tag, the run's end) is
+        written to the spool (``spooled`` names the file) instead of being lost: the run is
+        then left RUNNING on the server until the spool is replayed."""
         if self.enabled and self.run_id:
             self._paused_until = 0.0  # the last chance: try once more
             self._flush(f"sending held metric values before ending the run {status}")
-            if self._checkpoint_step is not None:
-                self.set_tags({CHECKPOINT_STEP_TAG: self._checkpoint_step})
-            # A failure here must not hide the error that may be ending the run.
-            self._best_effort(f"ending the run {status}", self.client.set_terminated, self.run_id, status=status)
+            tags = {CHECKPOINT_STEP_TAG: str(self._checkpoint_step)} if self._checkpoint_step is not None else {}
+            ended = False
+            if not self._pending:
+                if tags:
+                    self.set_tags(tags)
+                # A failure here must not hide the error that may be ending the run.
+                ended = self._best_effort(f"ending the run {status}", self.client.set_terminated, self.run_id,
+                                          status=status)
+            else:
+                self.failures += 1  # not ended: its values must arrive first
+            if not ended and self.spool_dir is not None:
+                self.spooled = write_spool(self.spool_dir, self.run_id, self._pending, tags, status)
+                self._pending = []
 
-    def _best_effort(self, what: str, call, *args, **kwargs) -> None:
+    def _best_effort(self, what: str, call, *args, **kwargs) -> bool:
+        """``call(...)``, a warning instead of an error; returns whether it went through."""
         if self._paused():
             self.failures += 1
             log.debug("MLflow paused after a failure: %s skipped", what)
-            return
+            return False
         try:
             call(*args, **kwargs)
+            return True
         except tracking_errors() as error:
             if not _permanent(error):
                 self._pause()
             self._warn(what, error, "skipped")
+            return False
 
     def _paused(self) -> bool:
         return time.monotonic() < self._paused_until
@@ -454,6 +477,57 @@ class Tracker:
     def _warn(self, what: str, error: BaseException, outcome: str) -> None:
         self.failures += 1
         log.warning("MLflow: %s failed (%s: %s); training goes on, %s", what, type(error).__name__, mask_secrets(str(error)), outcome)
+
+
+def write_spool(spool_dir: Path, run_id: str, metrics: list, tags: Mapping[str, str], status: str) -> Path:
+    """Write what a run could not send to ``<spool_dir>/<run_id>.json`` (merged with an
+    earlier spool of the same run). No tracking URI is stored (it may hold a password):
+    the replay sends to the store it is given."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    path = spool_dir / f"{run_id}.json"
+    earlier = json.loads(path.read_text())["metrics"] if path.is_file() else []
+    payload = {"run_id": run_id, "status": status, "tags": dict(tags),
+               "metrics": earlier + [[m.key, m.value, m.timestamp, m.step] for m in metrics]}
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(payload))
+    os.replace(temporary, path)
+    return path
+
+
+def replay_spool(spool_dir: Path, uri: str) -> tuple[int, int]:
+    """Send every spooled run of ``spool_dir`` to the store at ``uri``: its metric values,
+    tags, and its end (the status it ended with). A file is removed once all of it went
+    through, kept otherwise. Returns (runs completed, runs left)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    files = sorted(Path(spool_dir).glob("*.json")) if Path(spool_dir).is_dir() else []
+    if not files:
+        return 0, 0
+    client = MlflowClient(tracking_uri=uri)
+    done = 0
+    for path in files:
+        payload = json.loads(path.read_text())
+        run_id = payload["run_id"]
+        try:
+            metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in payload["metrics"]]
+            for start in range(0, len(metrics), 500):
+                client.log_batch(run_id, metrics=metrics[start : start + 500])
+            for key, value in payload["tags"].items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, status=payload["status"])
+        except tracking_errors() as error:
+            log.warning("MLflow: the spooled run %s (%s) could not be sent (%s: %s); kept for the next try",
+                        run_id, path, type(error).__name__, mask_secrets(str(error)))
+            continue
+        path.unlink()
+        done += 1
+        log.info("MLflow: sent the spooled run %s (%d metric values, ended %s)", run_id, len(metrics), payload["status"])
+    return done, len(files) - done
+
+
+# A run's spool folder, inside its output folder.
+SPOOL_DIR = "tracking-spool"
 
 
 def _permanent(error: BaseException) -> bool:

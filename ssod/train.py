@@ -60,11 +60,13 @@ from ssod.cli import USER_ERRORS, user_error_status
 from ssod.config import CONF_DIR, MethodConfig, eval_workers, flatten, validate
 from ssod.data.pipeline import DataBundle, build_data
 from ssod.data.sampling import infinite_loader
+from ssod.data.splits import write_json_atomic
 from ssod.engine import EvaluationInterrupted, eval_loader, evaluate, shard
 from ssod.loop import Interrupts, Meters, RunState, log_bad_files, log_pictures, stop_if_too_many_bad
 from ssod.models.teacher import ema_momentum
 from ssod.step import Training, train_step
 from ssod.tracking import (
+    SPOOL_DIR,
     Tracker,
     check_reachable,
     default_tracking_uri,
@@ -80,9 +82,15 @@ EvalCallback = Callable[[int, dict[str, float]], None]
 
 
 class RunResult(dict):
-    """Final metrics by name; ``status`` says how the run ended (FINISHED or KILLED)."""
+    """Final metrics by name; ``status`` says how the run ended (FINISHED or KILLED);
+    ``tracking_incomplete``: MLflow did not take all of it (see ``Tracker.end``)."""
 
     status = "FINISHED"
+    tracking_incomplete = False
+
+
+# ssod-train's exit status when training finished but MLflow did not take all of the run.
+TRACKING_INCOMPLETE_STATUS = 3
 
 
 def to_device(batch: list, device: torch.device) -> list:
@@ -140,9 +148,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             lock.release()
         raise
     set_seed(train.seed)
-    tracker = Tracker(uri, cfg.tracking.experiment, enabled=accelerator.is_main_process and cfg.tracking.enabled)
+    tracker = Tracker(uri, cfg.tracking.experiment, enabled=accelerator.is_main_process and cfg.tracking.enabled,
+                      spool_dir=ckpt_dir.parent / SPOOL_DIR)
     interrupts = Interrupts()
-    status, training = "FAILED", None
+    status, training, final_metrics = "FAILED", None, None
     try:
         with accelerator.main_process_first():
             data = build_data(cfg.data, project_dir, need_unlabeled=method.name != "supervised")
@@ -188,6 +197,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
+            # Beside the checkpoints as well: readable with tracking off (a benchmark on a GPU machine).
+            write_json_atomic({**final_metrics, "step": training.state.step, "mlflow_run_id": tracker.run_id or None},
+                              ckpt_dir.parent / "final_metrics.json")
             # AP in percent, as papers and this README print it (MLflow holds pycocotools' 0-1 values).
             log.info("finished at step %d: teacher AP %.1f, student AP %.1f (COCO AP in %%, validation set); checkpoint %s",
                      training.state.step, 100 * final_metrics.get("val/teacher/bbox_AP", math.nan),
@@ -212,6 +224,13 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     finally:
         interrupts.restore()
         tracker.end(status)
+        if tracker.spooled is not None:
+            # The last line a user sees: the run is not fully in MLflow yet.
+            if final_metrics is not None:
+                final_metrics.tracking_incomplete = True
+            log.error("tracking incomplete: the MLflow server did not take the run's last metric values and its end "
+                      "(%s); they are kept in %s and sent by the next run in this folder or by `ssod-sync %s`",
+                      status, tracker.spooled, ckpt_dir.parent)
         if lock is not None:
             lock.release()
         if status != "FAILED":
@@ -600,6 +619,8 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     if metrics.status == "KILLED":
         # Stopped by a signal after a checkpoint: not a success for the job scheduler.
         sys.exit(128 + signal.SIGTERM)
+    if metrics.tracking_incomplete:
+        sys.exit(TRACKING_INCOMPLETE_STATUS)
     value = metrics.get("val/teacher/bbox_AP")
     return None if value is None or math.isnan(value) else value
 

@@ -282,3 +282,73 @@ def test_ssod_train_prints_no_password_when_the_server_is_down(tmp_path: Path, d
     # One line that says what to do, not a traceback.
     assert result.stderr.strip().splitlines()[-1].startswith("ssod-train: error: MLflow tracking server http://user:***@")
     assert "tracking.enabled=false" in output and "Traceback" not in output
+
+
+def _server_down(monkeypatch, client_class) -> None:
+    """Every write of any MLflow client raises as an unreachable server's does (the store is real)."""
+    from mlflow.exceptions import MlflowException
+
+    def unavailable(*args, **kwargs):
+        raise MlflowException("API request failed: 503 Service Unavailable")
+
+    for name in ("log_batch", "set_terminated", "set_tag", "log_text", "log_dict", "log_artifact", "log_image"):
+        monkeypatch.setattr(client_class, name, unavailable)
+
+
+def test_values_the_server_never_took_are_spooled_and_sent_by_the_next_start(mlflow_uri: str, mlflow_store,
+                                                                              monkeypatch, tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    spool = tmp_path / "out" / "tracking-spool"
+    tracker = Tracker(mlflow_uri, "unit", spool_dir=spool)
+    run_id = tracker.start("name")
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.note_checkpoint(2)
+    with monkeypatch.context() as patch:
+        _server_down(patch, MlflowClient)
+        tracker.log_metrics({"train/loss": 2.0, "val/AP": 0.5}, 2)
+        tracker.end("FINISHED")
+    assert tracker.spooled == spool / f"{run_id}.json" and tracker.spooled.is_file()
+    assert mlflow_uri.split("///")[-1] not in tracker.spooled.read_text()  # no URI (no password) in the file
+    run = mlflow_store.client.get_run(run_id)
+    assert run.info.status == "RUNNING" and mlflow_store.history(run_id, "train/loss") == {1: [1.0]}
+    # The next run in the same folder sends it first, whatever it is.
+    Tracker(mlflow_uri, "unit", spool_dir=spool).start("next")
+    assert not tracker.spooled.exists()
+    run = mlflow_store.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[CHECKPOINT_STEP_TAG] == "2"
+    assert mlflow_store.history(run_id, "train/loss") == {1: [1.0], 2: [2.0]}
+    assert mlflow_store.history(run_id, "val/AP") == {2: [0.5]}
+
+
+def test_a_training_whose_server_is_down_at_the_end_says_so_exits_3_and_ssod_sync_completes_it(
+        make_config, mlflow_store, monkeypatch, tmp_path: Path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from ssod.cli import sync_main
+    from ssod.train import run
+
+    down = []
+    original = {name: getattr(MlflowClient, name) for name in ("log_batch", "set_terminated")}
+
+    def flaky(name):
+        def call(self, *args, **kwargs):
+            if down:
+                from mlflow.exceptions import MlflowException
+
+                raise MlflowException("API request failed: 503 Service Unavailable")
+            return original[name](self, *args, **kwargs)
+        return call
+
+    for name in original:
+        monkeypatch.setattr(MlflowClient, name, flaky(name))
+    # The server goes away after the final evaluation: the run's end is held (and spooled).
+    result = run(make_config("train.iterations=2", "train.eval_every=1000"), on_eval=lambda step, metrics: down.append(step))
+    assert result.tracking_incomplete and "tracking incomplete" in caplog.records[-1].getMessage()
+    assert mlflow_store.only_run().info.status == "RUNNING"
+    assert sorted((tmp_path / "outputs" / "tracking-spool").glob("*.json"))
+    down.clear()
+    assert sync_main([str(tmp_path / "outputs"), "--uri", mlflow_store.uri]) == 0
+    run_info = mlflow_store.only_run()
+    assert run_info.info.status == "FINISHED" and "val/teacher/bbox_AP" in run_info.data.metrics
+    assert not list((tmp_path / "outputs" / "tracking-spool").glob("*.json"))
