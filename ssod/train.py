@@ -452,8 +452,18 @@ def describe_run(cfg: DictConfig, categories) -> dict:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # e.g. ${hydra:...} outside Hydra's app
         config = OmegaConf.to_container(cfg, resolve=False)
-    return {"config": config,
+    # Passwords in URIs (tracking, storage) masked: a checkpoint is shared and logged as an artifact.
+    return {"config": _masked(config),
             "categories": {"ids": list(categories.category_ids), "names": list(categories.names)}}
+
+
+def _masked(node):
+    """``node`` (nested dicts and lists) with every string passed through ``mask_secrets``."""
+    if isinstance(node, dict):
+        return {key: _masked(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_masked(value) for value in node]
+    return mask_secrets(node) if isinstance(node, str) else node
 
 
 def _check_oracle(data: DataBundle) -> None:

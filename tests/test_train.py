@@ -54,6 +54,10 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     run_id = run_.info.run_id
     assert run_.info.status == "FINISHED"
     assert load_checkpoint(checkpoints / "step-00000004.pt")["mlflow_run_id"] == run_id
+    # The resolved config a checkpoint and the output folder carry: no password either.
+    carried = load_checkpoint(checkpoints / "step-00000004.pt")["config"]
+    assert carried["data"]["train_json"] == MASKED and carried["tracking"]["tags"]["database"] == MASKED
+    assert "secret" not in (tmp_path / "outputs" / "config.yaml").read_text()
     params = run_.data.params
     assert params["train.lr"] == "0.01" and params["method.name"] == method
     assert params["train.iterations"] == "3"  # params of the first start; MLflow cannot change them ...
