@@ -32,17 +32,18 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from torch.autograd import DeviceType
 
-from ssod.build import apply_speed_settings, build_loss_weights, build_model, build_optimizer
+from ssod.build import apply_speed_settings, build_optimizer
 from ssod.checkpoint import checkpoint_file, load_checkpoint, load_weights
 from ssod.config import compose, eval_workers, flatten
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.data.transforms import project_target
-from ssod.engine import SemiSupervisedModel, detections_to_host, eval_loader, predict, teacher_forward
+from ssod.inference import detections_to_host, eval_loader, predict
+from ssod.methods import build_method
+from ssod.teaching import SemiSupervisedModel
 from ssod.loop import RunState
-from ssod.step import Training, train_step
+from ssod.step import Training, forget_accelerator, to_device, train_step
 from ssod.tracking import Tracker, default_tracking_uri
-from ssod.train import forget_accelerator, to_device
 
 
 STEPS = (
@@ -176,8 +177,8 @@ def measure(args: argparse.Namespace, cfg: DictConfig, accelerator: Accelerator)
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, Path.cwd(), need_unlabeled=True)
-    polish = OmegaConf.to_object(cfg.method)
-    student = apply_speed_settings(cfg.train, build_model(cfg.model, polish, data.category_map.num_classes).to(device))
+    polish = build_method(OmegaConf.to_object(cfg.method))
+    student = apply_speed_settings(cfg.train, polish.build_model(cfg.model, data.category_map.num_classes).to(device))
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     weights_note, start = _load_trained(args.checkpoint, student, teacher) if args.checkpoint else ("random weights", RunState())
     pin = device.type == "cuda"
@@ -235,7 +236,7 @@ def training_parts(cfg: DictConfig, overrides: list[str], accelerator: Accelerat
     Each step's counters start from ``start`` (a fresh run's, or a loaded checkpoint's: at
     step 0 the teacher's EMA momentum is 0 and it becomes the student).
     """
-    methods = {name: OmegaConf.to_object(compose([f"method={name}", *overrides]).method)
+    methods = {name: build_method(OmegaConf.to_object(compose([f"method={name}", *overrides]).method))
                for name in ("supervised", "soft_teacher", "polish_teacher")}
     # The learning rate of the first warm-up step, held: the bench repeats steps on one batch,
     # from random weights too, and the full rate can diverge there (a NaN step does less work).
@@ -249,7 +250,7 @@ def training_parts(cfg: DictConfig, overrides: list[str], accelerator: Accelerat
     def step(name: str, model, teacher_model, method: str, labeled_part: list, unlabeled_part: list):
         counters = dataclasses.replace(start, bad_files=[])
         training = Training(accelerator, model, teacher_model, optimizer, held, counters, Path(tempfile.gettempdir()), 0)
-        weights = build_loss_weights(methods[method])
+        weights = methods[method].loss_weights()
         return make_step(training, methods[method], weights, train, labeled_part, unlabeled_part, nonfinite[name])
 
     return {
@@ -275,8 +276,8 @@ def _other_model_steps(args, data, accelerator: Accelerator, labeled: list, unla
     """``COMPARED`` steps of a fresh student of ``model=args.compare_model``, on the same batch."""
     overrides = [*args.overrides, f"model={args.compare_model}"]
     cfg = compose(["method=polish_teacher", *overrides])
-    polish = OmegaConf.to_object(cfg.method)
-    model = build_model(cfg.model, polish, data.category_map.num_classes).to(accelerator.device)
+    polish = build_method(OmegaConf.to_object(cfg.method))
+    model = polish.build_model(cfg.model, data.category_map.num_classes).to(accelerator.device)
     student = apply_speed_settings(cfg.train, model)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     flags: dict[str, list] = {name: [] for name in STEPS}
@@ -319,10 +320,10 @@ def _pseudo_label_counts(teacher, labeled, unlabeled, method, accelerator: Accel
     images = [item[0] for item in labeled]
     targets = [item[1] for item in labeled]
     with accelerator.autocast():
-        out = teacher_forward(teacher, images, targets, [u[0].image for u in unlabeled], method)
+        out = method.teach(teacher, images, targets, [u[0].image for u in unlabeled])
     count = len(unlabeled)
     raw = sum(len(p.boxes) for p in out.pseudo_labels) / count
-    kept = sum(int(p.classification_keep(method.cls_pseudo_threshold).sum()) for p in out.pseudo_labels) / count
+    kept = sum(int(p.classification_keep(method.thresholds.cls).sum()) for p in out.pseudo_labels) / count
     return f"pseudo labels per unlabeled image: {raw:.1f} raw, {kept:.1f} for classification"
 
 

@@ -1,4 +1,4 @@
-"""Builders that read the config: model, optimizer, learning-rate schedule, loss weights."""
+"""Builders that read the config: model, optimizer, learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -8,38 +8,12 @@ import torch
 from torch import nn
 
 from ssod.config import MethodConfig, ModelConfig, TrainConfig
-from ssod.engine import SemiSupervisedModel
-from ssod.losses import loss_weights
-from ssod.models.detector import build_detector
-from ssod.models.polish import Polisher
-
-METHODS = ("supervised", "soft_teacher", "polish_teacher")
-
+from ssod.methods import build_method
+from ssod.teaching import SemiSupervisedModel
 
 def build_model(model_cfg: ModelConfig, method: MethodConfig, num_classes: int) -> SemiSupervisedModel:
-    """Student: Faster R-CNN, plus the polishing networks when ``method.polish``."""
-    if method.name not in METHODS:
-        raise ValueError(f"method.name={method.name!r}: choose one of {METHODS}")
-    if method.pseudo_labels not in ("teacher", "oracle"):
-        raise ValueError(f"method.pseudo_labels={method.pseudo_labels!r}: choose teacher or oracle")
-    detector = build_detector(model_cfg, num_classes)
-    polisher = None
-    if method.polish:
-        polisher = Polisher(
-            roi_pool=detector.roi_heads.box_roi_pool,
-            in_channels=detector.backbone.out_channels,
-            num_classes=num_classes,
-            hidden=method.polish_hidden,
-            vote_frac=method.rf_vote_frac,
-            box_samples=method.reg_samples,
-            box_scale=method.reg_scale,
-            category_samples=tuple(method.cls_samples),
-            category_scales=tuple(method.cls_scales),
-            pos_iou=method.cls_pos_iou,
-            rf_cls_thr=method.rf_cls_thr,
-            det_score_thr=method.det_score_thr,
-        )
-    return SemiSupervisedModel(detector, polisher)
+    """Student of ``method``: Faster R-CNN, plus the polishing networks for Polishing Teacher."""
+    return build_method(method).build_model(model_cfg, num_classes)
 
 
 def apply_speed_settings(train: TrainConfig, model: nn.Module) -> nn.Module:
@@ -76,19 +50,3 @@ def build_scheduler(train: TrainConfig, optimizer: torch.optim.Optimizer) -> tor
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, train.warmup_iters, train.warmup_factor, steps, train.lr_gamma)
     )
-
-
-def unsup_weight_at(step: int, method: MethodConfig) -> float:
-    """The unsupervised loss weight of iteration ``step`` (0-based): 0 during the burn-in
-    (``method.unsup_start``), then a linear ramp over ``method.unsup_warmup`` iterations."""
-    if step < method.unsup_start:
-        return 0.0
-    if method.unsup_warmup <= 0:
-        return method.unsup_weight
-    return method.unsup_weight * min(1.0, (step - method.unsup_start + 1) / method.unsup_warmup)
-
-
-def build_loss_weights(method: MethodConfig, step: int | None = None) -> dict[str, float]:
-    """Every loss's weight at iteration ``step`` (None: after burn-in and ramp)."""
-    unsup = method.unsup_weight if step is None else unsup_weight_at(step, method)
-    return loss_weights(unsup, method.polish_box_weight, method.polish_cls_weight)

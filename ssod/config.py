@@ -141,7 +141,6 @@ class MethodConfig:
     reg_uncertainty_thr: Optional[float] = None
     reg_jitter_times: int = 10
     reg_jitter_scale: float = 0.06
-    polish: bool = False
     # Which polished pseudo labels are used (the ablations of METHOD 6): ``both``; ``boxes``
     # (box polishing only: classification keeps detections scoring above det_score_thr,
     # with their own labels); ``categories`` (category polishing only: regression targets
@@ -234,9 +233,8 @@ def register_configs() -> None:
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="method", name="method_schema", node=MethodConfig)
     store.store(group="train", name="train_schema", node=TrainConfig)
-    from ssod.tuning.schema import TuneConfig  # dataclasses only: no import cycle
-
-    store.store(group="tune", name="tune_schema", node=TuneConfig)
+    # The ``tune`` group's schema is registered by ``ssod.tuning.schema`` (the library below
+    # does not know its tools); ``ssod-tune`` imports it before composing.
 
     # ``${ssod.eq:a,b}`` in the YAML files: a value for one method only, e.g. the paper
     # experiments' ``ema_freeze_after_first_lr_step: ${ssod.eq:${method.name},polish_teacher}``.

@@ -29,9 +29,9 @@ from ssod.config import compose, eval_workers
 from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.coco import CategoryMap, load_coco, load_split
 from ssod.data.transforms import EvalTransform
-from ssod.engine import eval_loader, evaluate, shard
+from ssod.inference import eval_loader, evaluate, shard
 from ssod.tracking import strict_json
-from ssod.train import forget_accelerator
+from ssod.step import forget_accelerator
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,8 +64,7 @@ def _evaluate_checkpoint(argv: list[str] | None) -> int:
         category_map = CategoryMap(tuple(state["categories"]["ids"]), tuple(state["categories"]["names"]))
     else:
         category_map = CategoryMap.from_coco(load_coco(resolve_files(cfg.data, Path.cwd()).train_json))
-    method = OmegaConf.to_object(cfg.method)
-    model = apply_speed_settings(cfg.train, build_model(cfg.model, method, category_map.num_classes))
+    model = apply_speed_settings(cfg.train, build_model(cfg.model, OmegaConf.to_object(cfg.method), category_map.num_classes))
     load_detector(model.detector, state[args.model], f"{path} ({args.model})")  # before any data is read
     files = resolve_files(cfg.data, Path.cwd())
     json_path = Path(args.json) if args.json else files.val_json

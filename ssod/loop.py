@@ -13,7 +13,6 @@ from typing import Any, Optional
 import torch
 
 from ssod.checkpoint import rng_state, save_checkpoint
-from ssod.config import MethodConfig
 from ssod.data.coco import DatasetError
 from ssod.data.transforms import project_boxes
 from ssod.evaluation import PseudoLabelQuality
@@ -155,8 +154,8 @@ class Meters:
     interval): the step itself does not wait for the device on their account.
     """
 
-    def __init__(self, method: MethodConfig, class_names: tuple[str, ...]) -> None:
-        self.method = method
+    def __init__(self, cls_threshold: float, class_names: tuple[str, ...]) -> None:
+        self.cls_threshold = cls_threshold
         self.class_names = class_names
         self.quality = PseudoLabelQuality()
         # The last few unlabeled images, kept for the pictures logged at evaluation.
@@ -199,7 +198,7 @@ class Meters:
         for sample in self.pending:
             labels = sample["pseudo"]
             gt_boxes, gt_labels = hidden_ground_truth(sample)
-            cls_keep = labels.cls_keep & (labels.scores > self.method.cls_pseudo_threshold)
+            cls_keep = labels.classification_keep(self.cls_threshold)
             self.quality.update(
                 labels.boxes, labels.labels, labels.reg_boxes, cls_keep, labels.cls_labels, gt_boxes, gt_labels, labels.scores
             )

@@ -31,7 +31,7 @@ from ssod.models.host_waits import indices_where_all
 BackgroundWeights = Callable[[list[Tensor]], list[Tensor]]
 
 
-def _box_outputs(detector, features: dict[str, Tensor], proposals: list[Tensor], image_sizes) -> tuple[Tensor, Tensor]:
+def box_outputs(detector, features: dict[str, Tensor], proposals: list[Tensor], image_sizes) -> tuple[Tensor, Tensor]:
     heads = detector.roi_heads
     pooled = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
     return heads.box_predictor(pooled)
@@ -106,7 +106,7 @@ def detector_losses(
     if len(pieces) != len(images.image_sizes):
         raise ValueError(f"{len(images.image_sizes)} images but targets for {len(pieces)}: strong views need pseudo_targets")
     rois = [torch.cat(piece) for piece in pieces]
-    class_logits, box_regression = _box_outputs(detector, features, rois, images.image_sizes)
+    class_logits, box_regression = box_outputs(detector, features, rois, images.image_sizes)
     sizes = [len(boxes) for piece in pieces for boxes in piece]
     logits, regression = class_logits.split(sizes), box_regression.split(sizes)
     if count:

@@ -1,6 +1,6 @@
 """One training iteration: the losses, then an optimizer and EMA step, or a skip.
 
-Training (``ssod.train``) calls ``train_step`` once per iteration, and ``ssod-bench``
+Training (``ssod.training``) calls ``train_step`` once per iteration, and ``ssod-bench``
 times it; ``Training`` holds what a run trains and checkpoints. ``train`` arguments are
 the ``train`` config group.
 """
@@ -14,15 +14,15 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 from omegaconf import DictConfig
 from torch.profiler import record_function
 
-from ssod.config import MethodConfig
-from ssod.engine import StepResult, compute_losses
 from ssod.loop import RunState, save_state
 from ssod.losses import weighted_total
-from ssod.models.teacher import ema_momentum, ema_update
+from ssod.methods import Method
+from ssod.teaching import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class StepFlags:
     bad_files: int  # distinct unreadable images met so far by all processes together
 
 
-def train_step(training: Training, labeled: list, unlabeled: list, method: MethodConfig, weights: dict[str, float],
+def train_step(training: Training, labeled: list, unlabeled: list, method: Method, weights: dict[str, float],
                train: DictConfig, stop_requested: Callable[[], bool],
                on_flags: Callable[[StepFlags], None] = lambda flags: None) -> tuple[StepResult, torch.Tensor, StepFlags]:
     """One iteration: the losses, then an optimizer and EMA step, or a skip if any process's loss is not finite.
@@ -79,7 +79,7 @@ def train_step(training: Training, labeled: list, unlabeled: list, method: Metho
     accelerator, state = training.accelerator, training.state
     training.student.train()
     with accelerator.autocast(), record_function("ssod::losses"):
-        result = compute_losses(training.student, training.teacher, labeled, unlabeled, method)
+        result = method.compute_losses(training.student, training.teacher, labeled, unlabeled)
         total = weighted_total(result.losses, weights)
     # Asked only now: a Ctrl-C during the forward pass stops after this step.
     flags = _agree_on_flags(accelerator, total, stop_requested(), state)
@@ -100,7 +100,9 @@ def train_step(training: Training, labeled: list, unlabeled: list, method: Metho
         # fp16: when the scaler skipped the step, neither schedule nor teacher moves.
         training.scheduler.step()
         with record_function("ssod::ema"):
-            update_teacher(training.teacher, accelerator.unwrap_model(training.student), method, train, state)
+            method.update_teacher(training.teacher, accelerator.unwrap_model(training.student), state.step,
+                                  state.ema_steps, train.lr_steps)
+            state.ema_steps += 1
     return result, total, flags
 
 
@@ -145,18 +147,25 @@ def _skip_step(training: Training, max_consecutive: int) -> None:
         )
 
 
-def update_teacher(teacher, student, method: MethodConfig, train: DictConfig, state: RunState) -> None:
-    """EMA step for the detector and the polishing networks (after a real optimizer step).
+def to_device(batch: list, device: torch.device) -> list:
+    """Move every tensor of a list of samples (tuples, dicts, Views) to ``device``."""
 
-    ``method.ema_freeze_after_first_lr_step`` stops the detector's teacher only: in the
-    reference, the polishing networks' teacher (its MeanRFNet hook) follows its student
-    to the end.
-    """
-    frozen = method.ema_freeze_after_first_lr_step and train.lr_steps and state.step + 1 > min(train.lr_steps)
-    if not frozen:
-        momentum = ema_momentum(state.ema_steps, method.ema_momentum)
-        ema_update(teacher.detector, student.detector, momentum, method.ema_include_buffers)
-    if student.polisher is not None:
-        polish_momentum = ema_momentum(state.ema_steps, method.polish_ema_momentum, method.polish_ema_warmup)
-        ema_update(teacher.polisher, student.polisher, polish_momentum, method.ema_include_buffers)
-    state.ema_steps += 1
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        if hasattr(value, "__dataclass_fields__"):
+            return type(value)(**{k: move(getattr(value, k)) for k in value.__dataclass_fields__})
+        return value
+
+    return [move(sample) for sample in batch]
+
+
+def forget_accelerator(accelerator: Accelerator) -> None:
+    """Let the next Accelerator in this process (a test, a notebook, another run) choose its
+    own mixed precision and device: accelerate keeps them process-wide unless reset (a
+    private accelerate API). With several processes, PartialState (the process group) is kept."""
+    AcceleratorState._reset_state(reset_partial_state=accelerator.num_processes == 1)

@@ -12,7 +12,7 @@ Run from the project directory (``optuna.db``, ``mlflow.db`` and ``outputs/tune/
 
 The study is ``conf/tune/<name>.yaml`` (``ssod/tuning/schema.py`` documents every key).
 Every trial composes ``tune.base_overrides`` + the other command-line overrides + its
-sampled values and calls ``ssod.train.run``; each is a nested MLflow run under the study's
+sampled values and calls ``ssod.training.run``; each is a nested MLflow run under the study's
 parent run. Internal commands: ``ssod-tune worker --index K ...`` (one worker, started by
 the launcher) and ``ssod-tune trial --spec ...`` (one trial under ``accelerate launch``).
 """

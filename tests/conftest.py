@@ -217,7 +217,7 @@ def accelerator():
     precision included), so the next test may choose others."""
     from accelerate import Accelerator
 
-    from ssod.train import forget_accelerator
+    from ssod.step import forget_accelerator
 
     accelerator = Accelerator(cpu=True)
     yield accelerator

@@ -58,7 +58,7 @@ def test_keep_n_never_deletes_the_new_checkpoint_nor_later_ones(tmp_path: Path):
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(make_config, mlflow_store, tmp_path: Path):
     """Another run's checkpoints there would be resumed by ``resume=auto`` later (its
     weights, its step, its MLflow run): a fresh run says so and starts nothing."""
-    from ssod.train import run
+    from ssod.training import run
 
     folder = tmp_path / "outputs" / "checkpoints"
     save_checkpoint(folder, 300, _state(300))
@@ -76,7 +76,7 @@ def test_resuming_an_older_checkpoint_by_path_branches_the_run_and_sets_the_late
     left in place, step 4 would be what ``resume=auto`` continues next time, and the reopened
     MLflow run would keep the abandoned values of steps 3-4. The later checkpoints move
     aside (nothing is deleted) and the branch gets its own run, tagged with its origin."""
-    from ssod.train import run
+    from ssod.training import run
 
     base = ("train.ckpt_every=1", "train.keep_checkpoints=10", "train.eval_every=4", "data.val_max_images=4",
             "train.log_every=1")
@@ -122,7 +122,7 @@ def test_resuming_an_older_checkpoint_by_path_branches_the_run_and_sets_the_late
 def test_going_back_checks_before_it_moves_and_a_branch_without_checkpoints_stays_a_branch(
     make_config, mlflow_store, tmp_path: Path
 ):
-    from ssod.train import run
+    from ssod.training import run
 
     base = ("train.ckpt_every=1", "train.keep_checkpoints=10", "train.eval_every=4", "data.val_max_images=4")
     run(make_config(*base, "train.iterations=3"))
@@ -150,7 +150,7 @@ def test_going_back_checks_before_it_moves_and_a_branch_without_checkpoints_stay
 def test_continuing_a_run_into_another_folder_is_not_going_back(make_config, mlflow_store, tmp_path: Path):
     """The newest checkpoint of run A, resumed into the folder of run B (further along):
     B's checkpoints say nothing of how far A went, so A continues as A (B's are set aside)."""
-    from ssod.train import run
+    from ssod.training import run
 
     base = ("train.ckpt_every=1", "train.keep_checkpoints=10", "train.eval_every=10", "data.val_max_images=2")
     run(make_config(*base, "train.iterations=2", "tracking.experiment=a"))
@@ -392,7 +392,7 @@ def test_auto_resume_skips_an_unloadable_newest_checkpoint_and_keeps_it_aside(tm
 
 def test_run_refuses_a_directory_another_training_holds_before_creating_its_mlflow_run(make_config, mlflow_store,
                                                                                           tmp_path: Path):
-    from ssod.train import run
+    from ssod.training import run
 
     other = checkpoint.DirectoryLock(tmp_path / "outputs" / "checkpoints")
     try:

@@ -14,7 +14,7 @@ import pytest
 from ssod.data.coco import CategoryMap, annotations_to_target, load_coco
 from ssod.data.splits import make_split
 from ssod.evaluation import coco_evaluate
-from ssod.train import run
+from ssod.training import run
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
 ANNOTATIONS = COCO128 / "annotations" / "instances_train2017.json"

@@ -90,7 +90,7 @@ def test_every_bad_value_is_named_at_once_and_run_refuses_before_creating_anythi
     from omegaconf import OmegaConf
 
     from ssod.config import ConfigError
-    from ssod.train import run
+    from ssod.training import run
 
     cfg = compose()
     OmegaConf.update(cfg, "train.iterations", -3)

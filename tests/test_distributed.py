@@ -24,6 +24,7 @@ from ssod.checkpoint import list_checkpoints, load_checkpoint
 DRIVER = '''
 import json, math, os, sys
 import torch
+import ssod.methods.base as base
 import ssod.step as step
 import ssod.train as train
 
@@ -31,15 +32,15 @@ rank = int(os.environ["RANK"])
 out = os.environ["RANK_RECORDS"]
 nan_step = int(os.environ["NAN_STEP_ON_RANK_1"])
 raise_step = int(os.environ.get("RAISE_ON_RANK_0", "0"))
-real_losses, real_save_state = step.compute_losses, step.save_state
+real_losses, real_save_state = base.Method.compute_losses, step.save_state
 calls = 0
 
-def compute_losses(student, teacher, labeled, unlabeled, method):
+def compute_losses(self, student, teacher, labeled, unlabeled):
     global calls
     calls += 1
     if rank == 0 and calls == raise_step:
         raise RuntimeError("rank 0 fails alone")
-    result = real_losses(student, teacher, labeled, unlabeled, method)
+    result = real_losses(self, student, teacher, labeled, unlabeled)
     if rank == 1 and calls == nan_step:
         result.losses = {name: value * math.nan for name, value in result.losses.items()}
     with open(os.path.join(out, f"rank{rank}-steps.jsonl"), "a") as handle:
@@ -63,7 +64,7 @@ def note_bad_files(self, metas):
         for name in ["shared.jpg: unreadable"] + (["rank1-only.jpg: unreadable"] if rank == 1 else []):
             self.bad_files.append(name)
 
-step.compute_losses, step.save_state = compute_losses, save_state
+base.Method.compute_losses, step.save_state = compute_losses, save_state
 step.RunState.note_bad_files = note_bad_files
 train.main()
 '''

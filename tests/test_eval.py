@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ssod.eval import main
-from ssod.train import run
+from ssod.training import run
 from tests.conftest import tiny_overrides
 
 

@@ -95,7 +95,7 @@ def _separate_passes(detector, images, features, count, targets, pseudo, backgro
     from torchvision.models.detection.image_list import ImageList
     from torchvision.models.detection.roi_heads import fastrcnn_loss
 
-    from ssod.losses import _box_outputs, box_regression_loss
+    from ssod.losses import box_outputs, box_regression_loss
 
     heads = detector.roi_heads
     sizes = images.image_sizes
@@ -103,15 +103,15 @@ def _separate_passes(detector, images, features, count, targets, pseudo, backgro
     tail = ImageList(images.tensors[count:], sizes[count:]), {k: v[count:] for k, v in features.items()}
     proposals, rpn = detector.rpn(*head, targets)
     proposals, _, labels, deltas = heads.select_training_samples(proposals, targets)
-    logits, regression = _box_outputs(detector, head[1], proposals, sizes[:count])
+    logits, regression = box_outputs(detector, head[1], proposals, sizes[:count])
     losses = dict(zip(("sup/roi_cls", "sup/roi_reg"), fastrcnn_loss(logits, regression, labels, deltas)))
     losses.update({"sup/rpn_cls": rpn["loss_objectness"], "sup/rpn_reg": rpn["loss_rpn_box_reg"]})
     proposals, rpn = detector.rpn(*tail, pseudo["rpn"])
     proposals = [p.detach() for p in proposals]
     cls_props, _, cls_labels, _ = heads.select_training_samples(proposals, pseudo["cls"])
     reg_props, _, reg_labels, reg_deltas = heads.select_training_samples(proposals, pseudo["reg"])
-    logits, _ = _box_outputs(detector, tail[1], cls_props, sizes[count:])
-    _, regression = _box_outputs(detector, tail[1], reg_props, sizes[count:])
+    logits, _ = box_outputs(detector, tail[1], cls_props, sizes[count:])
+    _, regression = box_outputs(detector, tail[1], reg_props, sizes[count:])
     labels = torch.cat(cls_labels)
     weights = torch.where(labels == 0, torch.cat(background(cls_props)), torch.ones_like(labels, dtype=logits.dtype))
     losses["unsup/roi_cls"] = (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()

@@ -15,13 +15,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ssod.build import apply_speed_settings, build_loss_weights, build_model
+from ssod.build import apply_speed_settings, build_model
+from ssod.methods import build_method
 from ssod.config import compose
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
-from ssod.engine import compute_losses
-from ssod.losses import _box_outputs, weighted_total
-from ssod.train import run, to_device
+from ssod.losses import box_outputs, weighted_total
+from ssod.step import to_device
+from ssod.training import run
 from tests.conftest import tiny_overrides
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -70,13 +71,13 @@ def test_teacher_boxes_stay_float32_under_mixed_precision(device, dtype, tmp_pat
         features = detector.backbone(images.tensors)
         anchors = detector.rpn.anchor_generator(images, list(features.values()))
         proposals, _ = detector.rpn(images, features)
-        logits, deltas = _box_outputs(detector, features, proposals, images.image_sizes)
+        logits, deltas = box_outputs(detector, features, proposals, images.image_sizes)
         with torch.autocast(device, dtype=dtype):
             low_features = detector.backbone(images.tensors)
             low_anchors = detector.rpn.anchor_generator(images, list(low_features.values()))
             low_proposals, _ = detector.rpn(images, low_features)
             # The RoI head on the same (float32) proposals, to compare box for box.
-            low_logits, low_deltas = _box_outputs(detector, low_features, proposals, images.image_sizes)
+            low_logits, low_deltas = box_outputs(detector, low_features, proposals, images.image_sizes)
             detections = detector(images.tensors.unbind(0))
     assert low_features["0"].dtype == dtype  # the convolutions did run in low precision
     assert all(torch.equal(a, b) for a, b in zip(low_anchors, anchors))
@@ -127,8 +128,9 @@ def test_polishing_networks_under_mixed_precision_match_float32(device, dtype, t
 def _step_losses_and_grads(student, teacher, labeled, unlabeled, method) -> tuple[dict, list]:
     torch.manual_seed(1)  # torchvision's samplers draw from the global RNG
     student.zero_grad(set_to_none=True)
-    result = compute_losses(student, teacher, labeled, unlabeled, method)
-    weighted_total(result.losses, build_loss_weights(method)).backward()
+    method = build_method(method)
+    result = method.compute_losses(student, teacher, labeled, unlabeled)
+    weighted_total(result.losses, method.loss_weights()).backward()
     grads = [p.grad.detach().clone() for p in student.parameters() if p.grad is not None]
     return {k: v.detach() for k, v in result.losses.items()}, grads
 
@@ -231,7 +233,7 @@ def test_polish_teacher_trains_in_mixed_precision(precision, tmp_path, dataset_c
 
 def test_a_persistent_evaluation_loader_predicts_the_same_every_time(tmp_path, dataset_cache):
     """Workers that persist between evaluations change no prediction and draw nothing from the training RNG."""
-    from ssod.engine import eval_loader, predict
+    from ssod.inference import eval_loader, predict
 
     cfg = compose(tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "supervised"))
     data = build_data(cfg.data, tmp_path, need_unlabeled=False)
@@ -260,7 +262,7 @@ def test_meters_measure_pseudo_label_quality_at_the_interval_as_per_step_would()
     from ssod.models.teacher import PseudoLabels
 
     method = OmegaConf.to_object(compose(["method=soft_teacher"]).method)
-    meters = Meters(method, ("a", "b"))
+    meters = Meters(method.cls_pseudo_threshold, ("a", "b"))
     direct = PseudoLabelQuality()
     shift = torch.tensor([[1.0, 0, 4], [0, 1.0, -2], [0, 0, 1]], dtype=torch.float64)  # original -> weak view
     for step in range(3):

@@ -20,13 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-import ssod.engine
+import ssod.inference
+import ssod.methods.base
 import ssod.step
 from ssod import checkpoint
 from ssod.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ssod.data.coco import DatasetError
 from ssod.step import NonFiniteLossError
-from ssod.train import run
+from ssod.training import run
 
 WIDTH, HEIGHT = 96, 72
 
@@ -210,7 +211,7 @@ def test_broken_files_are_clear_errors_at_start(breakage, file_key, message, mes
 
 def _poison_losses(monkeypatch, steps: dict[int, float]) -> None:
     """Make ``compute_losses`` return ``value`` losses (NaN, inf) at the given 1-based steps."""
-    real = ssod.step.compute_losses
+    real = ssod.methods.base.Method.compute_losses
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -220,7 +221,7 @@ def _poison_losses(monkeypatch, steps: dict[int, float]) -> None:
             result.losses = {name: loss * steps[len(calls)] for name, loss in result.losses.items()}
         return result
 
-    monkeypatch.setattr(ssod.step, "compute_losses", poisoned)
+    monkeypatch.setattr(ssod.methods.base.Method, "compute_losses", poisoned)
 
 
 @pytest.mark.slow
@@ -294,7 +295,7 @@ def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(tiny_args, trainer, 
 
 def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_store, monkeypatch, tmp_path: Path):
     """A real SIGINT to this process during step 2 (in-process, so ``run`` returns normally)."""
-    real = ssod.step.compute_losses
+    real = ssod.methods.base.Method.compute_losses
     calls = []
 
     def interrupted_at_step_2(*args, **kwargs):
@@ -303,7 +304,7 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_s
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ssod.step, "compute_losses", interrupted_at_step_2)
+    monkeypatch.setattr(ssod.methods.base.Method, "compute_losses", interrupted_at_step_2)
     handler = signal.getsignal(signal.SIGINT)
     result = run(make_config("train.iterations=100", "train.log_every=5"))
     assert result.status == "KILLED"
@@ -320,7 +321,7 @@ def test_ctrl_c_saves_a_checkpoint_and_ends_the_run_killed(make_config, mlflow_s
 def _ctrl_c_in_evaluation(monkeypatch, presses: int) -> list:
     """Press Ctrl-C ``presses`` times (real SIGINTs) while the first evaluation's first batch
     is being converted; returns the list of batches the evaluations converted."""
-    real = ssod.engine.detections_to_host
+    real = ssod.inference.detections_to_host
     batches = []
 
     def convert(outputs):
@@ -330,7 +331,7 @@ def _ctrl_c_in_evaluation(monkeypatch, presses: int) -> list:
                 os.kill(os.getpid(), signal.SIGINT)
         return real(outputs)
 
-    monkeypatch.setattr(ssod.engine, "detections_to_host", convert)
+    monkeypatch.setattr(ssod.inference, "detections_to_host", convert)
     return batches
 
 

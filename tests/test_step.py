@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ssod.build import build_loss_weights, build_model, build_optimizer, build_scheduler
+from ssod.build import build_optimizer, build_scheduler
 from ssod.config import compose
 from ssod.data.transforms import View
+from ssod.methods import build_method
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
 from ssod.loop import RunState
 from ssod.step import StepFlags, Training, train_step
-from ssod.train import forget_accelerator, to_device
+from ssod.step import forget_accelerator, to_device
 from tests.conftest import tiny_overrides
 
 
@@ -27,10 +29,10 @@ def parts(tmp_path, dataset_cache, accelerator):
 
 def _parts(tmp_path, dataset_cache, accelerator, model="resnet18_fpn"):
     cfg = compose(tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher", model))
-    method = OmegaConf.to_object(cfg.method)
+    method = build_method(OmegaConf.to_object(cfg.method))
     data = build_data(cfg.data, tmp_path, need_unlabeled=True)
     torch.manual_seed(0)
-    student = build_model(cfg.model, method, data.category_map.num_classes).to(accelerator.device)
+    student = method.build_model(cfg.model, data.category_map.num_classes).to(accelerator.device)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     optimizer = build_optimizer(cfg.train, student)
     scheduler = build_scheduler(cfg.train, optimizer)
@@ -38,7 +40,7 @@ def _parts(tmp_path, dataset_cache, accelerator, model="resnet18_fpn"):
     training = Training(accelerator, student, teacher, optimizer, scheduler, RunState(), tmp_path / "checkpoints", 1)
     labeled = to_device(next(infinite_loader(data.labeled, 1, 0, 0, 1, 0, 0))[0], accelerator.device)
     unlabeled = to_device(next(infinite_loader(data.unlabeled, 1, 1, 0, 1, 0, 0))[0], accelerator.device)
-    return training, (labeled, unlabeled, method, build_loss_weights(method), cfg.train)
+    return training, (labeled, unlabeled, method, method.loss_weights(), cfg.train)
 
 
 def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -78,7 +80,7 @@ def test_after_the_first_lr_step_the_freeze_stops_the_detectors_teacher_only(par
     """The reference freezes its Mean Teacher hook (the detector) and not the polishing
     networks' (MeanRFNet), which follows its student to the end."""
     training, (labeled, unlabeled, method, weights, train) = parts
-    method.ema_freeze_after_first_lr_step = True
+    method.ema = dataclasses.replace(method.ema, freeze_after_first_lr_step=True)
     training.state.step = train.lr_steps[0]  # this step is past the first learning-rate step
     detector, polisher = _snapshot(training.teacher.detector), _snapshot(training.teacher.polisher)
     train_step(training, labeled, unlabeled, method, weights, train, lambda: False)
@@ -125,30 +127,30 @@ def test_flags_are_seen_before_anything_is_applied(parts):
 
 def test_a_stop_request_is_asked_after_the_forward_pass_and_the_step_still_applies(parts, monkeypatch):
     """A Ctrl-C that arrives during the forward pass stops the run after this very step."""
-    import ssod.step
+    import ssod.methods.base
 
     training, batch = parts
-    real, events = ssod.step.compute_losses, []
-    monkeypatch.setattr(ssod.step, "compute_losses", lambda *args: events.append("losses") or real(*args))
+    real, events = ssod.methods.base.Method.compute_losses, []
+    monkeypatch.setattr(ssod.methods.base.Method, "compute_losses", lambda *args: events.append("losses") or real(*args))
     _, _, flags = train_step(training, *batch, lambda: events.append("asked") or True)
     assert flags.stop and events == ["losses", "asked"]
     assert training.scheduler.last_epoch == 1  # the step is taken; the loop then checkpoints and stops
 
 
 def test_a_non_finite_loss_skips_the_step_and_gives_up_after_a_checkpoint(parts, monkeypatch):
-    import ssod.step
+    import ssod.methods.base
     from ssod.checkpoint import list_checkpoints
     from ssod.step import NonFiniteLossError
 
     training, batch = parts
-    real = ssod.step.compute_losses
+    real = ssod.methods.base.Method.compute_losses
 
     def poisoned(*args, **kwargs):
         result = real(*args, **kwargs)
         result.losses = {name: loss * float("nan") for name, loss in result.losses.items()}
         return result
 
-    monkeypatch.setattr(ssod.step, "compute_losses", poisoned)
+    monkeypatch.setattr(ssod.methods.base.Method, "compute_losses", poisoned)
     student = _snapshot(training.student)
     max_in_a_row = batch[-1].max_consecutive_nonfinite
     for _ in range(max_in_a_row - 1):
@@ -178,7 +180,7 @@ def test_with_unsup_weight_0_a_semi_supervised_step_moves_the_student_as_the_sup
     for name in ("semi", "supervised"):
         training, (labeled, unlabeled, method, _, train) = _parts(tmp_path / name, dataset_cache, accelerator,
                                                                   "efficientnet_lite0_fpn")
-        method.unsup_weight = 0.0
+        method.schedule = dataclasses.replace(method.schedule, unsup_weight=0.0)
         height, width = labeled[0][0].shape[-2:]
         unlabeled = [(weak, View(strong.image[:, :height, :width], strong.matrix), hidden)
                      for weak, strong, hidden in unlabeled]
@@ -190,7 +192,7 @@ def test_with_unsup_weight_0_a_semi_supervised_step_moves_the_student_as_the_sup
         initial = _snapshot(accelerator.unwrap_model(training.student).detector)
         torch.manual_seed(7)
         result, _, _ = train_step(training, labeled, unlabeled if name == "semi" else [], method,
-                                  build_loss_weights(method), train, lambda: False)
+                                  method.loss_weights(), train, lambda: False)
         assert ("unsup/roi_cls" in result.losses) == (name == "semi")  # the branch did run
         runs[name] = _snapshot(accelerator.unwrap_model(training.student).detector)
     assert not all(torch.equal(a, b) for a, b in zip(initial, runs["supervised"]))  # the step moved it

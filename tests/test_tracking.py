@@ -326,7 +326,7 @@ def test_a_training_whose_server_is_down_at_the_end_says_so_exits_3_and_ssod_syn
     from mlflow.tracking import MlflowClient
 
     from ssod.cli import sync_main
-    from ssod.train import run
+    from ssod.training import run
 
     down = []
     original = {name: getattr(MlflowClient, name) for name in ("log_batch", "set_terminated")}

@@ -22,7 +22,8 @@ import pytest
 from optuna.trial import TrialState
 
 from ssod.tune import main, prepare, run_worker
-from ssod.tuning.settings import override, tune_config
+from ssod.tuning.settings import tune_config
+from ssod.tuning.space import override
 from ssod.tuning.space import suggest, to_overrides
 from ssod.tuning.storage import check_not_mlflow, resolve_storage_url
 
@@ -238,7 +239,7 @@ def test_interrupted_trials_are_requeued_without_counting_against_max_retry(proj
     re-queues it with its parameters and its original's number, and only real failures
     (a dead worker) use up retries."""
     from ssod.tracking import Tracker
-    from ssod.train import RunResult
+    from ssod.training import RunResult
     from ssod.tuning.storage import INTERRUPTED_ATTR, INTERRUPTED_TRIALS
     from ssod.tuning.workers import StaleTrials
 

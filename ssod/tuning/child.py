@@ -132,7 +132,7 @@ def _free_port() -> int:
 
 def child_main(spec_path: Path, relay_path: Path, parent_pid: int, parent_started: Optional[int]) -> int:
     """Body of ``ssod-tune trial`` (every rank): train, relay evaluations to the worker."""
-    from ssod.train import run
+    from ssod.training import run
 
     _stop_when_gone(parent_pid, parent_started)
     spec = TrialSpec.load(spec_path)
@@ -161,7 +161,7 @@ def child_main(spec_path: Path, relay_path: Path, parent_pid: int, parent_starte
 
 
 def completed(metrics: dict, last_eval_step: int, iterations: int) -> bool:
-    """Whether training ran to its end: not stopped by a signal (``ssod.train.run`` says
+    """Whether training ran to its end: not stopped by a signal (``ssod.training.run`` says
     KILLED) and evaluated at the last iteration (it always does when it gets there)."""
     return getattr(metrics, "status", "FINISHED") != "KILLED" and last_eval_step >= iterations
 

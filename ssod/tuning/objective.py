@@ -35,7 +35,8 @@ from ssod.tracking import mask_secrets
 from ssod.tuning.child import TrialSpec, accelerate_command, ack_path, completed, read_relay, write_ack
 from ssod.tuning.processes import group_alive, signal_group, terminate_group
 from ssod.tuning.report import mark_trial_run, trial_tags
-from ssod.tuning.settings import StudySetup, override
+from ssod.tuning.settings import StudySetup
+from ssod.tuning.space import override
 from ssod.tuning.space import suggest, to_overrides
 from ssod.tuning.storage import INTERRUPTED_ATTR, OWNER_ATTR, SURPLUS_ATTR, owner_record, quiet_experimental, within_budget
 
@@ -53,7 +54,7 @@ def finite(value: Any) -> bool:
 
 
 class Reporter:
-    """``on_eval`` for ``ssod.train.run``: report the metric, raise ``TrialPruned`` if told."""
+    """``on_eval`` for ``ssod.training.run``: report the metric, raise ``TrialPruned`` if told."""
 
     def __init__(self, trial: optuna.Trial, metric: str) -> None:
         self.trial = trial
@@ -181,7 +182,7 @@ class Objective:
 
     def _train_in_process(self, trial: optuna.Trial, spec: TrialSpec, trial_dir: Path) -> tuple[dict, bool]:
         if self.trainer is None:
-            from ssod.train import run as trainer
+            from ssod.training import run as trainer
         else:
             trainer = self.trainer
         cfg = spec.config()

@@ -1,7 +1,7 @@
 """The study in MLflow: one parent run per study, a nested run per trial, the report.
 
 Runs are found by tags, never remembered: the parent carries ``optuna.study=<name>`` and
-``optuna.role=study``; a trial's run (created by ``ssod.train.run`` with
+``optuna.role=study``; a trial's run (created by ``ssod.training.run`` with
 ``tracking.parent_run_id``) carries ``optuna.study``, ``optuna.role=trial`` and
 ``optuna.trial_number``, and after the trial ``optuna.state`` COMPLETE/PRUNED/FAIL with the
 run status FINISHED/KILLED/FAILED to match (a trial stopped on request and re-queued: FAIL,

@@ -88,3 +88,13 @@ class TuneConfig:
     poll_interval_s: float = 5.0
     max_worker_restarts: int = 3
     plots: bool = True
+
+
+def register_tune_schema() -> None:
+    """``tune_schema`` for the ``tune`` config group (``conf/tune/*.yaml`` name it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="tune", name="tune_schema", node=TuneConfig)
+
+
+register_tune_schema()

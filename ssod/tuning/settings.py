@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssod.config import compose
 from ssod.tracking import default_tracking_uri
 from ssod.tuning.schema import ParamSpec, PrunerSpec, SamplerSpec, TuneConfig
+from ssod.tuning.space import check_space, override
 
 __all__ = ["ParamSpec", "PrunerSpec", "SamplerSpec", "TuneConfig", "StudySetup", "load_setup", "override", "tune_config"]
 
@@ -122,26 +123,7 @@ def tune_config(node: Any) -> TuneConfig:
         problems.append("grace_period must be longer than heartbeat_interval")
     if problems:
         raise ValueError("invalid tune config: " + "; ".join(problems))
-    from ssod.tuning.space import check_space
 
     check_space(tune.space)
     return tune
-
-
-def override(key: str, value: Any) -> str:
-    """``key=value`` in Hydra's override syntax; strings are quoted, so any path is safe."""
-    return f"{key}={hydra_value(value)}"
-
-
-def hydra_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
 

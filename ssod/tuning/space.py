@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ssod.tuning.settings import ParamSpec, override
+from ssod.tuning.schema import ParamSpec
 
 _CHOICE_TYPES = (bool, int, float, str, type(None))
 
@@ -54,3 +54,21 @@ def suggest(trial, space: Mapping[str, ParamSpec]) -> dict[str, Any]:
 def to_overrides(params: Mapping[str, Any]) -> list[str]:
     """``{"method.unsup_weight": 2.5}`` -> ``["method.unsup_weight=2.5"]``."""
     return [override(name, value) for name, value in params.items()]
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` in Hydra's override syntax; strings are quoted, so any path is safe."""
+    return f"{key}={hydra_value(value)}"
+
+
+def hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"

@@ -126,7 +126,7 @@ def run_worker(
 ) -> Usage:
     """Run trials of the study until the budget is spent or ``stop`` is set (SIGTERM/SIGINT
     set it); returns the study's usage. ``trainer(cfg, on_eval) -> metrics`` defaults to
-    ``ssod.train.run``.
+    ``ssod.training.run``.
     """
     tune = setup.tune
     stop = stop or threading.Event()

@@ -1,4 +1,4 @@
-"""ssod.engine: pseudo labels carried from the teacher's weak view into the student's strong view."""
+"""ssod.teaching: pseudo labels carried from the teacher's weak view into the student's strong view."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from ssod.config import MethodConfig
 from ssod.data.transforms import project_boxes, relative_matrix
-from ssod.engine import project_pseudo_labels
+from ssod.teaching import project_pseudo_labels
 from ssod.models.teacher import PseudoLabels
 
 
@@ -37,7 +37,7 @@ def test_projected_targets_equal_each_target_projected_alone(thresholds):
     # The second strong view rotates and shifts boxes partly out of its 80 x 90 canvas.
     strong = torch.stack([_matrix(1.0, 10.0), _matrix(1.1, -25.0, (-45, 10))])
     sizes = [(90, 80), (90, 80)]
-    targets = project_pseudo_labels(pseudo, relative_matrix(weak, strong), sizes, method)
+    targets = project_pseudo_labels(pseudo, relative_matrix(weak, strong), sizes, method.rpn_pseudo_threshold, method.cls_pseudo_threshold)
 
     for index, labels in enumerate(pseudo):
         matrix = relative_matrix(weak[index], strong[index])
@@ -63,7 +63,7 @@ def test_teacher_threshold_before_nms_keeps_the_same_detections(cap):
     """Dropping low scores before the NMS (a speed-up) changes no detection above the threshold,
     whether the per-image cap or the threshold decides which detections are left."""
     from ssod.config import ModelConfig
-    from ssod.engine import _score_threshold
+    from ssod.teaching import score_threshold
     from ssod.models.detector import build_detector
     from ssod.models.teacher import filter_detections
 
@@ -78,7 +78,7 @@ def test_teacher_threshold_before_nms_keeps_the_same_detections(cap):
         features = detector.backbone(images.tensors)
         proposals, _ = detector.rpn(images, features)
         full, _ = detector.roi_heads(features, proposals, images.image_sizes)
-        with _score_threshold(detector.roi_heads, 0.5):
+        with score_threshold(detector.roi_heads, 0.5):
             early, _ = detector.roi_heads(features, proposals, images.image_sizes)
     assert detector.roi_heads.score_thresh == model.box_score_thresh  # restored
     expected, actual = filter_detections(full, 0.5), filter_detections(early, 0.5)
@@ -92,7 +92,7 @@ def test_teacher_threshold_before_nms_keeps_the_same_detections(cap):
 
 
 def test_detections_come_to_the_host_unchanged_in_one_copy():
-    from ssod.engine import detections_to_host
+    from ssod.inference import detections_to_host
 
     outputs = [
         {"boxes": torch.rand(3, 4) * 500, "scores": torch.rand(3), "labels": torch.tensor([1, 80, 7])},
@@ -107,7 +107,7 @@ def test_detections_come_to_the_host_unchanged_in_one_copy():
 @pytest.mark.parametrize("use", ["both", "boxes", "categories", "none"])
 def test_polish_use_takes_the_polished_boxes_and_categories_it_names(use):
     """The ablations: each part of polishing is used only where ``method.polish_use`` says."""
-    from ssod.engine import _use_polished
+    from ssod.methods.polish_teacher import PolishTeacher
     from ssod.models.polish import PolishedPseudoLabels
 
     raw = torch.tensor([[5.0, 5, 30, 30], [40, 10, 70, 50], [10, 10, 60, 60]])
@@ -116,7 +116,7 @@ def test_polish_use_takes_the_polished_boxes_and_categories_it_names(use):
         raw, torch.tensor([1, 2, 3]), torch.tensor([0.95, 0.6, 0.92]), polished_boxes,
         keep=torch.tensor([True, True, False]), cls_labels=torch.tensor([1, 4, 3]),
     )
-    labels = _use_polished(polished, MethodConfig(polish_use=use, det_score_thr=0.9))
+    labels = PolishTeacher(MethodConfig(name="polish_teacher", polish_use=use, det_score_thr=0.9)).use_polished(polished)
     assert torch.equal(labels.boxes, raw) and torch.equal(labels.labels, polished.labels)
     expected_boxes = polished_boxes if use in ("both", "boxes") else raw
     assert torch.equal(labels.reg_boxes, expected_boxes) and labels.reg_keep.all()
