@@ -24,6 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
 from ssod.models.boxes import best_overlap, paired_box_iou
+from ssod.models.teacher import PseudoLabels
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,15 @@ class PseudoLabelQuality:
         self._totals = dict.fromkeys(_COUNTERS, 0.0)
 
     @torch.no_grad()
-    def update(
+    def update(self, pseudo: PseudoLabels, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+               cls_threshold: float = float("-inf")) -> None:
+        """One image's pseudo labels (weak view) against its hidden ground truth in that view:
+        raw boxes and labels, regression boxes (``reg_boxes``), and the classification pseudo
+        labels (``classification_keep(cls_threshold)``, with ``cls_labels``)."""
+        self._update(pseudo.boxes, pseudo.labels, pseudo.reg_boxes, pseudo.classification_keep(cls_threshold),
+                     pseudo.cls_labels, gt_boxes, gt_labels, pseudo.scores)
+
+    def _update(
         self,
         raw_boxes: torch.Tensor,
         raw_labels: torch.Tensor,

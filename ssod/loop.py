@@ -198,10 +198,7 @@ class Meters:
         for sample in self.pending:
             labels = sample["pseudo"]
             gt_boxes, gt_labels = hidden_ground_truth(sample)
-            cls_keep = labels.classification_keep(self.cls_threshold)
-            self.quality.update(
-                labels.boxes, labels.labels, labels.reg_boxes, cls_keep, labels.cls_labels, gt_boxes, gt_labels, labels.scores
-            )
+            self.quality.update(labels, gt_boxes, gt_labels, self.cls_threshold)
         self.pending.clear()
 
     def compute(self) -> dict[str, float]:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from ssod.models.teacher import PseudoLabels
 from ssod.evaluation import (
     PseudoLabelQuality,
     coco_evaluate,
@@ -163,12 +164,18 @@ def _two_images(quality: PseudoLabelQuality) -> None:
     polished_boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [51, 50, 61, 60], [100, 100, 110, 110]])
     keep = torch.tensor([True, True, True, False])
     polished_labels = torch.tensor([1, 2, 1, 2])
-    quality.update(raw_boxes, raw_labels, polished_boxes, keep, polished_labels, gt_boxes, gt_labels,
-                   raw_scores=torch.tensor([0.9, 0.8, 0.7, 0.6]))
+    quality.update(_pseudo(raw_boxes, raw_labels, polished_boxes, keep, polished_labels, torch.tensor([0.9, 0.8, 0.7, 0.6])),
+                   gt_boxes, gt_labels)
     # A second image where the teacher found nothing of its one object.
-    quality.update(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4),
-                   torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int64),
+    quality.update(_pseudo(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4),
+                           torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)),
                    torch.tensor([[5.0, 5, 25, 25]]), torch.tensor([1]))
+
+
+def _pseudo(raw_boxes, raw_labels, polished_boxes, keep, polished_labels, scores=None) -> PseudoLabels:
+    """Pseudo labels of one image (all regression boxes used)."""
+    scores = torch.ones(len(raw_boxes)) if scores is None else scores
+    return PseudoLabels(raw_boxes, raw_labels, scores, polished_boxes, torch.ones_like(keep), keep, polished_labels)
 
 
 def test_pseudo_label_quality_on_hand_made_boxes():
@@ -202,7 +209,7 @@ def test_pseudo_label_quality_ratios_without_denominator_are_nan():
     metrics = quality.compute()
     assert metrics["pseudo/images"] == 0.0 and math.isnan(metrics["pseudo/raw/num_per_image"])
     empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
-    quality.update(*empty, torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool), empty[1], *empty)
+    quality.update(_pseudo(*empty, torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool), empty[1]), *empty)
     metrics = quality.compute()
     assert metrics["pseudo/raw/num_per_image"] == 0.0
     for name in ("pseudo/keep_ratio", "pseudo/raw/precision", "pseudo/raw/recall", "pseudo/polished/iou_mean",
@@ -218,7 +225,7 @@ def test_pseudo_labels_without_hidden_ground_truth_are_counted_not_judged():
     quality = PseudoLabelQuality()
     boxes, labels = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0]]), torch.tensor([1, 2])
     no_gt = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
-    quality.update(boxes, labels, boxes, torch.tensor([True, False]), labels, *no_gt)
+    quality.update(_pseudo(boxes, labels, boxes, torch.tensor([True, False]), labels), *no_gt)
     metrics = quality.compute()
     assert metrics["pseudo/raw/num_per_image"] == 2.0 and metrics["pseudo/keep_ratio"] == 0.5
     for name in ("pseudo/raw/precision", "pseudo/cls/precision", "pseudo/raw/recall", "pseudo/raw/iou_mean",
@@ -233,8 +240,8 @@ def test_pseudo_label_quality_resets_and_checks_lengths():
     assert quality.compute()["pseudo/images"] == 0.0
     box = torch.tensor([[0.0, 0, 10, 10]])
     with pytest.raises(ValueError):
-        quality.update(box, torch.tensor([1]), box, torch.tensor([True, False]), torch.tensor([1]),
-                       box, torch.tensor([1]))
+        quality.update(_pseudo(box, torch.tensor([1]), box, torch.tensor([True, False]), torch.tensor([1]),
+                               torch.tensor([0.9])), box, torch.tensor([1]))
 
 
 def test_polished_iou_is_measured_against_the_raw_boxs_ground_truth():
@@ -242,8 +249,8 @@ def test_polished_iou_is_measured_against_the_raw_boxs_ground_truth():
     quality = PseudoLabelQuality()
     gt_boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
     raw = torch.tensor([[0.0, 0, 10, 10]])
-    quality.update(raw, torch.tensor([1]), torch.tensor([[20.0, 20, 30, 30]]), torch.tensor([True]),
-                   torch.tensor([1]), gt_boxes, torch.tensor([1, 2]))
+    quality.update(_pseudo(raw, torch.tensor([1]), torch.tensor([[20.0, 20, 30, 30]]), torch.tensor([True]),
+                           torch.tensor([1])), gt_boxes, torch.tensor([1, 2]))
     metrics = quality.compute()
     assert metrics["pseudo/raw/iou_mean"] == 1.0
     assert metrics["pseudo/polished/iou_mean"] == 0.0

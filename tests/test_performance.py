@@ -117,7 +117,7 @@ def test_polishing_networks_under_mixed_precision_match_float32(device, dtype, t
     for high, low in zip(polished, low_polished):
         assert low.reg_boxes.dtype == torch.float32
         assert (low.reg_boxes - high.reg_boxes).abs().max().item() < 1.0
-        assert torch.equal(low.keep, high.keep) or (low.keep != high.keep).float().mean() < 0.1
+        assert torch.equal(low.cls_keep, high.cls_keep) or (low.cls_keep != high.cls_keep).float().mean() < 0.1
     for name, value in losses.items():
         assert low_losses[name].dtype == torch.float32 and torch.isfinite(low_losses[name])
         assert abs(low_losses[name].item() - value.item()) <= 0.02 * abs(value.item()) + 1e-3, name

@@ -108,14 +108,12 @@ def test_detections_come_to_the_host_unchanged_in_one_copy():
 def test_polish_use_takes_the_polished_boxes_and_categories_it_names(use):
     """The ablations: each part of polishing is used only where ``method.polish_use`` says."""
     from ssod.methods.polish_teacher import PolishTeacher
-    from ssod.models.polish import PolishedPseudoLabels
 
     raw = torch.tensor([[5.0, 5, 30, 30], [40, 10, 70, 50], [10, 10, 60, 60]])
     polished_boxes = raw + torch.tensor([1.0, -1, 2, 0])
-    polished = PolishedPseudoLabels(
-        raw, torch.tensor([1, 2, 3]), torch.tensor([0.95, 0.6, 0.92]), polished_boxes,
-        keep=torch.tensor([True, True, False]), cls_labels=torch.tensor([1, 4, 3]),
-    )
+    polished = PseudoLabels(raw, torch.tensor([1, 2, 3]), torch.tensor([0.95, 0.6, 0.92]), polished_boxes,
+                            reg_keep=torch.ones(3, dtype=torch.bool), cls_keep=torch.tensor([True, True, False]),
+                            cls_labels=torch.tensor([1, 4, 3]))
     labels = PolishTeacher(MethodConfig(name="polish_teacher", polish_use=use, det_score_thr=0.9)).use_polished(polished)
     assert torch.equal(labels.boxes, raw) and torch.equal(labels.labels, polished.labels)
     expected_boxes = polished_boxes if use in ("both", "boxes") else raw

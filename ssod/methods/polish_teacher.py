@@ -9,14 +9,14 @@ neither of them (the ablations).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
 from ssod.config import MethodConfig
 from ssod.methods.base import Method
 from ssod.models.boxes import valid_boxes_mask
-from ssod.models.polish import PolishedPseudoLabels, Polisher
+from ssod.models.polish import Polisher
 from ssod.models.teacher import PseudoLabels
 
 
@@ -61,15 +61,13 @@ class PolishTeacher(Method):
         polished = teacher.polisher.polish(features, *map(list, zip(*raw)), sizes)
         return [self.use_polished(p) for p in polished]
 
-    def use_polished(self, polished: PolishedPseudoLabels) -> PseudoLabels:
-        """One image's pseudo labels from its polished ones, as ``method.polish_use`` says:
-        without box polishing the regression targets are the raw boxes; without category
-        polishing classification keeps the detections scoring above ``det_score_thr``, with
-        their own labels."""
+    def use_polished(self, polished: PseudoLabels) -> PseudoLabels:
+        """One image's pseudo labels as ``method.polish_use`` says: without box polishing the
+        regression targets are the raw boxes; without category polishing classification keeps
+        the detections scoring above ``det_score_thr``, with their own labels."""
         p = polished
-        reg_boxes = p.reg_boxes if self.polish.use in ("both", "boxes") else p.boxes
-        if self.polish.use in ("both", "categories"):
-            keep, cls_labels = p.keep, p.cls_labels
-        else:
-            keep, cls_labels = p.scores > self.polish.det_score_thr, p.labels
-        return PseudoLabels(p.boxes, p.labels, p.scores, reg_boxes, valid_boxes_mask(reg_boxes), keep, cls_labels)
+        if self.polish.use not in ("both", "boxes"):
+            p = replace(p, reg_boxes=p.boxes, reg_keep=valid_boxes_mask(p.boxes))
+        if self.polish.use not in ("both", "categories"):
+            p = replace(p, cls_keep=p.scores > self.polish.det_score_thr, cls_labels=p.labels)
+        return p

@@ -50,6 +50,7 @@ from ssod.models.boxes import (
     valid_boxes_mask,
     vote_boxes,
 )
+from ssod.models.teacher import PseudoLabels
 
 
 class BoxPolishNet(nn.Module):
@@ -245,37 +246,6 @@ def polish_pseudo_labels(
     return keep, labels
 
 
-@dataclass
-class PolishedPseudoLabels:
-    """Teacher pseudo labels of one image, before and after polishing.
-
-    boxes ``[K, 4]``, labels ``[K]``, scores ``[K]``: the detections as given.
-    reg_boxes ``[K, 4]``: boxes moved by the box network, clipped to the image (may be
-    degenerate: filter with ``valid_boxes_mask`` before using them as targets); their
-    labels are ``labels``. keep ``[K]`` bool and cls_labels ``[K]``: the keep/relabel
-    rule; the classification pseudo labels are ``kept_boxes``, ``kept_labels``.
-    """
-
-    boxes: Tensor
-    labels: Tensor
-    scores: Tensor
-    reg_boxes: Tensor
-    keep: Tensor
-    cls_labels: Tensor
-
-    @property
-    def kept_boxes(self) -> Tensor:
-        return self.boxes[self.keep]
-
-    @property
-    def kept_labels(self) -> Tensor:
-        return self.cls_labels[self.keep]
-
-    @property
-    def kept_scores(self) -> Tensor:
-        return self.scores[self.keep]
-
-
 class Polisher(nn.Module):
     """The box and category polishing networks with their sampling and keep settings.
 
@@ -358,8 +328,12 @@ class Polisher(nn.Module):
         det_labels: list[Tensor],
         det_scores: list[Tensor],
         image_sizes: list[tuple[int, int]],
-    ) -> list[PolishedPseudoLabels]:
-        """Polish teacher detections (METHOD 4.4 steps 2-3); per image ``[K_i, ...]`` inputs."""
+    ) -> list[PseudoLabels]:
+        """Polish teacher detections (METHOD 4.4 steps 2-3); per image ``[K_i, ...]`` inputs.
+
+        Per image: ``reg_boxes`` are the boxes the box network moved (clipped to the image;
+        ``reg_keep`` drops the degenerate ones), ``cls_keep``/``cls_labels`` the keep/relabel
+        rule of the category network."""
         pooled, _ = pool_voted_features(features, det_boxes, image_sizes, self.roi_pool, self.vote_frac)
         reg_boxes = self._polished_boxes(det_boxes, pooled, image_sizes)
         probs = self.category_net(pooled[:, 0]).float().softmax(dim=1)
@@ -368,4 +342,5 @@ class Polisher(nn.Module):
         )
         counts = [image_boxes.shape[0] for image_boxes in det_boxes]
         per_image = zip(det_boxes, det_labels, det_scores, *(t.split(counts) for t in (reg_boxes, keep, cls_labels)))
-        return [PolishedPseudoLabels(*fields) for fields in per_image]
+        return [PseudoLabels(boxes, labels, scores, reg, valid_boxes_mask(reg), kept, relabelled)
+                for boxes, labels, scores, reg, kept, relabelled in per_image]

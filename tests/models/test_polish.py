@@ -5,10 +5,10 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 
 from ssod.models.boxes import NUM_VOTES, box_iou, decode_deltas, vote_boxes
+from ssod.models.teacher import PseudoLabels
 from ssod.models.polish import (
     BoxPolishNet,
     CategoryPolishNet,
-    PolishedPseudoLabels,
     Polisher,
     box_polish_loss,
     box_polish_samples,
@@ -249,10 +249,10 @@ def test_polish_on_an_ema_copy_under_no_grad():
     det_scores = [torch.tensor([0.95, 0.6]), torch.zeros(0)]
     with torch.no_grad():
         results = teacher.polish(make_features(), det_boxes, det_labels, det_scores, IMAGE_SIZES)
-    assert len(results) == 2 and all(isinstance(r, PolishedPseudoLabels) for r in results)
+    assert len(results) == 2 and all(isinstance(r, PseudoLabels) for r in results)
     first, second = results
-    assert first.reg_boxes.shape == (2, 4) and first.keep.dtype == torch.bool
+    assert first.reg_boxes.shape == (2, 4) and first.cls_keep.dtype == torch.bool and first.reg_keep.dtype == torch.bool
     assert (first.reg_boxes >= 0).all() and (first.reg_boxes[:, [0, 2]] <= 64).all()
-    assert first.keep[0]  # detector score 0.95 > 0.9 is always kept
-    assert first.cls_labels[0] == 1 and first.kept_boxes.shape[1] == 4
-    assert second.reg_boxes.shape == (0, 4) and second.kept_labels.shape == (0,)
+    assert first.cls_keep[0]  # detector score 0.95 > 0.9 is always kept
+    assert first.cls_labels[0] == 1 and first.classification_target(0.0)["boxes"].shape[1] == 4
+    assert second.reg_boxes.shape == (0, 4) and second.classification_target(0.0)["labels"].shape == (0,)
