@@ -1,232 +1,215 @@
-"""What the training loop keeps between iterations: run state, meters, signals, checkpoints."""
+"""The training loop: step, log, evaluate, checkpoint, from ``training.state.step`` on."""
 
 from __future__ import annotations
 
 import logging
-import signal
-from collections import deque
-import threading
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
-import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
-from ssod.checkpoint import rng_state, save_checkpoint
-from ssod.data.coco import DatasetError
-from ssod.data.transforms import project_boxes
-from ssod.evaluation import PseudoLabelQuality
-from ssod.visualize import pseudo_label_picture
+from ssod.data.pipeline import DataBundle
+from ssod.inference import EvaluationInterrupted, evaluate
+from ssod.interrupts import Interrupts
+from ssod.meters import Meters, log_pictures
+from ssod.methods import Method
+from ssod.models.teacher import ema_momentum
+from ssod.run_state import RunState, log_bad_files, stop_if_too_many_bad
+from ssod.step import Training, agree_on_flags, apply_step, forward, to_device
+from ssod.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+EvalCallback = Callable[[int, dict[str, float]], None]
+
+
+class RunResult(dict):
+    """Final metrics by name; ``status`` says how the run ended (FINISHED or KILLED);
+    ``tracking_incomplete``: MLflow did not take all of it (see ``Tracker.end``)."""
+
+    status = "FINISHED"
+    tracking_incomplete = False
+
+
+# ssod-train's exit status when training finished but MLflow did not take all of the run.
+TRACKING_INCOMPLETE_STATUS = 3
+
 
 @dataclass
-class RunState:
-    """Counters that must survive a resume (stored in every checkpoint)."""
+class Loaders:
+    """Endless training batches (``unlabeled`` is None when supervised) and the validation loader."""
 
-    step: int = 0
-    ema_steps: int = 0
-    nonfinite_steps: int = 0
-    consecutive_nonfinite: int = 0
-    run_id: str = ""
-    # Unreadable images met by any process (the same on all, once shared; see ssod.step).
-    bad_files: list[str] = field(default_factory=list)
-    # How many of ``bad_files`` all processes already share (not saved: a checkpoint holds
-    # the shared list, so after a resume all of it is shared).
-    shared_bad_files: int = 0
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "ema_steps": self.ema_steps,
-            "nonfinite_steps": self.nonfinite_steps,
-            "consecutive_nonfinite": self.consecutive_nonfinite,
-            "mlflow_run_id": self.run_id,
-            "bad_files": list(self.bad_files),
-        }
-
-    @classmethod
-    def from_checkpoint(cls, state: dict[str, Any]) -> "RunState":
-        bad_files = list(state["bad_files"])
-        return cls(
-            state["step"], state["ema_steps"], state["nonfinite_steps"], state["consecutive_nonfinite"],
-            state["mlflow_run_id"], bad_files, len(bad_files),
-        )
-
-    def note_bad_files(self, metas: list[dict]) -> None:
-        for meta in metas:
-            for bad in meta.get("bad_files", ()):
-                if bad not in self.bad_files:
-                    self.bad_files.append(bad)
+    labeled: Iterator
+    unlabeled: Optional[Iterator]
+    val: DataLoader
 
 
-def stop_if_too_many_bad(state: RunState, data, max_fraction: float, tracker, all_bad: int) -> None:
-    """Corrupt images are skipped, but past ``max_fraction`` of the data the run stops.
+def train_loop(cfg: DictConfig, method: Method, data: DataBundle, training: Training, loaders: Loaders,
+               tracker: Tracker, interrupts: Interrupts, on_eval: Optional[EvalCallback]) -> RunResult:
+    """Iterate from ``training.state.step`` to ``train.iterations``: step, log, evaluate, checkpoint."""
+    train, state = cfg.train, training.state
+    meters = Meters(method.thresholds.cls, data.category_map.names)
+    clock = IntervalClock(state.step)
+    progress = _progress(training.accelerator, train, state.step)
+    final = RunResult(data.counts())  # what the run read, in final_metrics.json too
+    if state.step >= train.iterations:
+        _evaluate_finished_run(training, loaders, tracker, final, on_eval)
 
-    ``all_bad`` is the count of distinct files all processes met (the same on every
-    process), so every process stops together.
+    for step in range(state.step, train.iterations):
+        labeled, unlabeled = _next_batch(loaders, method, step, state, training.accelerator.device)
+        result, total = forward(training, labeled, unlabeled, method, method.loss_weights(step))
+        flags = agree_on_flags(training, total, interrupts.requested)  # asked after the forward pass
+        stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, flags.bad_files)
+        apply_step(training, result, total, flags, method, train)
+        state.step = step + 1
+        meters.update(result, total, unlabeled, flags.nonfinite)
+        if progress is not None:
+            progress.update(1)
+        # A stop logs the interval it cuts short: the resumed run starts a new one there.
+        if _due(state.step, train.log_every, train.iterations) or flags.stop:
+            final.update(_log_interval(meters, clock, training, method, tracker, progress))
+        with clock.paused():  # evaluations and checkpoints are not training time (train/sec_per_iter)
+            if _due(state.step, train.eval_every, train.iterations) and not flags.stop:
+                flags.stop = _evaluate(training, loaders, meters, data, train, tracker, interrupts, final, on_eval)
+            if _due(state.step, train.ckpt_every, train.iterations) or flags.stop:
+                training.save()
+        if flags.stop:
+            log.warning("stop requested: checkpoint saved at step %d", state.step)
+            final.status = "KILLED"
+            break
+    if progress is not None:
+        progress.close()
+    return final
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """Whether ``step`` (1-based) ends an interval of ``every`` steps (the last step always does)."""
+    return step % every == 0 or step == last
+
+
+class IntervalClock:
+    """Training seconds per step over a log interval, the paused parts (evaluations, checkpoints) left out."""
+
+    def __init__(self, step: int) -> None:
+        self.start, self.step = time.perf_counter(), step
+
+    def seconds_per_step(self, step: int) -> float:
+        """The interval's mean up to ``step``; the next interval starts now."""
+        seconds = (time.perf_counter() - self.start) / max(step - self.step, 1)
+        self.start, self.step = time.perf_counter(), step
+        return seconds
+
+    @contextmanager
+    def paused(self):
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - paused
+
+
+def _next_batch(loaders: Loaders, method: Method, step: int, state: RunState, device) -> tuple[list, list]:
+    """This step's labeled batch and, after the burn-in (``method.unsup_start``), its unlabeled
+    batch, on the device; the unreadable images met are noted in ``state``."""
+    labeled, labeled_meta = next(loaders.labeled)
+    semi = loaders.unlabeled is not None and method.semi_supervised_at(step)
+    unlabeled, unlabeled_meta = next(loaders.unlabeled) if semi else ([], [])
+    state.note_bad_files(labeled_meta + unlabeled_meta)
+    return to_device(labeled, device), to_device(unlabeled, device)
+
+
+def _log_interval(meters: Meters, clock: IntervalClock, training: Training, method: Method, tracker: Tracker,
+                  progress) -> dict[str, float]:
+    """The interval's means, schedule and fault counters, logged at the step just taken."""
+    state = training.state
+    scalars = meters.compute()
+    scalars.update(_schedule_scalars(training.optimizer, state, method, clock.seconds_per_step(state.step)))
+    tracker.log_metrics(scalars, state.step)
+    if progress is not None:  # the interval's mean loss: no extra wait for the device per step
+        progress.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.3f}", refresh=False)
+    training.bad_files_logged = log_bad_files(tracker, state.bad_files, training.bad_files_logged)
+    return scalars
+
+
+def _evaluate(training: Training, loaders: Loaders, meters: Meters, data: DataBundle, train, tracker: Tracker,
+              interrupts: Interrupts, final: RunResult, on_eval: Optional[EvalCallback]) -> bool:
+    """Evaluate teacher and student, log them and the pseudo-label pictures; returns whether a
+    stop request cut the evaluation short (it is then not logged)."""
+    state, started = training.state, time.perf_counter()
+    interrupts.evaluating = interrupts.safe_to_save = True
+    # Not reset in a ``finally``: a second Ctrl-C (KeyboardInterrupt) leaves them set for
+    # ``run``, which may then still save.
+    try:
+        metrics = evaluate_both(training, loaders.val, interrupts)
+    except EvaluationInterrupted:
+        interrupts.evaluating = interrupts.safe_to_save = False
+        log.warning("the evaluation at step %d was cut short by the stop request: not logged", state.step)
+        return True
+    interrupts.evaluating = interrupts.safe_to_save = False
+    if training.accelerator.is_main_process:
+        metrics["val/seconds"] = time.perf_counter() - started
+        tracker.log_metrics(metrics, state.step)
+        log_pictures(tracker, meters.recent, data.category_map.names, state.step, train.num_vis_images)
+        final.update(metrics)
+        if on_eval is not None:
+            on_eval(state.step, metrics)
+    return False
+
+
+def _evaluate_finished_run(training: Training, loaders: Loaders, tracker: Tracker, final: RunResult,
+                           on_eval: Optional[EvalCallback]) -> None:
+    """Resumed from the final checkpoint (a retried trial, a requeued job): nothing to train,
+    but the run (what it lacks of it), final_metrics.json and ``on_eval`` (a tuning trial
+    completes on it) still get the final evaluation. The training scalars of
+    final_metrics.json are those the run already has."""
+    metrics = evaluate_both(training, loaders.val)
+    if training.accelerator.is_main_process:
+        tracker.log_metrics(metrics, training.state.step)
+        final.update(tracker.previous_metrics)
+        final.update(metrics)
+        if on_eval is not None:
+            on_eval(training.state.step, metrics)
+
+
+def _schedule_scalars(optimizer, state: RunState, method: Method, seconds_per_iter: float) -> dict[str, float]:
+    """Per-interval scalars of the schedule and of the faults met so far."""
+    last_ema_step = max(state.ema_steps - 1, 0)
+    return {
+        "train/sec_per_iter": seconds_per_iter,
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/nonfinite_steps": state.nonfinite_steps,
+        "train/bad_images": len(state.bad_files),
+        "train/ema_momentum": ema_momentum(last_ema_step, method.ema.momentum),
+        "train/polish_ema_momentum": ema_momentum(last_ema_step, method.ema.polish_momentum, method.ema.polish_warmup),
+        "train/unsup_weight": method.schedule.unsup_weight_at(max(state.step - 1, 0)),
+    }
+
+
+def evaluate_both(training: Training, val_loader, interrupts: Optional[Interrupts] = None,
+                   prefix: str = "val") -> dict[str, float]:
+    """``<prefix>/teacher/bbox_*`` and ``<prefix>/student/bbox_*`` (main process; empty elsewhere).
+
+    With ``interrupts`` and one process, a stop request cuts the evaluation short
+    (``EvaluationInterrupted``); several processes finish it together (one alone leaving
+    would hang the others in the gather).
     """
-    total = len(data.labeled) + (len(data.unlabeled) if data.unlabeled is not None else 0)
-    if all_bad and all_bad > max_fraction * total:
-        log_bad_files(tracker, state.bad_files, already_logged=0)
-        raise DatasetError(
-            f"{all_bad} of {total} training images could not be read "
-            f"(more than data.max_bad_image_fraction={max_fraction}); first: {(state.bad_files or ['on another process'])[0]}"
-        )
+    accelerator = training.accelerator
+    metrics: dict[str, float] = {}
+    can_stop = interrupts is not None and accelerator.num_processes == 1
+    should_stop = (lambda: interrupts.requested) if can_stop else (lambda: False)
+    for name, detector in (("teacher", training.teacher.detector), ("student", accelerator.unwrap_model(training.student).detector)):
+        result = evaluate(detector, val_loader, accelerator, should_stop)
+        if result is not None:
+            metrics.update({f"{prefix}/{name}/bbox_{key}": value for key, value in result.items()})
+    return metrics
 
 
-def log_bad_files(tracker, bad_files: list[str], already_logged: int) -> int:
-    """Replace the ``bad_images.txt`` artifact when new unreadable images were met; returns the count."""
-    if len(bad_files) > already_logged:
-        tracker.log_text("\n".join(bad_files) + "\n", "bad_images.txt")
-    return len(bad_files)
+def _progress(accelerator, train, start: int):
+    if not (train.progress and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
 
-
-def save_state(accelerator, directory: Path, state: RunState, student, teacher, optimizer, scheduler, keep: int,
-               describe: Optional[dict] = None) -> None:
-    """Write a checkpoint from the main process; every process waits for it. ``describe``:
-    plain values stored beside the weights (``config``, ``categories``)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        payload = {
-            **(describe or {}),
-            **state.to_checkpoint(),
-            "student": accelerator.unwrap_model(student).state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-        }
-        if accelerator.scaler is not None:
-            payload["scaler"] = accelerator.scaler.state_dict()
-        save_checkpoint(directory, state.step, payload, keep)
-    accelerator.wait_for_everyone()
-
-
-class Interrupts:
-    """SIGTERM / SIGINT set a flag the loop checks each step (checkpoint, then KILLED).
-
-    The first is acknowledged on the console at once; an evaluation under way is cut short
-    (one process) or announced as the wait (several: they must finish it together). A second
-    Ctrl-C raises KeyboardInterrupt at once; ``safe_to_save`` says whether the model is then
-    in a consistent state (between steps, e.g. evaluating), so the run can still checkpoint.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.safe_to_save = False
-        self.evaluating = False
-        self._signum: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self._signum = self._signum or signum
-        where = "the evaluation" if self.evaluating else "this step"
-        log.warning("%s received: stopping after %s with a checkpoint; Ctrl-C again stops at once",
-                    signal.Signals(signum).name, where)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def pass_on(self) -> None:
-        """Hand a stop request the run did not act on (it came after the last step's check)
-        to the handler that was there before, if it is one of ours (not Python's default
-        Ctrl-C handler): a tuning worker running trials in this process must still stop
-        after this trial."""
-        previous = self._previous.get(self._signum) if self.requested else None
-        # Python's own Ctrl-C handler would raise KeyboardInterrupt over a finished run.
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(self._signum, None)
-
-
-class Meters:
-    """Interval averages of losses and statistics, and pseudo-label quality.
-
-    Values stay tensors, and pseudo labels are only kept, until ``compute`` (once per log
-    interval): the step itself does not wait for the device on their account.
-    """
-
-    def __init__(self, cls_threshold: float, class_names: tuple[str, ...]) -> None:
-        self.cls_threshold = cls_threshold
-        self.class_names = class_names
-        self.quality = PseudoLabelQuality()
-        # The last few unlabeled images, kept for the pictures logged at evaluation.
-        self.recent: deque[dict] = deque(maxlen=8)
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.skipped = 0
-        self.pending: list[dict] = []
-        self.quality.reset()
-
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().float()
-        self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    def update(self, result, total: torch.Tensor, unlabeled: list, skipped: bool) -> None:
-        if skipped:
-            self.skipped += 1
-            return
-        self._add("train/loss", total)
-        for name, value in result.losses.items():
-            self._add(f"train/{name}", value)
-        for name, value in result.stats.items():
-            self._add(name, value)
-        if result.teacher is not None:
-            self._update_quality(result.teacher.pseudo_labels, unlabeled)
-
-    def _update_quality(self, pseudo_labels, unlabeled: list) -> None:
-        """Keep what pseudo-label quality needs; ``compute`` measures it (the step never waits)."""
-        for labels, (weak, _, hidden) in zip(pseudo_labels, unlabeled):
-            sample = {"pseudo": labels, "matrix": weak.matrix, "size": tuple(weak.image.shape[-2:]), "hidden": hidden}
-            self.pending.append(sample)
-            self.recent.append({**sample, "image": weak.image})
-
-    def _measure_quality(self) -> None:
-        """Compare pending pseudo labels (weak view) with the hidden ground truth projected into it."""
-        for sample in self.pending:
-            labels = sample["pseudo"]
-            gt_boxes, gt_labels = hidden_ground_truth(sample)
-            self.quality.update(labels, gt_boxes, gt_labels, self.cls_threshold)
-        self.pending.clear()
-
-    def compute(self) -> dict[str, float]:
-        scalars = {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
-        scalars["train/skipped_steps_interval"] = float(self.skipped)
-        self._measure_quality()
-        quality = self.quality.compute()
-        if quality.get("pseudo/images", 0):
-            scalars.update(quality)
-        self.reset()
-        return scalars
-
-
-def hidden_ground_truth(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden ground truth of an unlabeled image, projected into its weak view."""
-    height, width = sample["size"]
-    hidden = sample["hidden"]
-    boxes, keep = project_boxes(hidden["boxes"], sample["matrix"], width, height)
-    return boxes, hidden["labels"][keep]
-
-
-def log_pictures(tracker, recent, class_names: tuple[str, ...], step: int, limit: int) -> None:
-    """Ground truth | raw pseudo labels | polished pseudo labels of the last ``limit`` unlabeled images."""
-    for index, sample in enumerate(list(recent)[-limit:] if limit > 0 else []):
-        pseudo = sample["pseudo"]
-        kept = pseudo.cls_keep
-        picture = pseudo_label_picture(
-            sample["image"], *hidden_ground_truth(sample), pseudo.boxes, pseudo.labels,
-            pseudo.reg_boxes[kept], pseudo.cls_labels[kept], class_names,
-        )
-        tracker.log_image(picture, f"pseudo_labels/step_{step:08d}_{index}.png")
+    return tqdm(total=train.iterations, initial=start, desc="train", dynamic_ncols=True)

@@ -19,7 +19,7 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig
 from torch.profiler import record_function
 
-from ssod.loop import RunState, save_state
+from ssod.run_state import RunState, save_state
 from ssod.losses import weighted_total
 from ssod.methods import Method
 from ssod.teaching import StepResult
@@ -47,6 +47,7 @@ class Training:
     # Plain values every checkpoint carries besides the weights: the resolved config and the
     # categories, so that a checkpoint alone says how to rebuild and read its model.
     describe: dict = field(default_factory=dict)
+    bad_files_logged: int = 0  # how many of ``state.bad_files`` the bad_images.txt artifact lists
 
     def save(self) -> None:
         save_state(
@@ -66,27 +67,36 @@ class StepFlags:
 
 
 def train_step(training: Training, labeled: list, unlabeled: list, method: Method, weights: dict[str, float],
-               train: DictConfig, stop_requested: Callable[[], bool],
-               on_flags: Callable[[StepFlags], None] = lambda flags: None) -> tuple[StepResult, torch.Tensor, StepFlags]:
-    """One iteration: the losses, then an optimizer and EMA step, or a skip if any process's loss is not finite.
+               train: DictConfig, stop_requested: Callable[[], bool] = lambda: False) -> tuple[StepResult, torch.Tensor, StepFlags]:
+    """``forward``, ``agree_on_flags`` and ``apply_step`` in order (``ssod-bench`` and tests;
+    the training loop calls the three itself). ``stop_requested()`` is asked after the
+    forward pass."""
+    result, total = forward(training, labeled, unlabeled, method, weights)
+    flags = agree_on_flags(training, total, stop_requested())
+    apply_step(training, result, total, flags, method, train)
+    return result, total, flags
 
-    ``stop_requested()`` says whether this process was asked to stop (SIGTERM / SIGINT);
-    ``on_flags(flags)`` sees the agreed flags before anything is applied, and may raise
-    (too many unreadable images) to stop with no step taken. Returns the losses (for the meters), their weighted total and the flags all processes
-    agreed on. After ``train.max_consecutive_nonfinite`` skips in a row it saves a
-    checkpoint and raises ``NonFiniteLossError``.
-    """
-    accelerator, state = training.accelerator, training.state
+
+def forward(training: Training, labeled: list, unlabeled: list, method: Method,
+            weights: dict[str, float]) -> tuple[StepResult, torch.Tensor]:
+    """The method's losses on one batch (already on the device) and their weighted total."""
     training.student.train()
-    with accelerator.autocast(), record_function("ssod::losses"):
+    with training.accelerator.autocast(), record_function("ssod::losses"):
         result = method.compute_losses(training.student, training.teacher, labeled, unlabeled)
         total = weighted_total(result.losses, weights)
-    # Asked only now: a Ctrl-C during the forward pass stops after this step.
-    flags = _agree_on_flags(accelerator, total, stop_requested(), state)
-    on_flags(flags)
+    return result, total
+
+
+def apply_step(training: Training, result: StepResult, total: torch.Tensor, flags: StepFlags, method: Method,
+               train: DictConfig) -> None:
+    """Backward, clip, optimizer, schedule and EMA, or a skip when any process's loss was not
+    finite (``flags.nonfinite``). After ``train.max_consecutive_nonfinite`` skips in a row it
+    saves a checkpoint and raises ``NonFiniteLossError``. ``train/grad_norm`` (before
+    clipping) goes into ``result.stats``."""
+    accelerator, state = training.accelerator, training.state
     if flags.nonfinite:
         _skip_step(training, train.max_consecutive_nonfinite)
-        return result, total, flags
+        return
     state.consecutive_nonfinite = 0
     with record_function("ssod::backward"):
         accelerator.backward(total)
@@ -103,10 +113,13 @@ def train_step(training: Training, labeled: list, unlabeled: list, method: Metho
             method.update_teacher(training.teacher, accelerator.unwrap_model(training.student), state.step,
                                   state.ema_steps, train.lr_steps)
             state.ema_steps += 1
-    return result, total, flags
 
 
-def _agree_on_flags(accelerator: Accelerator, total: torch.Tensor, stop_requested: bool, state: RunState) -> StepFlags:
+def agree_on_flags(training: Training, total: torch.Tensor, stop_requested: bool) -> StepFlags:
+    """What every process learns from one small all-reduce: whether any loss was not finite
+    (all skip the step), whether any process was asked to stop (all checkpoint and stop), and
+    how many distinct unreadable images all have met."""
+    accelerator, state = training.accelerator, training.state
     # One small all-reduce decides, on every process together, whether to skip this step,
     # whether to stop, and whether any process met unreadable images it has not shared
     # yet. Its .tolist() is the step's one wait for the device in this loop (torchvision's

@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 from ssod.cli import USER_ERRORS, user_error_status
 from ssod.config import CONF_DIR
 from ssod.tracking import mask_console
-from ssod.training import TRACKING_INCOMPLETE_STATUS, run
+from ssod.loop import TRACKING_INCOMPLETE_STATUS
+from ssod.training import run
 
 
 def main() -> Optional[float]:

@@ -115,7 +115,7 @@ def test_the_bench_times_training_own_step(tmp_path, dataset_cache, accelerator)
     from ssod.config import compose
     from ssod.data.pipeline import build_data
     from ssod.data.sampling import infinite_loader
-    from ssod.loop import RunState
+    from ssod.run_state import RunState
 
     overrides = [o for o in tiny_overrides(tmp_path, dataset_cache, "sqlite:///unused.db", "polish_teacher") if not o.startswith("method=")]
     cfg = compose(["method=polish_teacher", *overrides])

@@ -258,7 +258,7 @@ def test_meters_measure_pseudo_label_quality_at_the_interval_as_per_step_would()
 
     from ssod.data.transforms import View
     from ssod.evaluation import PseudoLabelQuality
-    from ssod.loop import Meters, hidden_ground_truth
+    from ssod.meters import Meters, hidden_ground_truth
     from ssod.models.teacher import PseudoLabels
 
     method = OmegaConf.to_object(compose(["method=soft_teacher"]).method)

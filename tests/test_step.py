@@ -15,7 +15,7 @@ from ssod.data.transforms import View
 from ssod.methods import build_method
 from ssod.data.pipeline import build_data
 from ssod.data.sampling import infinite_loader
-from ssod.loop import RunState
+from ssod.run_state import RunState
 from ssod.step import StepFlags, Training, train_step
 from ssod.step import forget_accelerator, to_device
 from tests.conftest import tiny_overrides

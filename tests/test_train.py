@@ -143,18 +143,18 @@ def test_sec_per_iter_is_training_time_and_the_evaluation_has_its_own(make_confi
     the interval's two iterations 500 s each."""
     import types
 
-    import ssod.training
+    import ssod.loop
 
     jumped = [0.0]
     clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jumped[0])
-    real = ssod.training._evaluate_both
+    real = ssod.loop.evaluate_both
 
     def slow_evaluation(*args, **kwargs):
         jumped[0] += 1000.0
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ssod.training, "time", clock)
-    monkeypatch.setattr(ssod.training, "_evaluate_both", slow_evaluation)
+    monkeypatch.setattr(ssod.loop, "time", clock)
+    monkeypatch.setattr(ssod.loop, "evaluate_both", slow_evaluation)
     run(make_config("train.iterations=4", "train.eval_every=2", "train.log_every=2", "data.val_max_images=2"))
     run_id = mlflow_store.only_run().info.run_id
     per_iter = mlflow_store.history(run_id, "train/sec_per_iter")

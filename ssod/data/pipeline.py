@@ -75,6 +75,20 @@ class DataBundle:
     val: CocoDetection
     test: Optional[CocoDetection] = None
 
+    def named_sets(self) -> list[tuple[str, CocoDetection]]:
+        """(name, dataset) of each set a run reads: train, unlabeled (not when supervised),
+        eval, test (when there is one); the names are MLflow's dataset contexts."""
+        sets = (("train", self.labeled), ("unlabeled", self.unlabeled), ("eval", self.val), ("test", self.test))
+        return [(name, dataset) for name, dataset in sets if dataset is not None]
+
+    def counts(self) -> dict[str, float]:
+        """``data/<set>/{images,boxes,degenerate_boxes}`` of the sets a run reads."""
+        counts = {}
+        for name, dataset in self.named_sets():
+            counts.update({f"data/{name}/images": len(dataset), f"data/{name}/boxes": dataset.box_count,
+                           f"data/{name}/degenerate_boxes": dataset.degenerate_boxes})
+        return counts
+
 
 def _absolute(path: str, project_dir: Path) -> Path:
     candidate = Path(path).expanduser()

@@ -33,7 +33,6 @@ statistics average IoU with the assigned target over all boxes of the batch (the
 reference averages, per image, the best IoU with any ground truth, then over images).
 """
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
