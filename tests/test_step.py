@@ -110,17 +110,25 @@ def test_a_step_whose_fp16_gradients_overflow_is_skipped_by_the_scaler(tmp_path,
         forget_accelerator(accelerator)
 
 
-def test_flags_are_seen_before_anything_is_applied(parts):
-    """``on_flags`` may stop the run (too many unreadable images): no step is taken then."""
-    training, batch = parts
+def test_the_loop_stops_on_the_agreed_flags_before_anything_is_applied(parts):
+    """The loop's order: forward, the flags all processes agree on, the bad-image limit (it may
+    stop the run), then the step. Stopped there, nothing has moved."""
+    from types import SimpleNamespace
+
+    from ssod.data.coco import DatasetError
+    from ssod.run_state import stop_if_too_many_bad
+    from ssod.step import agree_on_flags, forward
+    from ssod.tracking import Tracker
+
+    training, (labeled, unlabeled, method, weights, train) = parts
     student = _snapshot(training.student)
-
-    def too_many_bad_images(flags: StepFlags) -> None:
-        raise RuntimeError(f"stop at {flags.bad_files} bad images")
-
     training.state.bad_files.append("broken.jpg")
-    with pytest.raises(RuntimeError, match="stop at 1 bad images"):
-        train_step(training, *batch, lambda: False, on_flags=too_many_bad_images)
+    _, total = forward(training, labeled, unlabeled, method, weights)
+    flags = agree_on_flags(training, total, stop_requested=False)
+    assert flags.bad_files == 1 and not flags.stop
+    data = SimpleNamespace(labeled=[None] * 10, unlabeled=None)
+    with pytest.raises(DatasetError, match="1 of 10 training images could not be read"):
+        stop_if_too_many_bad(training.state, data, 0.05, Tracker("", "unused", enabled=False), flags.bad_files)
     assert _unchanged(training.student, student)
     assert training.scheduler.last_epoch == 0 and training.state.ema_steps == 0
 

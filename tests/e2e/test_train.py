@@ -70,7 +70,7 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     tags = run_.data.tags  # what made the run, where it trained
     assert tags["ssod.torch"] == torch.__version__ and tags["ssod.device"] == "cpu (CPU)" and tags["ssod.processes"] == "1"
     assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     if (repo / ".git").exists():
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         assert tags["mlflow.source.git.commit"] == head

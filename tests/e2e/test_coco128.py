@@ -16,7 +16,7 @@ from ssod.data.splits import make_split
 from ssod.evaluation import coco_evaluate
 from ssod.training import run
 
-COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
+COCO128 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco128"
 ANNOTATIONS = COCO128 / "annotations" / "instances_train2017.json"
 IMAGES = COCO128 / "train2017"
 # COCO 2017's 80 category ids: 1..90 without these ten.

@@ -1,0 +1,145 @@
+"""Trials (``ssod.tuning.objective``): pruning, failures and interruptions, counted against the budget as they should."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from ssod.tune import main, prepare, run_worker
+from tuning_project import Project, processes_matching
+
+
+def test_pruning_stops_weak_trials_at_the_step_it_decides(project: Project) -> None:
+    """A tiny objective whose curve is ``unsup_weight * step``: low weights get pruned."""
+    ran: dict[float, int] = {}
+
+    def trainer(cfg, on_eval):
+        weight = cfg.method.unsup_weight
+        for step in range(1, cfg.train.iterations + 1):
+            ran[weight] = step
+            on_eval(step, {"val/teacher/bbox_AP": weight * step})
+        return {"val/teacher/bbox_AP": weight * cfg.train.iterations}
+
+    setup = prepare(project.overrides + [
+        "tune.n_trials=12", "tune.sampler.name=random", "tune.pruner.n_startup_trials=3", "train.iterations=8",
+    ])
+    usage = run_worker(setup, trainer=trainer)
+    study = project.study(setup.storage_url)
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert usage.used == 12 and len(pruned) + len(complete) == 12
+    assert pruned, "no trial was pruned"
+    for trial in pruned:
+        decided_at = max(trial.intermediate_values)
+        assert decided_at < 8
+        assert ran[trial.params["method.unsup_weight"]] == decided_at, "training went on after the prune"
+        earlier = [t.intermediate_values[decided_at] for t in complete if t.number < trial.number]
+        assert trial.intermediate_values[decided_at] < statistics.median(earlier)
+
+
+def test_failing_trials_fail_alone_and_count_against_the_budget(project: Project) -> None:
+    calls = []
+
+    def trainer(cfg, on_eval):
+        calls.append(cfg.method.unsup_weight)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (pretend)")
+        if len(calls) == 2:
+            on_eval(cfg.train.iterations, {"val/teacher/bbox_AP": float("nan")})
+            return {"val/teacher/bbox_AP": float("nan")}
+        on_eval(cfg.train.iterations, {"val/teacher/bbox_AP": 0.5})
+        return {"val/teacher/bbox_AP": 0.5}
+
+    setup = prepare(project.overrides + ["tune.n_trials=4"])
+    run_worker(setup, trainer=trainer)
+    trials = project.study(setup.storage_url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "out of memory" in trials[0].user_attrs["fail_reason"]
+    assert "nan" in trials[1].user_attrs["fail_reason"]
+
+
+def test_interrupted_trials_are_requeued_without_counting_against_max_retry(project: Project) -> None:
+    """A preemptible cluster may stop one trial more often than ``tune.max_retry``: each stop
+    re-queues it with its parameters and its original's number, and only real failures
+    (a dead worker) use up retries."""
+    from ssod.tracking import Tracker
+    from ssod.training import RunResult
+    from ssod.tuning.storage import INTERRUPTED_ATTR, INTERRUPTED_TRIALS
+    from ssod.tuning.workers import StaleTrials
+
+    calls, run_ids = [], []
+
+    def trainer(cfg, on_eval):
+        """As training does: one MLflow run, reopened by each retry (from its checkpoint)."""
+        calls.append(cfg.method.unsup_weight)
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        run_ids.append(tracker.start(cfg.train.run_name, dict(cfg.tracking.tags), cfg.tracking.parent_run_id,
+                                     run_id=run_ids[0] if run_ids else ""))
+        if len(calls) <= 3:  # stopped by the worker's SIGTERM: checkpoint, run KILLED, not completed
+            tracker.end("KILLED")
+            stopped = RunResult()
+            stopped.status = "KILLED"
+            return stopped
+        on_eval(cfg.train.iterations, {"val/teacher/bbox_AP": 0.5})
+        tracker.end("FINISHED")
+        return {"val/teacher/bbox_AP": 0.5}
+
+    setup = prepare(project.overrides + ["tune.n_trials=1", "tune.max_retry=1"])
+    for _ in range(3):  # each stop ends the worker; the same command again continues
+        usage = run_worker(setup, trainer=trainer)
+        assert usage.used == 1 and usage.waiting == 1
+        stopped = project.runs()[1][0]
+        assert (stopped.info.status, stopped.data.tags["optuna.state"], stopped.data.tags["optuna.interrupted"]) == (
+            "KILLED", "FAIL", "true")
+    usage = run_worker(setup, trainer=trainer)
+    trials = project.study(setup.storage_url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.COMPLETE]
+    assert calls == [calls[0]] * 4
+    assert trials[3].system_attrs["failed_trial"] == 0
+    assert trials[3].system_attrs["retry_history"] == [0, 1, 2] == trials[3].system_attrs[INTERRUPTED_TRIALS]
+    assert all(t.user_attrs[INTERRUPTED_ATTR] for t in trials[:3]) and INTERRUPTED_ATTR not in trials[3].user_attrs
+    assert {t.user_attrs["output_dir"] for t in trials} == {trials[0].user_attrs["output_dir"]}
+    assert usage.used == 1 and usage.complete == 1 and usage.failed == 0
+    (finished,) = project.runs()[1]
+    assert finished.info.status == "FINISHED" and finished.data.tags["optuna.state"] == "COMPLETE"
+    assert "optuna.interrupted" not in finished.data.tags
+
+    # After those stops the chain still has its one retry for a dead worker, and no more;
+    # a worker killed while it cleaned up after a stop (the trial marked interrupted) is a stop.
+    study = project.study(setup.storage_url)
+    on_stale = StaleTrials(setup)
+    chain = dict(trials[3].system_attrs)
+    for interrupted, expected_queued in ((False, True), (True, True), (False, False)):
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.FAIL, params=trials[0].params, distributions=trials[0].distributions, system_attrs=chain,
+            user_attrs={INTERRUPTED_ATTR: True} if interrupted else {},
+        ))
+        on_stale(study, study.trials[-1])  # as the heartbeat and the reaper call it
+        queued = study.get_trials(states=(TrialState.WAITING,))
+        assert bool(queued) == expected_queued
+        if queued:
+            assert queued[0].system_attrs["failed_trial"] == 0 and queued[0].params == trials[0].params
+            assert INTERRUPTED_ATTR not in queued[0].user_attrs
+            chain = dict(queued[0].system_attrs)
+            study.tell(study.ask().number, state=TrialState.FAIL)  # pop it, so the next check sees none
+
+
+@pytest.mark.slow
+def test_pruned_trial_under_accelerate_launch_stops_its_child_at_once(project: Project) -> None:
+    """launcher=accelerate: evaluations are relayed from the child; a prune kills its group."""
+    assert main(project.overrides + [
+        "tune.n_trials=1", "tune.launcher=accelerate", "tune.keep_checkpoints=true",
+        "tune.pruner.name=threshold", "tune.pruner.lower=2.0", "train.iterations=6",
+    ]) == 0
+    (trial,) = project.study(f"sqlite:///{project.root / 'optuna.db'}").trials
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [1]
+    # The child learns of the prune at its next step: it checkpoints there and stops.
+    steps = sorted(int(p.stem[5:]) for p in (Path(trial.user_attrs["output_dir"]) / "checkpoints").glob("step-*.pt"))
+    assert steps and steps[-1] <= 2, f"training went on after the prune: checkpoints {steps}"
+    _, (run,) = project.runs()
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
+    assert not processes_matching("ssod.tune trial"), "the trial's process group outlived the prune"

@@ -1,0 +1,84 @@
+"""Study reports (``ssod.tuning.report``): the best trial, ties, nested MLflow runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from ssod.tune import main, prepare
+from tuning_project import STUDY, Project, check_trial_runs
+
+
+def test_the_report_names_a_tie_for_best_and_drops_it_once_broken(project: Project) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from ssod.tuning.report import parent_run, write_report
+
+    setup = prepare(project.overrides)
+    parent = parent_run(setup)
+    study = optuna.create_study(direction="maximize")
+    distribution = optuna.distributions.FloatDistribution(0.5, 4.0)
+    for value in (0.5, 0.5):
+        study.add_trial(optuna.trial.create_trial(params={"method.unsup_weight": value * 2},
+                                                  distributions={"method.unsup_weight": distribution}, value=value))
+    assert write_report(setup, study, parent)["best_tied_trials"] == 2
+    assert MlflowClient(project.mlflow_uri).get_run(parent).data.tags["optuna.best_tied_trials"] == "2"
+    study.add_trial(optuna.trial.create_trial(params={"method.unsup_weight": 3.0},
+                                              distributions={"method.unsup_weight": distribution}, value=0.9))
+    assert "best_tied_trials" not in write_report(setup, study, parent)
+    assert "optuna.best_tied_trials" not in MlflowClient(project.mlflow_uri).get_run(parent).data.tags
+
+
+# --------------------------------------------------------------------------- real training
+
+
+@pytest.mark.slow
+def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> None:
+    # Left by another study of the same name (another storage, or deleted and made again):
+    # trial 0 must not resume it with its own parameters.
+    from ssod.checkpoint import save_checkpoint
+
+    foreign = save_checkpoint(project.root / "outputs/tune" / STUDY / "trial-0000" / "checkpoints", 2, {"step": 2})
+    assert main(project.overrides) == 0
+    assert (project.root / "optuna.db").is_file()
+    study = project.study(f"sqlite:///{project.root / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    check_trial_runs(project, study)
+    parent, runs = project.runs()
+    assert len(runs) == 3 and parent.info.status == "FINISHED"
+    best = max(study.trials, key=lambda t: t.value)
+    best_run = {r.data.tags["optuna.trial_number"]: r.info.run_id for r in runs}[str(best.number)]
+    assert parent.data.tags["optuna.best_run_id"] == best_run
+    assert parent.data.tags["optuna.best_params.method.rf_cls_thr"] == str(best.params["method.rf_cls_thr"])
+    artifacts = set(project.artifacts(parent.info.run_id))
+    for plot in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
+        assert f"plots/{plot}.png" in artifacts
+    tied = sum(t.value == best.value for t in study.trials)
+    assert parent.data.tags.get("optuna.best_tied_trials") == (str(tied) if tied > 1 else None)
+    from mlflow.tracking import MlflowClient
+
+    table = Path(MlflowClient(project.mlflow_uri).download_artifacts(parent.info.run_id, "study/trials.csv"))
+    header = table.read_text().splitlines()[0].split(",")
+    assert {"number", "state", "value", "user_attrs_mlflow_run_id", "params_method.rf_cls_thr"} <= set(header)
+    assert not [column for column in header if column.startswith("system_attrs_tpe")], header
+    assert set((project.root / "outputs/tune" / STUDY).glob("trial-*/checkpoints/*.pt")) == {foreign}
+    first = study.trials[0]
+    assert "resumed_from_step" not in first.user_attrs
+    assert Path(first.user_attrs["output_dir"]).name.startswith("trial-0000-")
+    assert study.metric_names == ["val/teacher/bbox_AP"]  # optuna-dashboard's axis label
+
+    # ``report`` only reads: the study tuned last when none is named, a clear refusal for one
+    # that does not exist, and never a new study, storage or MLflow run.
+    unnamed = [o for o in project.overrides if not o.startswith("tune=")]
+    assert main(["report", *unnamed]) == 0
+    assert main(["report", *project.overrides, "tune.study_name=nope"]) == 2
+    assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{project.root / 'optuna.db'}")] == [STUDY]
+    again, rerun = project.runs()
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED" and len(rerun) == 3
+    elsewhere = project.root / "elsewhere"
+    elsewhere.mkdir()
+    assert main(["report", *unnamed, f"--storage=sqlite:///{elsewhere / 'optuna.db'}"]) == 2
+    assert not (elsewhere / "optuna.db").exists()
