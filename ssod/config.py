@@ -175,7 +175,10 @@ class TrainConfig:
     warmup_factor: float = 0.001
     lr_steps: list[int] = field(default_factory=lambda: [120000, 160000])
     lr_gamma: float = 0.1
-    mixed_precision: str = "no"
+    # no | fp16 | bf16, or null: whatever the launcher says (`accelerate launch
+    # --mixed_precision`, `accelerate config`; plain `python`: no). An explicit value wins,
+    # with a warning when the launcher said otherwise; the run logs the precision used.
+    mixed_precision: Optional[str] = None
     # Speed settings (tests/test_performance.py compares each with the default path).
     # tf32: float32 matrix products and convolutions on CUDA in TF32 (true), or neither
     # (false); null leaves PyTorch's defaults (convolutions TF32, matrix products not).
@@ -345,6 +348,7 @@ _RULES = {
     "train.max_consecutive_nonfinite": _at_least(1),
     "train.grad_clip_norm": _POSITIVE,
     "train.num_vis_images": _at_least(0),
+    "train.mixed_precision": ((lambda v: v in ("no", "fp16", "bf16", "fp8")), "no, fp16, bf16 or fp8 (or null: the launcher's)"),
     "method.pseudo_labels": ((lambda v: v in ("teacher", "oracle")), "teacher or oracle"),
     "method.polish_use": ((lambda v: v in ("both", "boxes", "categories", "none")), "both, boxes, categories or none"),
 }

@@ -187,10 +187,22 @@ def _accelerator(train) -> Accelerator:
     # each with its own MLflow run.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(
-        mixed_precision=train.mixed_precision,
+        mixed_precision=mixed_precision(train.mixed_precision),
         cpu=train.cpu or multi_cpu,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def mixed_precision(configured: Optional[str]) -> str:
+    """The precision to train in: ``train.mixed_precision`` when set (with a warning when the
+    launcher, ``accelerate launch`` or ``accelerate config``, said another), else the launcher's."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if configured is None:
+        return launcher or "no"
+    if launcher is not None and launcher != configured:
+        log.warning("train.mixed_precision=%s overrides the launcher's mixed precision %s "
+                    "(leave train.mixed_precision=null to use the launcher's)", configured, launcher)
+    return configured
 
 
 def _build_training(cfg: DictConfig, method: Method, num_classes: int, accelerator: Accelerator, ckpt_dir: Path,
@@ -287,7 +299,8 @@ def _run_context(accelerator: Accelerator) -> dict[str, str]:
     """Provenance (see ``provenance_tags``) and where the run trains: device and processes."""
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return {**provenance_tags(), "ssod.device": f"{device.type} ({name})", "ssod.processes": str(accelerator.num_processes)}
+    return {**provenance_tags(), "ssod.device": f"{device.type} ({name})", "ssod.processes": str(accelerator.num_processes),
+            "ssod.mixed_precision": str(accelerator.mixed_precision)}
 
 
 def _log_run_outputs(tracker: Tracker, final_metrics: dict, final_checkpoint: Path, log_checkpoint: bool) -> None:

@@ -103,7 +103,7 @@ def accelerate_command(processes: int, extra_args: list[str], spec_path: Path, r
         gpu = torch.cuda.device_count() > 0
     else:
         gpu = devices.strip() not in ("", "-1")
-    # Precision comes from train.mixed_precision (explicit in the Accelerator), not from here.
+    # Precision: the trial's train.mixed_precision when set (it wins over this launcher's "no").
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

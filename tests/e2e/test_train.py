@@ -69,6 +69,7 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     assert params["data.train_json"] == MASKED and run_.data.tags["database"] == MASKED
     tags = run_.data.tags  # what made the run, where it trained
     assert tags["ssod.torch"] == torch.__version__ and tags["ssod.device"] == "cpu (CPU)" and tags["ssod.processes"] == "1"
+    assert tags["ssod.mixed_precision"] == "no"  # the precision used (train.mixed_precision null: the launcher's)
     assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
     repo = Path(__file__).resolve().parents[2]
     if (repo / ".git").exists():
