@@ -36,13 +36,14 @@ class EvaluationInterrupted(Exception):
 
 
 @torch.no_grad()
-def predict(detector: nn.Module, loader, device, should_stop=lambda: False) -> list[dict]:
+def predict(detector: nn.Module, loader, device, should_stop=lambda: False, progress: Optional[str] = None) -> list[dict]:
     """Detections of the images of ``loader`` (see ``eval_loader``) in original-image pixels.
 
     Returns one dict per image: ``image_id``, ``boxes`` [K, 4] xyxy, ``scores`` [K],
     ``labels`` [K] (contiguous), all on the CPU; an image that could not be read gives
     ``{"image_id": id, "unreadable": True}`` (the loader gave its neighbour instead).
     ``should_stop()`` is asked before each batch; when true, ``EvaluationInterrupted`` is raised.
+    ``progress``: a progress bar with that description (removed when done).
     """
     was_training = detector.training
     detector.eval()
@@ -51,7 +52,12 @@ def predict(detector: nn.Module, loader, device, should_stop=lambda: False) -> l
     # evaluation never shifts the training's random stream (a resumed run equals a straight one).
     try:
         with torch.random.fork_rng(devices=[]):
-            for items, metas in loader:
+            batches = loader
+            if progress is not None:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(loader, desc=progress, total=len(loader), leave=False, dynamic_ncols=True)
+            for items, metas in batches:
                 if should_stop():
                     raise EvaluationInterrupted
                 outputs = detector([image.to(device, non_blocking=True) for image, _ in items])
@@ -80,7 +86,8 @@ def detections_to_host(outputs: list[dict[str, Tensor]]) -> list[tuple[Tensor, T
     return [(part[:, :4].clone(), part[:, 4].clone(), part[:, 5].long()) for part in parts]
 
 
-def evaluate(detector: nn.Module, loader, accelerator, should_stop=lambda: False) -> Optional[dict[str, float]]:
+def evaluate(detector: nn.Module, loader, accelerator, should_stop=lambda: False,
+             progress: Optional[str] = None) -> Optional[dict[str, float]]:
     """COCO bbox metrics of ``detector`` on ``loader.dataset``, computed once on the main process.
 
     ``loader`` (``eval_loader`` over ``shard(dataset, accelerator)``) yields this process's
@@ -90,7 +97,8 @@ def evaluate(detector: nn.Module, loader, accelerator, should_stop=lambda: False
     from ssod.evaluation import coco_evaluate
 
     dataset = loader.dataset
-    predictions = predict(detector, loader, accelerator.device, should_stop)
+    predictions = predict(detector, loader, accelerator.device, should_stop,
+                          progress if accelerator.is_main_process else None)
     gathered = accelerator.gather_for_metrics(predictions, use_gather_object=True)
     if not accelerator.is_main_process:
         return None

@@ -143,7 +143,7 @@ def _evaluate(training: Training, loaders: Loaders, meters: Meters, data: DataBu
     # Not reset in a ``finally``: a second Ctrl-C (KeyboardInterrupt) leaves them set for
     # ``run``, which may then still save.
     try:
-        metrics = evaluate_both(training, loaders.val, interrupts)
+        metrics = evaluate_both(training, loaders.val, interrupts, progress=train.progress)
     except EvaluationInterrupted:
         interrupts.evaluating = interrupts.safe_to_save = False
         log.warning("the evaluation at step %d was cut short by the stop request: not logged", state.step)
@@ -189,7 +189,7 @@ def _schedule_scalars(optimizer, state: RunState, method: Method, seconds_per_it
 
 
 def evaluate_both(training: Training, val_loader, interrupts: Optional[Interrupts] = None,
-                   prefix: str = "val") -> dict[str, float]:
+                   prefix: str = "val", progress: bool = False) -> dict[str, float]:
     """``<prefix>/teacher/bbox_*`` and ``<prefix>/student/bbox_*`` (main process; empty elsewhere).
 
     With ``interrupts`` and one process, a stop request cuts the evaluation short
@@ -201,7 +201,7 @@ def evaluate_both(training: Training, val_loader, interrupts: Optional[Interrupt
     can_stop = interrupts is not None and accelerator.num_processes == 1
     should_stop = (lambda: interrupts.requested) if can_stop else (lambda: False)
     for name, detector in (("teacher", training.teacher.detector), ("student", accelerator.unwrap_model(training.student).detector)):
-        result = evaluate(detector, val_loader, accelerator, should_stop)
+        result = evaluate(detector, val_loader, accelerator, should_stop, f"{prefix}: {name}" if progress else None)
         if result is not None:
             metrics.update({f"{prefix}/{name}/bbox_{key}": value for key, value in result.items()})
     return metrics

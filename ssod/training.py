@@ -89,6 +89,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                       spool_dir=ckpt_dir.parent / SPOOL_DIR)
     interrupts = Interrupts()
     status, training, final_metrics = "FAILED", None, None
+    # The run's log lines, kept beside its checkpoints (appended to by each resume) and in MLflow.
+    console_log = _keep_console_log(ckpt_dir.parent / CONSOLE_LOG) if first_process else None
     try:
         with accelerator.main_process_first():
             data = build_data(cfg.data, project_dir, need_unlabeled=method.needs_unlabeled)
@@ -160,6 +162,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         raise
     finally:
         interrupts.restore()
+        if console_log is not None:
+            console_log.flush()
+            tracker.log_artifact(console_log.baseFilename)
         tracker.end(status)
         if tracker.spooled is not None:
             # The last line a user sees: the run is not fully in MLflow yet.
@@ -168,6 +173,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             log.error("tracking incomplete: the MLflow server did not take the run's last metric values and its end "
                       "(%s); they are kept in %s and sent by the next run in this folder or by `ssod-sync %s`",
                       status, tracker.spooled, ckpt_dir.parent)
+        if console_log is not None:
+            logging.getLogger().removeHandler(console_log)
+            console_log.close()
         if lock is not None:
             lock.release()
         if status != "FAILED":
@@ -179,6 +187,26 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         forget_accelerator(accelerator)
         if status != "KILLED":
             interrupts.pass_on()
+
+
+# The run's log lines, in its output folder (and as an MLflow artifact of that name).
+CONSOLE_LOG = "console.log"
+
+
+class _MaskedFormatter(logging.Formatter):
+    """Log lines with passwords in URIs masked, as on the console."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record))
+
+
+def _keep_console_log(path: Path) -> logging.FileHandler:
+    """Copy every log line the run prints (every logger, from INFO) into ``path``."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(_MaskedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)  # the levels are the console's (Hydra's job logging: INFO)
+    return handler
 
 
 def _accelerator(train) -> Accelerator:
@@ -321,7 +349,7 @@ def _evaluate_test(cfg: DictConfig, data: DataBundle, training: Training, tracke
     pin = accelerator.device.type == "cuda"
     loader = eval_loader(data.test, shard(data.test, accelerator), num_workers=eval_workers(cfg.data, accelerator.device),
                          pin_memory=pin)
-    metrics = evaluate_both(training, loader, prefix="test")
+    metrics = evaluate_both(training, loader, prefix="test", progress=cfg.train.progress)
     if accelerator.is_main_process:
         tracker.log_metrics(metrics, training.state.step)
     return metrics

@@ -228,10 +228,11 @@ def test_burn_in_then_ramp_on_the_pretrained_model_resumes_like_a_straight_run(m
 
 @pytest.mark.slow
 def test_init_continue_goes_on_with_the_burn_in_schedule_in_a_new_run_and_reports_the_held_out_test_set(
-        make_config, mlflow_store, tmp_path: Path):
+        make_config, mlflow_store, tmp_path: Path, caplog):
     """The method benchmark's shape: a polish_teacher burn-in, then another method continuing
     its schedule (step, learning rate, EMA counters) as a new MLflow run in its own folder;
     the test split is evaluated once, at the end, and never before."""
+    caplog.set_level("INFO")  # the console's level under ssod-train (Hydra's job logging)
     schedule = ("train.lr_steps=[3]", "train.warmup_iters=0", "data.val_max_images=2", "data.synthetic.num_test=3")
     run(make_config(*schedule, "train.iterations=3", "method.unsup_start=3", method="polish_teacher"))
     burn_in = mlflow_store.only_run()
@@ -251,4 +252,9 @@ def test_init_continue_goes_on_with_the_burn_in_schedule_in_a_new_run_and_report
         assert mlflow_store.steps(continued.info.run_id, "test/teacher/bbox_AP") == [5]
         assert mlflow_store.steps(continued.info.run_id, "val/teacher/bbox_AP")[-1] == 5
     assert mlflow_store.steps(burn_in.info.run_id, "test/student/bbox_AP") == [3]
+    # The run's log lines beside its checkpoints and in MLflow.
+    console = (tmp_path / "sup" / "console.log").read_text()
+    assert "finished at step 5" in console and "held-out test set: teacher AP" in console
+    supervised = [r for r in mlflow_store.runs() if r.info.run_name == "sup"][0]
+    assert "held-out test set" in mlflow_store.read_text(supervised.info.run_id, "console.log")
     assert "test/teacher/bbox_AP" in mlflow_store.client.get_run(burn_in.info.run_id).data.metrics
