@@ -97,7 +97,16 @@ def checkpoint_config(state: dict, overrides: list[str]) -> DictConfig:
     (a checkpoint from before configs were stored) the default config."""
     if overrides or "config" not in state:
         return compose(list(overrides))
-    return OmegaConf.merge(compose([]), state["config"])
+    base = compose([])
+    return OmegaConf.merge(base, _known_keys(state["config"], OmegaConf.to_container(base)))
+
+
+def _known_keys(saved, reference):
+    """``saved`` without the keys today's config no longer has (e.g. ``method.polish`` of a
+    checkpoint saved before methods chose their own networks): they cannot change the model."""
+    if not isinstance(saved, dict) or not isinstance(reference, dict):
+        return saved
+    return {key: _known_keys(value, reference[key]) for key, value in saved.items() if key in reference}
 
 
 def load_detector(detector, weights: dict, source: str) -> None:

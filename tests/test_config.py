@@ -100,3 +100,17 @@ def test_every_bad_value_is_named_at_once_and_run_refuses_before_creating_anythi
     with pytest.raises(ConfigError, match=r"train.iterations=-3 .*train.ckpt_every=0"):
         run(cfg)
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no output folder
+
+
+def test_a_checkpoints_config_with_keys_since_removed_still_rebuilds_its_model():
+    """A checkpoint carries its run's resolved config; one saved before ``method.polish`` was
+    removed (the method now decides) must still load in ``ssod-eval``."""
+    from omegaconf import OmegaConf
+
+    from ssod.eval import checkpoint_config
+
+    saved = OmegaConf.to_container(compose(["method=supervised", "model.fpn_channels=48"]), resolve=True)
+    saved["method"]["polish"] = False
+    saved["train"]["gone_too"] = 1
+    cfg = checkpoint_config({"config": saved}, [])
+    assert cfg.method.name == "supervised" and cfg.model.fpn_channels == 48 and "polish" not in cfg.method
