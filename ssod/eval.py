@@ -20,16 +20,16 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from ssod.build import apply_speed_settings, build_model
-from ssod.checkpoint import CheckpointError, checkpoint_file, load_checkpoint
+from ssod.checkpoint import checkpoint_file, load_checkpoint
 from ssod.cli import one_line_errors
-from ssod.config import compose, eval_workers
+from ssod.config import eval_workers
 from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.coco import CategoryMap, load_coco, load_split
 from ssod.data.transforms import EvalTransform
-from ssod.inference import eval_loader, evaluate, shard
+from ssod.inference import checkpoint_config, eval_loader, evaluate, load_detector, shard
 from ssod.tracking import strict_json
 from ssod.step import forget_accelerator
 
@@ -89,37 +89,6 @@ def _evaluate_checkpoint(argv: list[str] | None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0
-
-
-def checkpoint_config(state: dict, overrides: list[str]) -> DictConfig:
-    """The config to rebuild a checkpoint's model: composed from ``overrides`` when given,
-    else the one the checkpoint carries (over the schema's defaults, so typed as ever), else
-    (a checkpoint from before configs were stored) the default config."""
-    if overrides or "config" not in state:
-        return compose(list(overrides))
-    base = compose([])
-    return OmegaConf.merge(base, _known_keys(state["config"], OmegaConf.to_container(base)))
-
-
-def _known_keys(saved, reference):
-    """``saved`` without the keys today's config no longer has (e.g. ``method.polish`` of a
-    checkpoint saved before methods chose their own networks): they cannot change the model."""
-    if not isinstance(saved, dict) or not isinstance(reference, dict):
-        return saved
-    return {key: _known_keys(value, reference[key]) for key, value in saved.items() if key in reference}
-
-
-def load_detector(detector, weights: dict, source: str) -> None:
-    """Load the ``detector.*`` part of a student or teacher state dict; the polishing
-    networks are not needed to detect. A misfit is one clear error, not a list of sizes."""
-    own = {key[len("detector."):]: value for key, value in weights.items() if key.startswith("detector.")}
-    try:
-        detector.load_state_dict(own)
-    except RuntimeError as error:
-        first = str(error).splitlines()[1:3]
-        raise CheckpointError(f"{source}: the weights do not fit the model this config builds "
-                              f"({'; '.join(line.strip() for line in first)}); leave out --overrides to use the "
-                              "checkpoint's own config") from None
 
 
 if __name__ == "__main__":

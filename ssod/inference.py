@@ -1,5 +1,5 @@
-"""Running a detector over a dataset: the loader, the detections in original-image pixels,
-and COCO evaluation of them (gathered across processes)."""
+"""Running a detector over a dataset: the detector rebuilt from a checkpoint, the loader,
+the detections in original-image pixels, and COCO evaluation of them (gathered across processes)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import logging
 from typing import Optional
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ssod.checkpoint import CheckpointError
+from ssod.config import compose
 from ssod.data.transforms import project_boxes
 
 log = logging.getLogger(__name__)
@@ -118,3 +121,34 @@ def evaluate(detector: nn.Module, loader, accelerator, should_stop=lambda: False
     label_map = dataset.category_map.label_to_category_id
     metrics = coco_evaluate(dataset.coco, list(unique.values()), label_map, image_ids=image_ids)
     return {**metrics, "images": float(len(image_ids)), "unreadable_images": float(len(unreadable))}
+
+
+def checkpoint_config(state: dict, overrides: list[str]) -> DictConfig:
+    """The config to rebuild a checkpoint's model: composed from ``overrides`` when given,
+    else the one the checkpoint carries (over the schema's defaults, so typed as ever), else
+    (a checkpoint from before configs were stored) the default config."""
+    if overrides or "config" not in state:
+        return compose(list(overrides))
+    base = compose([])
+    return OmegaConf.merge(base, _known_keys(state["config"], OmegaConf.to_container(base)))
+
+
+def _known_keys(saved, reference):
+    """``saved`` without the keys today's config no longer has (e.g. ``method.polish`` of a
+    checkpoint saved before methods chose their own networks): they cannot change the model."""
+    if not isinstance(saved, dict) or not isinstance(reference, dict):
+        return saved
+    return {key: _known_keys(value, reference[key]) for key, value in saved.items() if key in reference}
+
+
+def load_detector(detector, weights: dict, source: str) -> None:
+    """Load the ``detector.*`` part of a student or teacher state dict; the polishing
+    networks are not needed to detect. A misfit is one clear error, not a list of sizes."""
+    own = {key[len("detector."):]: value for key, value in weights.items() if key.startswith("detector.")}
+    try:
+        detector.load_state_dict(own)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1:3]
+        raise CheckpointError(f"{source}: the weights do not fit the model this config builds "
+                              f"({'; '.join(line.strip() for line in first)}); leave out --overrides to use the "
+                              "checkpoint's own config") from None

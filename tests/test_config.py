@@ -107,7 +107,7 @@ def test_a_checkpoints_config_with_keys_since_removed_still_rebuilds_its_model()
     removed (the method now decides) must still load in ``ssod-eval``."""
     from omegaconf import OmegaConf
 
-    from ssod.eval import checkpoint_config
+    from ssod.inference import checkpoint_config
 
     saved = OmegaConf.to_container(compose(["method=supervised", "model.fpn_channels=48"]), resolve=True)
     saved["method"]["polish"] = False

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ssod"
-ENTRY_POINTS = {"ssod.train", "ssod.eval", "ssod.bench", "ssod.tune", "ssod.data.cli"}
+ENTRY_POINTS = {"ssod.train", "ssod.eval", "ssod.predict", "ssod.bench", "ssod.tune", "ssod.data.cli"}
 # What the lowest layers may import besides themselves: the typed config.
 LOWER = ("ssod.data", "ssod.models")
 

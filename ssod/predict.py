@@ -1,0 +1,170 @@
+"""Run a checkpoint on images and write COCO-format detections (``ssod-predict``).
+
+Examples::
+
+    ssod-predict outputs/polish_teacher-synthetic/checkpoints --images photos/ --out detections.json --draw pictures/
+    ssod-predict CKPT --json val.json --images val2017/ --out detections.json
+
+Input: a folder of images (``--images``; jpg, jpeg, png, bmp, webp, tif, searched
+recursively) or a COCO json with its image folder (``--json`` and ``--images``). Output: the
+COCO results json every COCO tool reads (a list of ``image_id``, ``category_id``, ``bbox``
+as ``[x, y, width, height]`` in original-image pixels, ``score``), with the checkpoint's own
+category ids. For a folder, the images it numbered are written beside it as a COCO json
+(``<out>`` with ``.images.json``), so ``COCO(images_json).loadRes(out)`` pairs them up;
+with ``--draw DIR``, a picture of each image with its boxes, class names and scores (those
+above ``--draw-score``). Like ``ssod-eval``, the checkpoint needs no other argument: it
+carries its config and categories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from PIL import Image, UnidentifiedImageError
+from torchvision.utils import draw_bounding_boxes
+
+from ssod.build import apply_speed_settings, build_model
+from ssod.checkpoint import checkpoint_file, load_checkpoint
+from ssod.cli import one_line_errors
+from ssod.data.coco import CategoryMap, DatasetError, load_split
+from ssod.data.pipeline import EvalView
+from ssod.data.transforms import EvalTransform, to_float_image
+from ssod.inference import checkpoint_config, eval_loader, load_detector, predict
+from ssod.step import forget_accelerator
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ssod-predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a step-*.pt file, or a run's checkpoint or output directory")
+    parser.add_argument("--images", required=True, help="a folder of images (or the image folder of --json)")
+    parser.add_argument("--json", help="a COCO json naming the images to run on (its ids are kept)")
+    parser.add_argument("--out", required=True, help="the COCO results json to write")
+    parser.add_argument("--model", choices=("teacher", "student"), default="teacher")
+    parser.add_argument("--score-thr", type=float, default=None,
+                        help="keep detections above this score (default: the model's, 0.05: what COCO AP needs)")
+    parser.add_argument("--draw", metavar="DIR", help="also write a picture of each image with its detections here")
+    parser.add_argument("--draw-score", type=float, default=0.5, help="the score a box needs to be drawn")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``ssod-predict``): a user's error is one line and exit status 2."""
+    return one_line_errors("ssod-predict", _predict_checkpoint, argv)
+
+
+def _predict_checkpoint(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    path = checkpoint_file(args.checkpoint, "checkpoint")
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state, [])
+    if args.score_thr is not None:
+        cfg.model.box_score_thresh = args.score_thr
+    if "categories" not in state:
+        raise DatasetError(f"{path}: the checkpoint carries no categories (saved before they were stored); "
+                           "use ssod-eval with --overrides instead")
+    categories = CategoryMap(tuple(state["categories"]["ids"]), tuple(state["categories"]["names"]))
+    model = apply_speed_settings(cfg.train, build_model(cfg.model, _method(cfg), categories.num_classes))
+    load_detector(model.detector, state[args.model], f"{path} ({args.model})")
+    images = Path(args.images)
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as work:
+        json_path = Path(args.json) if args.json else _folder_json(images, categories, Path(work) / "images.json")
+        view = EvalView(EvalTransform(cfg.data.test_size, cfg.data.test_max_size))
+        dataset = load_split(json_path, images, categories, view)
+        accelerator = Accelerator(cpu=args.cpu)
+        try:
+            loader = eval_loader(dataset, list(range(len(dataset))), batch_size=args.batch_size)
+            detections = predict(model.detector.to(accelerator.device), loader, accelerator.device, progress="predict")
+        finally:
+            forget_accelerator(accelerator)
+        results = coco_results(detections, categories)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results))
+        if not args.json:
+            images_json = out.with_suffix(".images.json")
+            images_json.write_text(json_path.read_text())
+            print(f"ssod-predict: the images' ids are in {images_json}")
+        if args.draw:
+            draw_detections(dataset, detections, categories, Path(args.draw), args.draw_score)
+    unreadable = sum(1 for d in detections if d.get("unreadable"))
+    print(f"ssod-predict: {len(results)} detections on {len(dataset) - unreadable} images written to {out}"
+          + (f"; {unreadable} unreadable images skipped" if unreadable else "")
+          + (f"; pictures in {args.draw}" if args.draw else ""))
+    return 0
+
+
+def _method(cfg):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg.method)
+
+
+def _folder_json(folder: Path, categories: CategoryMap, path: Path) -> Path:
+    """A COCO json of every image under ``folder`` (ids 1.., names relative to it), no annotations."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder (--images)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DatasetError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
+    images = []
+    for image_id, file in enumerate(files, start=1):
+        try:
+            with Image.open(file) as picture:
+                width, height = picture.size
+        except (UnidentifiedImageError, OSError):
+            width = height = 1  # read again by the loader, which skips and reports it
+        images.append({"id": image_id, "file_name": str(file.relative_to(folder)), "width": width, "height": height})
+    cats = [{"id": int(i), "name": name} for i, name in zip(categories.category_ids, categories.names)]
+    path.write_text(json.dumps({"info": {"description": f"ssod-predict: the images of {folder}"},
+                                "images": images, "annotations": [], "categories": cats}))
+    return path
+
+
+def coco_results(detections: list[dict], categories: CategoryMap) -> list[dict]:
+    """``predict``'s detections as COCO results (``bbox`` xywh, the dataset's category ids)."""
+    results = []
+    for detection in detections:
+        if detection.get("unreadable"):
+            continue
+        for box, score, label in zip(detection["boxes"].tolist(), detection["scores"].tolist(), detection["labels"].tolist()):
+            x0, y0, x1, y1 = box
+            results.append({
+                "image_id": int(detection["image_id"]),
+                "category_id": int(categories.label_to_category_id[int(label)]),
+                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                "score": round(float(score), 4),
+            })
+    return results
+
+
+def draw_detections(dataset, detections: list[dict], categories: CategoryMap, folder: Path, min_score: float) -> None:
+    """One JPEG per image: its boxes above ``min_score`` with class name and score."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for detection in detections:
+        if detection.get("unreadable"):
+            continue
+        info = dataset.coco.imgs[int(detection["image_id"])]
+        with Image.open(Path(dataset.image_dir) / info["file_name"]) as picture:
+            image = (to_float_image(picture.convert("RGB")) * 255).to(torch.uint8)
+        keep = detection["scores"] >= min_score
+        boxes = detection["boxes"][keep]
+        names = [f"{categories.names[int(label) - 1]} {float(score):.2f}"
+                 for label, score in zip(detection["labels"][keep], detection["scores"][keep])]
+        drawn = draw_bounding_boxes(image, boxes, labels=names, colors="red", width=2) if len(boxes) else image
+        name = Path(info["file_name"]).with_suffix(".jpg").as_posix().replace("/", "__")
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(folder / name, quality=90)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
