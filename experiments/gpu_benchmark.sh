@@ -10,7 +10,10 @@
 # run's final_metrics.json (pseudo-label quality: the last interval's, not the mean).
 # Burn-ins made elsewhere (the CPU) can be carried: put their run folders under
 # outputs/method_benchmark/ (mb-burnin-<percent>pct-s<seed>/checkpoints/...) and they are used.
-# JOBS (default 8) and TIMEOUT (seconds, default 480) override the sizing.
+# JOBS (default 8) and TIMEOUT (seconds, default 480) override the sizing; BENCH_ARGS adds
+# benchmark.py options (e.g. a tiny CPU check of this script:
+#   BENCH_ARGS="--num-train 60 --num-test 10 --percents 20 --seeds 0 --burn-in 4 --iterations 4" JOBS=2 \
+#     bash experiments/gpu_benchmark.sh /tmp/gpu-benchmark-check).
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/ssod-method-benchmark}}
 mkdir -p "$OUT"
@@ -20,11 +23,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export SSOD_CACHE_DIR=/tmp/ssod-cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 EXTRA=()
 python3 -c "import mlflow" 2>/dev/null || EXTRA+=(tracking.enabled=false)
 started=$(date +%s)
-timeout "${TIMEOUT:-480}" python3 experiments/benchmark.py --profile gpu --jobs "${JOBS:-8}" \
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+timeout "${TIMEOUT:-480}" python3 experiments/benchmark.py --profile gpu --jobs "${JOBS:-8}" ${BENCH_ARGS:-} \
     --out-dir "$OUT" -- "${EXTRA[@]}" 2>&1 | tee "$OUT/benchmark.log"
 status=${PIPESTATUS[0]}
 echo "wall: $(( $(date +%s) - started )) s, exit $status" | tee -a "$OUT/benchmark.log"

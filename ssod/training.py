@@ -162,7 +162,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         raise
     finally:
         interrupts.restore()
-        if console_log is not None:
+        if console_log is not None and tracker.run_id:  # a run that failed before its MLflow run exists has none
             console_log.flush()
             tracker.log_artifact(console_log.baseFilename)
         tracker.end(status)
