@@ -12,7 +12,8 @@
 # outputs/method_benchmark/ (mb-burnin-<percent>pct-s<seed>/checkpoints/...) and they are used.
 # JOBS (default 8) and TIMEOUT (seconds, default 480) override the sizing; BENCH_ARGS adds
 # benchmark.py options (e.g. a tiny CPU check of this script:
-#   BENCH_ARGS="--num-train 60 --num-test 10 --percents 20 --seeds 0 --burn-in 4 --iterations 4" JOBS=2 \
+#   PATH=.venv/bin:$PATH BENCH_ARGS="--num-train 60 --num-test 10 --percents 20 --seeds 0 --burn-in 4 \
+#     --iterations 4 --outputs /tmp/gpu-benchmark-check/outputs" JOBS=2 \
 #     bash experiments/gpu_benchmark.sh /tmp/gpu-benchmark-check).
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/ssod-method-benchmark}}
