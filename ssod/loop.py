@@ -54,6 +54,7 @@ def train_loop(cfg: DictConfig, method: Method, data: DataBundle, training: Trai
     meters = Meters(method.thresholds.cls, data.category_map.names)
     clock = IntervalClock(state.step)
     progress = _progress(training.accelerator, train, state.step)
+    bad_files_logged = 0  # how many of state.bad_files the bad_images.txt artifact lists
     final = RunResult(data.counts())  # what the run read, in final_metrics.json too
     if state.step >= train.iterations:
         _evaluate_finished_run(training, loaders, tracker, final, on_eval)
@@ -71,6 +72,7 @@ def train_loop(cfg: DictConfig, method: Method, data: DataBundle, training: Trai
         # A stop logs the interval it cuts short: the resumed run starts a new one there.
         if _due(state.step, train.log_every, train.iterations) or flags.stop:
             final.update(_log_interval(meters, clock, training, method, tracker, progress))
+            bad_files_logged = log_bad_files(tracker, state.bad_files, bad_files_logged)
         with clock.paused():  # evaluations and checkpoints are not training time (train/sec_per_iter)
             if _due(state.step, train.eval_every, train.iterations) and not flags.stop:
                 flags.stop = _evaluate(training, loaders, meters, data, train, tracker, interrupts, final, on_eval)
@@ -130,7 +132,6 @@ def _log_interval(meters: Meters, clock: IntervalClock, training: Training, meth
     tracker.log_metrics(scalars, state.step)
     if progress is not None:  # the interval's mean loss: no extra wait for the device per step
         progress.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.3f}", refresh=False)
-    training.bad_files_logged = log_bad_files(tracker, state.bad_files, training.bad_files_logged)
     return scalars
 
 

@@ -3,7 +3,6 @@ and pseudo-label quality against the unlabeled images' hidden ground truth (and 
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 
 import torch
@@ -11,8 +10,6 @@ import torch
 from ssod.data.transforms import project_boxes
 from ssod.evaluation import PseudoLabelQuality
 from ssod.visualize import pseudo_label_picture
-
-log = logging.getLogger(__name__)
 
 
 class Meters:

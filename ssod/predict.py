@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torchvision.utils import draw_bounding_boxes
 
@@ -74,7 +75,7 @@ def _predict_checkpoint(argv: list[str] | None) -> int:
         raise DatasetError(f"{path}: the checkpoint carries no categories (saved before they were stored); "
                            "use ssod-eval with --overrides instead")
     categories = CategoryMap(tuple(state["categories"]["ids"]), tuple(state["categories"]["names"]))
-    model = apply_speed_settings(cfg.train, build_model(cfg.model, _method(cfg), categories.num_classes))
+    model = apply_speed_settings(cfg.train, build_model(cfg.model, OmegaConf.to_object(cfg.method), categories.num_classes))
     load_detector(model.detector, state[args.model], f"{path} ({args.model})")
     images = Path(args.images)
     out = Path(args.out)
@@ -102,12 +103,6 @@ def _predict_checkpoint(argv: list[str] | None) -> int:
           + (f"; {unreadable} unreadable images skipped" if unreadable else "")
           + (f"; pictures in {args.draw}" if args.draw else ""))
     return 0
-
-
-def _method(cfg):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(cfg.method)
 
 
 def _folder_json(folder: Path, categories: CategoryMap, path: Path) -> Path:

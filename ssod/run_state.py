@@ -6,15 +6,12 @@ are part of it, and past ``data.max_bad_image_fraction`` of the data they stop t
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ssod.checkpoint import rng_state, save_checkpoint
 from ssod.data.coco import DatasetError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

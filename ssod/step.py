@@ -47,7 +47,6 @@ class Training:
     # Plain values every checkpoint carries besides the weights: the resolved config and the
     # categories, so that a checkpoint alone says how to rebuild and read its model.
     describe: dict = field(default_factory=dict)
-    bad_files_logged: int = 0  # how many of ``state.bad_files`` the bad_images.txt artifact lists
 
     def save(self) -> None:
         save_state(

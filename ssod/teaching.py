@@ -15,7 +15,6 @@ student's view.
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -30,8 +29,6 @@ from ssod.losses import box_outputs, detector_losses
 from ssod.models.host_waits import indices_where_all
 from ssod.models.polish import Polisher
 from ssod.models.teacher import PseudoLabels
-
-log = logging.getLogger(__name__)
 
 
 class SemiSupervisedModel(nn.Module):

@@ -26,6 +26,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ssod.data.splits import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]+)@")
@@ -483,14 +485,11 @@ def write_spool(spool_dir: Path, run_id: str, metrics: list, tags: Mapping[str, 
     """Write what a run could not send to ``<spool_dir>/<run_id>.json`` (merged with an
     earlier spool of the same run). No tracking URI is stored (it may hold a password):
     the replay sends to the store it is given."""
-    spool_dir.mkdir(parents=True, exist_ok=True)
     path = spool_dir / f"{run_id}.json"
     earlier = json.loads(path.read_text())["metrics"] if path.is_file() else []
     payload = {"run_id": run_id, "status": status, "tags": dict(tags),
                "metrics": earlier + [[m.key, m.value, m.timestamp, m.step] for m in metrics]}
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload))
-    os.replace(temporary, path)
+    write_json_atomic(payload, path)
     return path
 
 
