@@ -210,7 +210,8 @@ def refuse_foreign_checkpoints(directory: Path) -> None:
     if found:
         raise CheckpointError(
             f"{directory} already holds checkpoints of an earlier run (newest: {found[-1][1].name}): "
-            f"set train.resume=auto to continue it, or train.output_dir=<new dir> for a new run"
+            f"set train.resume=auto to continue it, or another train.output_dir (or none: every new run "
+            f"then gets a folder of its own) for a new run"
         )
 
 

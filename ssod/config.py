@@ -191,8 +191,12 @@ class TrainConfig:
     eval_every: int = 4000
     ckpt_every: int = 4000
     keep_checkpoints: int = 2
-    output_dir: str = "outputs/${train.run_name}"
-    run_name: str = "${method.name}-${data.name}"
+    # null: a folder of its own for every new run, outputs/<method>-<data>/<start time>
+    # (a Hydra multirun: Hydra's job folder), and resume=auto finds the run to continue;
+    # see ssod/outputs.py. A path: exactly that folder.
+    output_dir: Optional[str] = None
+    # null: method, data, labeled fraction and fold, seed and the command line's other overrides.
+    run_name: Optional[str] = None
     resume: Optional[str] = None
     init_from: Optional[str] = None
     # With init_from: false takes only the weights (student and teacher) and starts the

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from ssod.build import apply_speed_settings, build_optimizer, build_scheduler
@@ -38,6 +38,7 @@ from ssod.inference import eval_loader, shard
 from ssod.interrupts import Interrupts
 from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResult, evaluate_both, train_loop
 from ssod.methods import Method, build_method
+from ssod.outputs import HydraJob, place_run, run_name, write_hydra_files
 from ssod.resume import continue_schedule, find_resume, log_resume, use_configured_rates
 from ssod.run_state import RunState
 from ssod.step import Training, forget_accelerator
@@ -65,33 +66,40 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     """
     validate(cfg)  # before anything is created: no MLflow run, no output folder
     method = build_method(OmegaConf.to_object(cfg.method))
-    train = cfg.train
     project_dir = Path.cwd()
-    output_dir = Path(train.output_dir).expanduser()
-    ckpt_dir = (output_dir if output_dir.is_absolute() else project_dir / output_dir) / "checkpoints"
     uri = cfg.tracking.uri or default_tracking_uri(project_dir)
-    first_process = int(os.environ.get("RANK", "0")) == 0
-    if first_process and cfg.tracking.enabled:
+    if int(os.environ.get("RANK", "0")) == 0 and cfg.tracking.enabled:
         check_reachable(uri)  # seconds, not minutes of MLflow's retries
-    # Before accelerate's process-wide state exists: a missing or refused checkpoint must not
-    # leave it set (the ``finally`` below resets it, and a failed resume never gets there).
-    # The first process locks the folder first: a second training into it stops here.
-    lock = DirectoryLock(ckpt_dir) if first_process else None
+    job = HydraJob.current()
+    given = cfg
+    accelerator = _accelerator(cfg.train)
+    lock = None
     try:
+        # The first process places the run (a new folder is named after the time, which
+        # the others could read a second later) and tells the others where it is.
+        output_dir = broadcast_object_list([place_run(cfg, project_dir, job) if accelerator.is_main_process else None])[0]
+        cfg = _with_place_and_name(cfg, output_dir, project_dir, job)
+        train = cfg.train
+        ckpt_dir = output_dir / "checkpoints"
+        # The first process locks the folder before anything else: a second training into it stops here.
+        lock = DirectoryLock(ckpt_dir) if accelerator.is_main_process else None
         resume_path, resumed = find_resume(train.resume, ckpt_dir)
-        accelerator = _accelerator(train)
     except BaseException:
         if lock is not None:
             lock.release()
+        forget_accelerator(accelerator)  # a failed start leaves no process-wide state behind
         raise
     set_seed(train.seed)
     tracker = Tracker(uri, cfg.tracking.experiment, enabled=accelerator.is_main_process and cfg.tracking.enabled,
-                      spool_dir=ckpt_dir.parent / SPOOL_DIR)
+                      spool_dir=output_dir / SPOOL_DIR)
     interrupts = Interrupts()
     status, training, final_metrics = "FAILED", None, None
     # The run's log lines, kept beside its checkpoints (appended to by each resume) and in MLflow.
-    console_log = _keep_console_log(ckpt_dir.parent / CONSOLE_LOG) if first_process else None
+    console_log = _keep_console_log(output_dir / CONSOLE_LOG) if accelerator.is_main_process else None
     try:
+        log.info("output folder: %s", output_dir)
+        if job is not None and accelerator.is_main_process:
+            write_hydra_files(output_dir, given, job)  # where Hydra keeps its record of a job
         with accelerator.main_process_first():
             data = build_data(cfg.data, project_dir, need_unlabeled=method.needs_unlabeled)
         tags = dict(cfg.tracking.tags)
@@ -101,7 +109,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         training = _build_training(cfg, method, data.category_map.num_classes, accelerator, ckpt_dir, resumed)
         training.describe = describe_run(cfg, data.category_map)
         if accelerator.is_main_process:  # beside the checkpoints, for a person to read
-            (ckpt_dir.parent / "config.yaml").write_text(OmegaConf.to_yaml(training.describe["config"]))
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(training.describe["config"]))
         if resumed:
             log.info("resuming from %s at step %d", resume_path, training.state.step)
         # A resume from before a checkpoint the run already saved (train.resume=<file>, going
@@ -138,7 +146,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
             # Beside the checkpoints as well: readable with tracking off (a benchmark on a GPU machine).
             write_json_atomic({**final_metrics, "step": training.state.step, "mlflow_run_id": tracker.run_id or None},
-                              ckpt_dir.parent / "final_metrics.json")
+                              output_dir / "final_metrics.json")
             # AP in percent, as papers and this README print it (MLflow holds pycocotools' 0-1 values).
             log.info("finished at step %d: teacher AP %.1f, student AP %.1f (COCO AP in %%, validation set); checkpoint %s",
                      training.state.step, 100 * final_metrics.get("val/teacher/bbox_AP", math.nan),
@@ -172,7 +180,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                 final_metrics.tracking_incomplete = True
             log.error("tracking incomplete: the MLflow server did not take the run's last metric values and its end "
                       "(%s); they are kept in %s and sent by the next run in this folder or by `ssod-sync %s`",
-                      status, tracker.spooled, ckpt_dir.parent)
+                      status, tracker.spooled, output_dir)
         if console_log is not None:
             logging.getLogger().removeHandler(console_log)
             console_log.close()
@@ -207,6 +215,19 @@ def _keep_console_log(path: Path) -> logging.FileHandler:
     handler.setFormatter(_MaskedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)  # the levels are the console's (Hydra's job logging: INFO)
     return handler
+
+
+def _with_place_and_name(cfg: DictConfig, output_dir: Path, project_dir: Path, job) -> DictConfig:
+    """A copy of ``cfg`` that says where the run is (relative to the project when inside
+    it) and its name: what the params, ``config.yaml`` and the checkpoints carry."""
+    placed = copy.deepcopy(cfg)
+    try:
+        where = output_dir.relative_to(project_dir)
+    except ValueError:
+        where = output_dir
+    placed.train.output_dir = str(where)
+    placed.train.run_name = run_name(cfg, job)
+    return placed
 
 
 def _accelerator(train) -> Accelerator:

@@ -72,6 +72,22 @@ def tiny_overrides(tmp_dir: Path, cache_dir: Path, mlflow_uri: str, method: str 
     ]
 
 
+# Lines for the end of the session's report (e.g. where the browser test saved its screenshots).
+_REPORT_LINES: list[str] = []
+
+
+@pytest.fixture
+def report_lines() -> list[str]:
+    return _REPORT_LINES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT_LINES:
+        terminalreporter.section("ssod")
+        for line in _REPORT_LINES:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def dataset_cache(tmp_path_factory) -> Path:
     """One dataset cache per test session: the tiny synthetic set is generated once."""

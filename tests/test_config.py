@@ -51,9 +51,9 @@ def test_wrong_key_or_type_fails_at_composition():
 
 
 def test_flatten_gives_dotted_resolved_keys():
-    flat = flatten(compose(["train.run_name=abc"]))
+    flat = flatten(compose(["train.run_name=abc", "+tracking.tags.where=${train.run_name}"]))
     assert flat["train.lr"] == 0.01
-    assert flat["train.output_dir"] == "outputs/abc"  # interpolation resolved
+    assert flat["tracking.tags.where"] == "abc"  # interpolation resolved
     assert flat["method.cls_samples"] == [15, 15]
 
 

@@ -90,10 +90,13 @@ def test_two_processes_train_together_and_log_once(tiny_args, trainer, mlflow_st
     records.mkdir()
     trainer.env.update({"RANK_RECORDS": str(records), "NAN_STEP_ON_RANK_1": "2"})
     launcher = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    args = [*tiny_args("polish_teacher"), "train.iterations=4", "train.eval_every=2", "train.ckpt_every=2",
+    # The default output folder: the first process names it (after the time), the other follows.
+    args = [*(arg for arg in tiny_args("polish_teacher") if not arg.startswith("train.output_dir=")),
+            "train.iterations=4", "train.eval_every=2", "train.ckpt_every=2",
             "data.val_max_images=4", "data.max_bad_image_fraction=0.2"]
     status, output = trainer.run(args, script=driver, launcher=launcher, timeout=400)
     assert status == 0, output[-3000:]
+    [folder] = [p for p in (tmp_path / "outputs" / "polish_teacher-synthetic").iterdir() if not p.is_symlink()]
 
     # Both processes trained every step, each on its own shard of the labeled and unlabeled data.
     steps = {rank: _records(records / f"rank{rank}-steps.jsonl") for rank in (0, 1)}
@@ -118,7 +121,7 @@ def test_two_processes_train_together_and_log_once(tiny_args, trainer, mlflow_st
     # counted, and absent from the loss average.
     assert mlflow_store.history(run_id, "train/nonfinite_steps") == {1: [0.0], 2: [1.0], 3: [1.0], 4: [1.0]}
     assert mlflow_store.steps(run_id, "train/loss") == [1, 3, 4]
-    final = load_checkpoint(list_checkpoints(tmp_path / "outputs" / "checkpoints")[-1][1])
+    final = load_checkpoint(list_checkpoints(folder / "checkpoints")[-1][1])
     assert (final["step"], final["ema_steps"], final["nonfinite_steps"]) == (4, 3, 1)
     # Unreadable images are counted once however many processes met them, and all of them
     # are listed and saved (not only the main process's).

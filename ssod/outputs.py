@@ -1,0 +1,195 @@
+"""Where a run's files go and what it is called: a folder of its own for every new run, the
+earlier folder for ``train.resume``, and an MLflow run name that tells runs apart.
+
+With ``train.output_dir`` unset (the default), a new run gets
+``outputs/<method>-<data>/<YYYY-MM-DD_HH-MM-SS>`` (``-2``, ``-3`` ... when two start in the
+same second), and ``outputs/<method>-<data>/latest`` points at the newest. A job of a Hydra
+multirun gets Hydra's job folder, ``outputs/multirun/<time>/<job number>``.
+``train.resume=auto`` continues the newest folder of the group whose run had the same
+config (what a resume may change, such as ``train.iterations``, aside) and starts a new
+folder when there is none; ``train.resume=<checkpoint>`` continues in that checkpoint's
+folder. A given ``train.output_dir`` is used as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from ssod.checkpoint import checkpoint_file, list_checkpoints
+from ssod.config import flatten
+from ssod.tracking import mask_secrets
+
+log = logging.getLogger(__name__)
+
+# A new run's group folder, under the project directory.
+OUTPUTS = "outputs"
+LATEST = "latest"
+# Settings a resume may change without making it another run, and how a run is placed,
+# named and tracked: ignored when ``train.resume=auto`` looks for the run to continue.
+RESUMABLE = (
+    "train.resume", "train.output_dir", "train.run_name", "train.init_from", "train.iterations", "train.log_every",
+    "train.eval_every", "train.ckpt_every", "train.keep_checkpoints", "train.progress", "train.num_vis_images",
+    "data.num_workers", "data.eval_num_workers", "tracking.",
+)
+# Overrides already in the run's name, or about where and how it runs, not what it trains.
+_NAMED = ("method", "data", "data.percent", "data.fold", "train.seed", "train.resume", "train.output_dir",
+          "train.run_name", "train.progress", "tracking")
+# MLflow keeps run names up to this length.
+_NAME_LIMIT = 250
+
+
+@dataclass(frozen=True)
+class HydraJob:
+    """What Hydra's app knows about the job (absent outside it: the tuner, the library)."""
+
+    multirun: bool
+    output_dir: Path
+    overrides: tuple[str, ...]
+    hydra_yaml: str
+
+    @classmethod
+    def current(cls) -> Optional["HydraJob"]:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hydra = HydraConfig.get()
+        return cls(multirun=hydra.mode == RunMode.MULTIRUN, output_dir=Path(hydra.runtime.output_dir),
+                   overrides=tuple(hydra.overrides.task), hydra_yaml=OmegaConf.to_yaml(HydraConfig.instance().cfg))
+
+
+def run_name(cfg: DictConfig, job: Optional[HydraJob]) -> str:
+    """``train.run_name`` when set; else what tells the run apart: method, data, the labeled
+    fraction and fold (when the labeled set is split off by percent), seed, and the other
+    overrides given on the command line, e.g. ``polish_teacher-synthetic-10pct-fold1-seed0
+    method.unsup_weight=1.0``."""
+    if cfg.train.run_name:
+        return str(cfg.train.run_name)
+    data = cfg.data
+    parts = [f"{cfg.method.name}-{data.name}"]
+    if not data.unlabeled_json and data.percent < 100:
+        parts.append(f"{data.percent:g}pct-fold{data.fold}")
+    parts.append(f"seed{cfg.train.seed}")
+    name = "-".join(parts)
+    others = [override for override in (job.overrides if job else ()) if _key(override) not in _NAMED
+              and not _key(override).startswith(tuple(f"{prefix}." for prefix in ("tracking", "hydra")))]
+    if others:
+        name = mask_secrets(f"{name} {' '.join(others)}")
+    return name if len(name) <= _NAME_LIMIT else name[: _NAME_LIMIT - 3] + "..."
+
+
+def _key(override: str) -> str:
+    """``+a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def group_name(cfg: DictConfig) -> str:
+    """The folder under ``outputs/`` that holds a kind of run's folders: ``train.run_name``
+    when set, else ``<method>-<data>``; made safe as a file name."""
+    name = str(cfg.train.run_name or f"{cfg.method.name}-{cfg.data.name}")
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("._") or "run"
+
+
+def place_run(cfg: DictConfig, project_dir: Path, job: Optional[HydraJob]) -> Path:
+    """The run's output folder (absolute; created when new). See the module's docstring."""
+    train = cfg.train
+    if train.output_dir:
+        path = Path(train.output_dir).expanduser()
+        return path if path.is_absolute() else project_dir / path
+    if train.resume and train.resume != "auto":
+        checkpoint = checkpoint_file(train.resume, "train.resume").resolve()  # not through `latest`
+        if checkpoint.parent.name == "checkpoints":
+            return checkpoint.parent.parent
+        log.info("train.resume=%s is not in a run's checkpoints folder: continuing in a new folder", train.resume)
+    if job is not None and job.multirun:
+        folder = job.output_dir if job.output_dir.is_absolute() else project_dir / job.output_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    group = project_dir / OUTPUTS / group_name(cfg)
+    if train.resume == "auto":
+        earlier = _earlier_run(group, cfg)
+        if earlier is not None:
+            log.info("train.resume=auto: continuing %s", earlier)
+            return earlier
+    folder = _new_folder(group)
+    _point_latest(group, folder)
+    return folder
+
+
+def _earlier_run(group: Path, cfg: DictConfig) -> Optional[Path]:
+    """The newest folder of ``group`` with checkpoints of a run of the same config, or None.
+    When the newest run with checkpoints differs, the log says what differs."""
+    wanted = _comparable(flatten(cfg))
+    folders = [p for p in group.glob("*") if p.is_dir() and not p.is_symlink()] if group.is_dir() else []
+    told = False
+    for folder in sorted(folders, reverse=True):
+        if not list_checkpoints(folder / "checkpoints"):
+            continue
+        saved = _saved_config(folder)
+        if saved == wanted:
+            return folder
+        if not told:
+            differs = (["its config.yaml is unreadable"] if saved is None else
+                       sorted(key for key in wanted.keys() | saved.keys() if wanted.get(key) != saved.get(key)))
+            log.info("train.resume=auto: %s is a run of another config (%s); not continued (train.output_dir=%s "
+                     "train.resume=auto continues it with this one)", folder, ", ".join(differs[:5]), folder)
+            told = True
+    return None
+
+
+def _saved_config(folder: Path) -> Optional[dict]:
+    """The comparable part of the config a run wrote into its folder, or None."""
+    try:
+        return _comparable(flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {}))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _comparable(flat: dict) -> dict:
+    return {key: value for key, value in flat.items() if not key.startswith(RESUMABLE)}
+
+
+def _new_folder(group: Path) -> Path:
+    """A folder named after the time that no other run has: created here, atomically."""
+    group.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    for number in range(1, 1000):
+        folder = group / (stamp if number == 1 else f"{stamp}-{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{group}: 999 runs started in the second {stamp}")
+
+
+def _point_latest(group: Path, folder: Path) -> None:
+    """``<group>/latest`` -> the newest run's folder (replaced atomically; best effort)."""
+    temporary = group / f".{LATEST}-{os.getpid()}"
+    try:
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(folder.name, target_is_directory=True)
+        os.replace(temporary, group / LATEST)
+    except OSError as error:  # e.g. a file system without symlinks
+        log.debug("could not point %s at %s: %s", group / LATEST, folder, error)
+
+
+def write_hydra_files(folder: Path, cfg: DictConfig, job: HydraJob) -> None:
+    """Hydra's record of the job, where Hydra would keep it: ``<folder>/.hydra/`` with the
+    composed ``config.yaml`` (as given, before interpolation), ``hydra.yaml`` and
+    ``overrides.yaml``; passwords in URIs masked."""
+    hydra_dir = folder / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(mask_secrets(OmegaConf.to_yaml(cfg)))
+    (hydra_dir / "hydra.yaml").write_text(mask_secrets(job.hydra_yaml))
+    (hydra_dir / "overrides.yaml").write_text(mask_secrets(yaml.safe_dump(list(job.overrides))))

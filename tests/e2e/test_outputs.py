@@ -1,0 +1,46 @@
+"""Running the same command again, a Hydra sweep and ``train.resume=auto`` with the default
+output folders: real ``ssod-train`` processes, each run in its own folder and MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def test_the_same_command_twice_and_a_sweep_run_side_by_side_and_resume_auto_finds_its_run(
+    tiny_args, trainer, mlflow_store, tmp_path: Path
+):
+    args = [arg for arg in tiny_args() if not arg.startswith("train.output_dir=")] + ["train.iterations=2"]
+    for _ in range(2):
+        status, output = trainer.run(args)
+        assert status == 0, output
+    group = tmp_path / "outputs" / "supervised-synthetic"
+    first, second = sorted(p for p in group.iterdir() if not p.is_symlink())
+    assert (group / "latest").resolve() == second.resolve()
+    for folder in (first, second):
+        assert [p.name for p in (folder / "checkpoints").glob("step-*.pt")] == ["step-00000002.pt"]
+        assert {"config.yaml", "console.log", "final_metrics.json"} <= {p.name for p in folder.iterdir()}
+        assert yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) == args
+        assert yaml.safe_load((folder / "config.yaml").read_text())["train"]["output_dir"] == str(folder.relative_to(tmp_path))
+
+    # A sweep: one job per seed, each in Hydra's job folder, named by what it sweeps.
+    status, output = trainer.run(["-m", *args, "train.seed=0,1", "train.lr=0.02"], log_name="sweep.log")
+    assert status == 0, output
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "step-00000002.pt").is_file()
+        assert (sweep / job / ".hydra" / "hydra.yaml").is_file()
+
+    names = sorted(run.info.run_name for run in mlflow_store.runs())
+    base = "supervised-synthetic-10pct-fold1-seed"
+    assert [name.split(" ")[0] for name in names] == [f"{base}0"] * 3 + [f"{base}1"]
+    assert all(len(name) <= 250 for name in names)  # MLflow's limit (these tiny runs have many overrides)
+
+    # resume=auto with a longer schedule: the newest run of this config, in its folder and MLflow run.
+    status, output = trainer.run([*args[:-1], "train.iterations=3", "train.resume=auto"], log_name="resume.log")
+    assert status == 0, output
+    assert f"train.resume=auto: continuing {second}" in output
+    assert (second / "checkpoints" / "step-00000003.pt").is_file()
+    assert len(mlflow_store.runs()) == 4
