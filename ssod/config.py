@@ -220,6 +220,14 @@ class TrackingConfig:
     parent_run_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
     log_checkpoint_artifact: bool = True
+    # MLflow's system metrics (CPU, memory, disk, network; NVIDIA GPUs too) in the run, every
+    # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10). null: MLflow's
+    # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING when set, else on.
+    system_metrics: Optional[bool] = None
+    # The final teacher detector as an MLflow logged model named "model" (PyTorch flavor,
+    # mlflow.pytorch.load_model), registered as a version of registered_model_name when set.
+    log_model: bool = True
+    registered_model_name: str = ""
 
 
 @dataclass

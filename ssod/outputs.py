@@ -88,6 +88,26 @@ def run_name(cfg: DictConfig, job: Optional[HydraJob]) -> str:
     return name if len(name) <= _NAME_LIMIT else name[: _NAME_LIMIT - 3] + "..."
 
 
+def run_description(cfg: DictConfig, title: str, oracle: bool, job: Optional[HydraJob]) -> str:
+    """What the run is, for its MLflow page (markdown): method, data, model, schedule,
+    where its files are and the command that started it."""
+    data, method, train = cfg.data, cfg.method, cfg.train
+    labeled = (f"{data.percent:g}% labeled (fold {data.fold})" if not data.unlabeled_json and data.percent < 100
+               else "labeled set as given")
+    schedule = f"{train.iterations} iterations"
+    if method.name != "supervised":
+        schedule += (f": {method.unsup_start} supervised (burn-in), then unsupervised weight {method.unsup_weight:g}"
+                     + (f" ramped over {method.unsup_warmup}" if method.unsup_warmup else ""))
+    lines = [f"**{title}** on `{data.name}`, {labeled}, seed {train.seed}; model `{cfg.model.arch}`; {schedule}.",
+             "", f"Output folder: `{train.output_dir}`."]
+    if job is not None:
+        lines.append("Command: `ssod-train " + mask_secrets(" ".join(job.overrides)) + "`.")
+    if oracle:
+        lines += ["", "**Oracle**: the pseudo labels are the unlabeled images' hidden ground truth. "
+                      "A diagnostic of the unsupervised path, not a result."]
+    return "\n".join(lines)
+
+
 def _key(override: str) -> str:
     """``+a.b=1`` -> ``a.b``."""
     return override.split("=", 1)[0].lstrip("~+")

@@ -183,8 +183,13 @@ class Tracker:
     deleted run) are dropped, not held. ``failures`` counts what did not get through.
     """
 
-    def __init__(self, uri: str, experiment: str, enabled: bool = True, spool_dir: Optional[Path] = None) -> None:
+    def __init__(self, uri: str, experiment: str, enabled: bool = True, spool_dir: Optional[Path] = None,
+                 system_metrics: bool = False) -> None:
         self.enabled = enabled
+        # MLflow's own monitor (CPU, memory, disk, network, GPU) logs ``system/...`` metrics
+        # into the run while it is open: the run page's "System metrics" tab.
+        self.system_metrics = system_metrics
+        self._monitor = None
         # What ``end`` could not send (values, the run's end) is written here, and sent by
         # the next start in this folder or by ``ssod-sync`` (see ``replay_spool``).
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
@@ -215,7 +220,10 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=artifact_location_for(self.uri))
+            # Kind "model training": the UI shows the experiment's runs, charts and models
+            # (not the GenAI views of traces and evaluations).
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location_for(self.uri),
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
         except MlflowException:
             # Another worker created it between our lookup and create.
             return self.client.get_experiment_by_name(self.experiment).experiment_id
@@ -271,7 +279,28 @@ class Tracker:
                     self.client.set_tag(self.branched_from, "ssod.branches", ",".join(filter(None, [branches, self.run_id])))
                 except tracking_errors() as error:
                     self._warn(f"tag ssod.branches of run {self.branched_from}", error, "skipped")
+        if self.system_metrics:
+            self._start_monitor(resumed=reopened is not None and run_id == self.run_id)
         return self.run_id
+
+    def _start_monitor(self, resumed: bool) -> None:
+        """MLflow's system metrics monitor on this run (a reopened run continues its steps)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as error:  # noqa: BLE001 - a monitor must never stop a training
+            self._monitor = None
+            log.warning("MLflow system metrics are not logged: %s", mask_secrets(str(error)))
+
+    def _stop_monitor(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as error:  # noqa: BLE001
+                log.warning("MLflow system metrics: the last samples were not sent: %s", mask_secrets(str(error)))
 
     def find_runs(self, tags: Mapping[str, str]) -> list[str]:
         """Ids of this experiment's runs carrying every tag in ``tags``, oldest first.
@@ -407,6 +436,59 @@ class Tracker:
         if self.enabled:
             self._best_effort(artifact_file, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
+    def current_tag(self, key: str) -> Optional[str]:
+        """The run's tag ``key`` as the server has it now (None: unset, or not reachable)."""
+        if not self.enabled or self._paused():
+            return None
+        try:
+            return self.client.get_run(self.run_id).data.tags.get(key)
+        except tracking_errors():
+            return None
+
+    def describe(self, text: str) -> None:
+        """The run's description (MLflow's note, shown and editable on the run page)."""
+        self.set_tags({"mlflow.note.content": text})
+
+    def log_model(self, model, name: str, step: int, metadata: Mapping[str, Any], code_paths: list[str],
+                  registered_name: str = "") -> Optional[str]:
+        """``model`` (an ``nn.Module`` on the CPU) as an MLflow logged model of this run, with
+        MLflow's PyTorch flavor: ``mlflow.pytorch.load_model("models:/<id>")`` gives it back;
+        ``registered_name`` also registers it as a version of that model. The code it needs
+        (``code_paths``) travels with it. Returns the model's URI, or None when it failed (a
+        warning: the checkpoint still holds the weights)."""
+        if not self.enabled:
+            return None
+        from importlib.metadata import version
+
+        import mlflow
+        import mlflow.pytorch
+
+        requirements = [f"{package}=={version(package)}" for package in ("torch", "torchvision")]
+        previous = mlflow.get_tracking_uri()
+        # Its warning that pickled models run code when loaded: the model is ours, and the
+        # checkpoint (weights only) is the format to share with people one does not trust.
+        flavor_log = logging.getLogger("mlflow.pytorch")
+        level = flavor_log.level
+        flavor_log.setLevel(logging.ERROR)
+        try:
+            # MLflow's model logging reads the process-wide tracking URI; the experiment is
+            # this run's (a logged model made by MlflowClient, not the active experiment).
+            mlflow.set_tracking_uri(self.uri)
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            logged = self.client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id,
+                                                     tags={"ssod.run_name": self.client.get_run(self.run_id).info.run_name})
+            info = mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id, step=step,
+                                            code_paths=code_paths, pip_requirements=requirements,
+                                            serialization_format="pickle", metadata=dict(metadata),
+                                            registered_model_name=registered_name or None)
+            return info.model_uri
+        except tracking_errors() as error:
+            self._warn(f"logging the model {name}", error, "skipped")
+            return None
+        finally:
+            mlflow.set_tracking_uri(previous)
+            flavor_log.setLevel(level)
+
     def log_dataset(self, json_path: str | Path, name: str, context: str, details: Mapping[str, Any] = ()) -> None:
         """Record a COCO json as a run input: path, content digest (of the json, not of the
         images), and ``details`` (e.g. image count and folder) as tags of this run's input:
@@ -438,6 +520,7 @@ class Tracker:
         What still does not get through (held values, the checkpoint tag, the run's end) is
         written to the spool (``spooled`` names the file) instead of being lost: the run is
         then left RUNNING on the server until the spool is replayed."""
+        self._stop_monitor()  # before the end: it stops by itself on a run that is not RUNNING
         if self.enabled and self.run_id:
             self._paused_until = 0.0  # the last chance: try once more
             self._flush(f"sending held metric values before ending the run {status}")

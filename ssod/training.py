@@ -38,7 +38,7 @@ from ssod.inference import eval_loader, shard
 from ssod.interrupts import Interrupts
 from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResult, evaluate_both, train_loop
 from ssod.methods import Method, build_method
-from ssod.outputs import HydraJob, place_run, run_name, write_hydra_files
+from ssod.outputs import HydraJob, place_run, run_description, run_name, write_hydra_files
 from ssod.resume import continue_schedule, find_resume, log_resume, use_configured_rates
 from ssod.run_state import RunState
 from ssod.step import Training, forget_accelerator
@@ -91,7 +91,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         raise
     set_seed(train.seed)
     tracker = Tracker(uri, cfg.tracking.experiment, enabled=accelerator.is_main_process and cfg.tracking.enabled,
-                      spool_dir=output_dir / SPOOL_DIR)
+                      spool_dir=output_dir / SPOOL_DIR, system_metrics=_system_metrics(cfg.tracking))
     interrupts = Interrupts()
     status, training, final_metrics = "FAILED", None, None
     # The run's log lines, kept beside its checkpoints (appended to by each resume) and in MLflow.
@@ -130,7 +130,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         for context, dataset in data.named_sets():
             log.info("%s set: %d images, %d boxes; %d degenerate boxes dropped (%s)", context, len(dataset),
                      dataset.box_count, dataset.degenerate_boxes, dataset.coco.source_path)
+        description = run_description(cfg, method.title, method.oracle, job)
         if not resumed or tracker.branched_from:
+            tracker.describe(description)
             _log_run_inputs(tracker, cfg, data)
         else:
             log_resume(tracker, cfg, training.state.step, resume_path)
@@ -144,6 +146,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
+            if cfg.tracking.log_model:
+                _log_model(tracker, training, cfg.tracking.registered_model_name)
+            _describe_results(tracker, description, final_metrics, training.state.step)
             # Beside the checkpoints as well: readable with tracking off (a benchmark on a GPU machine).
             write_json_atomic({**final_metrics, "step": training.state.step, "mlflow_run_id": tracker.run_id or None},
                               output_dir / "final_metrics.json")
@@ -357,6 +362,46 @@ def _log_run_outputs(tracker: Tracker, final_metrics: dict, final_checkpoint: Pa
     tracker.log_dict(final_metrics, "final_metrics.json")
     if log_checkpoint and final_checkpoint.is_file():
         tracker.log_artifact(final_checkpoint, "checkpoints")
+
+
+def _system_metrics(tracking) -> bool:
+    """``tracking.system_metrics``, or MLflow's variable when null (on when that is unset too)."""
+    if tracking.system_metrics is not None:
+        return bool(tracking.system_metrics)
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() in ("true", "1")
+
+
+def _log_model(tracker: Tracker, training: Training, registered_name: str) -> None:
+    """The final teacher detector (on the CPU, without the polishing networks) as the run's
+    MLflow logged model "model", with the package's code and the label -> category map."""
+    import ssod
+
+    detector = copy.deepcopy(training.accelerator.unwrap_model(training.teacher).detector).cpu().eval()
+    categories = training.describe["categories"]
+    metadata = {
+        "weights": "teacher", "step": training.state.step, "categories": categories,
+        "input": "a list of images, each a float tensor [3, H, W] with values in [0, 1] (RGB), any size",
+        "output": "per image a dict: boxes [K, 4] (x1, y1, x2, y2 in the image's pixels), scores [K], labels [K] "
+                  "(label i is category categories.ids[i - 1], named categories.names[i - 1])",
+    }
+    uri = tracker.log_model(detector, "model", training.state.step, metadata, [str(Path(ssod.__file__).parent)],
+                            registered_name)
+    if uri:
+        log.info("MLflow logged model %s (teacher detector)%s", uri,
+                 f", registered as {registered_name}" if registered_name else "")
+
+
+def _describe_results(tracker: Tracker, description: str, metrics: dict, step: int) -> None:
+    """The run's description with its final APs (unless someone rewrote the description)."""
+    note = tracker.current_tag("mlflow.note.content")
+    if note is not None and note.split("\n", 1)[0] != description.split("\n", 1)[0]:
+        return
+    results = [f"Finished at step {step}: teacher AP {100 * metrics.get('val/teacher/bbox_AP', math.nan):.1f}, "
+               f"student AP {100 * metrics.get('val/student/bbox_AP', math.nan):.1f} (COCO AP in %, validation set)"]
+    if "test/teacher/bbox_AP" in metrics:
+        results.append(f"held-out test set: teacher AP {100 * metrics['test/teacher/bbox_AP']:.1f}, "
+                       f"student AP {100 * metrics['test/student/bbox_AP']:.1f}")
+    tracker.describe(description + "\n\n" + "; ".join(results) + ".")
 
 
 def _is_prune(error: BaseException) -> bool:

@@ -105,6 +105,7 @@ class Method:
     """A teacher-student method; subclasses define ``pseudo_labels`` (and may add a polisher)."""
 
     name = ""
+    title = ""  # for people: the run's description
     needs_unlabeled = True
 
     def __init__(self, cfg: MethodConfig) -> None:

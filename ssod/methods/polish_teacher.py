@@ -43,6 +43,7 @@ class PolishSettings:
 
 class PolishTeacher(Method):
     name = "polish_teacher"
+    title = "Polishing Teacher"
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)

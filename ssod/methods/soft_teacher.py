@@ -30,6 +30,7 @@ class BoxJitter:
 
 class SoftTeacher(Method):
     name = "soft_teacher"
+    title = "Soft Teacher"
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)

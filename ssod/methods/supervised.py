@@ -9,4 +9,5 @@ class Supervised(Method):
     """No unlabeled batch is ever drawn; the EMA teacher still follows (and is evaluated)."""
 
     name = "supervised"
+    title = "Supervised training"
     needs_unlabeled = False

@@ -257,3 +257,44 @@ def test_init_continue_goes_on_with_the_burn_in_schedule_in_a_new_run_and_report
     supervised = [r for r in mlflow_store.runs() if r.info.run_name == "sup"][0]
     assert "held-out test set" in mlflow_store.read_text(supervised.info.run_id, "console.log")
     assert "test/teacher/bbox_AP" in mlflow_store.client.get_run(burn_in.info.run_id).data.metrics
+
+
+def test_the_logged_model_loads_back_with_mlflow_registers_and_detects_as_the_checkpoint_does(
+    make_config, mlflow_store, tmp_path: Path, monkeypatch
+):
+    """The run's MLflow logged model (the teacher detector) loads with MLflow's own API, in
+    a process that has never built the model, is registered under the configured name, and
+    gives the same detections as the teacher rebuilt from the final checkpoint."""
+    import mlflow.pytorch
+    from omegaconf import OmegaConf
+
+    from ssod.inference import checkpoint_config, load_detector
+    from ssod.models.detector import build_detector
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # tracking.system_metrics=null follows it
+    cfg = make_config("train.iterations=2", "tracking.registered_model_name=ssod-test-detector", method="polish_teacher")
+    run(cfg)
+    [finished] = mlflow_store.runs()
+    assert not [key for key in finished.data.metrics if key.startswith("system/")]
+    assert finished.data.tags["mlflow.note.content"].startswith("**Polishing Teacher** on `synthetic`, 10% labeled")
+    assert "Finished at step 2: teacher AP" in finished.data.tags["mlflow.note.content"]
+    [output] = finished.outputs.model_outputs
+    version = mlflow_store.client.get_model_version("ssod-test-detector", "1")
+    assert version.source == f"models:/{output.model_id}" and version.run_id == finished.info.run_id
+
+    mlflow.set_tracking_uri(mlflow_store.uri)
+    try:
+        model = mlflow.pytorch.load_model("models:/ssod-test-detector/1")
+        metadata = mlflow.models.get_model_info(f"models:/{output.model_id}").metadata
+    finally:
+        mlflow.set_tracking_uri("")
+    assert metadata["weights"] == "teacher" and metadata["categories"]["names"][:2] == ["circle", "ring"]
+    checkpoint = load_checkpoint(list_checkpoints(tmp_path / "outputs" / "checkpoints")[-1][1])
+    rebuilt = build_detector(OmegaConf.to_object(checkpoint_config(checkpoint, []).model), num_classes=10)
+    load_detector(rebuilt, checkpoint["teacher"], "the final checkpoint")
+    image = torch.rand(3, 120, 100, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logged, own = model.eval()([image])[0], rebuilt.eval()([image])[0]
+    assert set(logged) == {"boxes", "scores", "labels"}
+    for key in logged:
+        assert torch.equal(logged[key], own[key]), key
