@@ -160,6 +160,9 @@ class Objective:
     def _overrides(self, number: int, trial_dir: Path, params: dict) -> list[str]:
         return [
             "train.progress=false",
+            # A trial keeps its checkpoint; a logged model per trial would fill the store
+            # (a fixed override tracking.log_model=true asks for them).
+            "tracking.log_model=false",
             *self.setup.fixed_overrides,
             *to_overrides(params),
             override("train.output_dir", str(trial_dir)),
