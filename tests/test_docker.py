@@ -340,15 +340,44 @@ def test_server_images_install_psycopg2(services):
     assert re.search(r"pip install[^\n]*psycopg2", build_dockerfile(services["optuna-dashboard"]))
 
 
+def _gpu_reservations(service: dict) -> list[dict]:
+    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+    return [d for d in devices if d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])]
+
+
 @pytest.mark.parametrize("name", WORKERS)
-def test_workers_reserve_nvidia_gpus_and_enough_shm(services, name):
+def test_workers_reserve_gpus_only_with_the_gpu_file_and_have_enough_shm(services, name):
+    """A CPU host has no NVIDIA runtime: the main file reserves no GPU (a CPU tuner starts
+    there); docker-compose.gpu.yml, added after it, reserves them for both workers."""
     service = services[name]
-    devices = (((service.get("deploy") or {}).get("resources") or {})
-               .get("reservations") or {}).get("devices") or []
-    assert any(d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])
-               for d in devices), f"{name}: no nvidia GPU reservation"
+    assert _gpu_reservations(service) == [], f"{name}: a GPU reservation in the main file fails on a CPU host"
+    gpu = yaml.safe_load((DOCKER / "docker-compose.gpu.yml").read_text())
+    assert set(gpu["services"]) == set(WORKERS)
+    merged = {**service, **gpu["services"][name]}  # compose merges a service's keys, the later file's win
+    assert _gpu_reservations(merged), f"{name}: no nvidia GPU reservation with docker-compose.gpu.yml"
     assert "shm_size" in service, f"{name}: Docker's 64 MB /dev/shm breaks DataLoader workers"
     assert parse_size(resolve(service["shm_size"])) >= 2**30
+
+
+def test_the_tuner_runs_on_the_cpu_unless_told_its_gpus(services):
+    tuner = command_args(services["tuner"])
+    assert option_value(tuner, "--gpus") == "cpu", tuner
+    example = _env_example()
+    assert example["SSOD_TUNE_GPUS"] == "cpu"
+
+
+def test_the_dashboard_uses_the_workers_optuna_and_has_a_healthcheck(services):
+    constraints = (DOCKER / "constraints.txt").read_text()
+    pins = dict(re.findall(r"^([\w-]+)==(\S+)$", constraints, re.M))
+    assert "optuna" in pins and "optuna-dashboard" in pins, constraints
+    dashboard = build_dockerfile(services["optuna-dashboard"])
+    worker = (DOCKER / "Dockerfile").read_text()
+    for name, text in (("optuna-dashboard", dashboard), ("workers", worker)):
+        assert "COPY docker/constraints.txt /tmp/constraints.txt" in text, name
+        assert re.search(r"pip install -c /tmp/constraints.txt [^\n]*optuna", text) or (
+            name == "workers" and "pip install -c /tmp/constraints.txt -e \".[tune]\"" in text), name
+    test = services["optuna-dashboard"].get("healthcheck", {}).get("test") or []
+    assert any("/api/meta" in str(part) for part in test), test
 
 
 def test_worker_commands(services):
@@ -398,9 +427,16 @@ def test_no_literal_credentials_in_compose(compose):
     assert literal_credentials(compose) == []
     text = COMPOSE.read_text()
     assert "${POSTGRES_PASSWORD:?" in text, "the password must be required, without default"
-    example = (DOCKER / ".env.example").read_text()
-    placeholder = re.search(r"^POSTGRES_PASSWORD=(.+)$", example, re.M)
-    assert placeholder and placeholder.group(1).strip() not in text
+    # The example leaves it empty, and every use requires a non-empty value (`:?`), so a
+    # copied .env.example does not start with a password everyone knows.
+    assert _env_example()["POSTGRES_PASSWORD"] == ""
+    uses = re.findall(r"(?<!\$)\$\{POSTGRES_PASSWORD([^}]*)\}", text)  # not $${...}: the container's own
+    assert uses and all(use.startswith(":?") for use in uses), uses
+
+
+def _env_example() -> dict[str, str]:
+    lines = (DOCKER / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
 def test_credential_checker_rejects_literals():
