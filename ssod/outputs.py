@@ -3,7 +3,7 @@ earlier folder for ``train.resume``, and an MLflow run name that tells runs apar
 
 With ``train.output_dir`` unset (the default), a new run gets
 ``outputs/<method>-<data>/<YYYY-MM-DD_HH-MM-SS>`` (``-2``, ``-3`` ... when two start in the
-same second), and ``outputs/<method>-<data>/latest`` points at the newest. A job of a Hydra
+same second), and ``outputs/<method>-<data>/latest`` points at the newest that started. A job of a Hydra
 multirun gets Hydra's job folder, ``outputs/multirun/<time>/<job number>``.
 ``train.resume=auto`` continues the newest folder of the group whose run had the same
 config (what a resume may change, such as ``train.iterations``, aside) and starts a new
@@ -137,22 +137,24 @@ def place_run(cfg: DictConfig, project_dir: Path, job: Optional[HydraJob]) -> Pa
         return folder
     group = project_dir / OUTPUTS / group_name(cfg)
     if train.resume == "auto":
+        if list_checkpoints(group / "checkpoints"):
+            # A run of the layout before folders of their own (outputs/<method>-<data>/checkpoints).
+            log.info("train.resume=auto: continuing %s (a run started before runs had folders of their own)", group)
+            return group
         earlier = _earlier_run(group, cfg)
         if earlier is not None:
             log.info("train.resume=auto: continuing %s", earlier)
             return earlier
-    folder = _new_folder(group)
-    _point_latest(group, folder)
-    return folder
+    return _new_folder(group)
 
 
 def _earlier_run(group: Path, cfg: DictConfig) -> Optional[Path]:
     """The newest folder of ``group`` with checkpoints of a run of the same config, or None.
     When the newest run with checkpoints differs, the log says what differs."""
-    wanted = _comparable(flatten(cfg))
+    wanted = _comparable(_masked(flatten(cfg)))  # as config.yaml has it: passwords masked
     folders = [p for p in group.glob("*") if p.is_dir() and not p.is_symlink()] if group.is_dir() else []
     told = False
-    for folder in sorted(folders, reverse=True):
+    for folder in sorted(folders, key=_start_order, reverse=True):
         if not list_checkpoints(folder / "checkpoints"):
             continue
         saved = _saved_config(folder)
@@ -170,9 +172,23 @@ def _earlier_run(group: Path, cfg: DictConfig) -> Optional[Path]:
 def _saved_config(folder: Path) -> Optional[dict]:
     """The comparable part of the config a run wrote into its folder, or None."""
     try:
-        return _comparable(flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {}))
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
+    return _comparable(flatten(saved)) if isinstance(saved, dict) else None
+
+
+def _masked(flat: dict) -> dict:
+    return {key: mask_secrets(value) if isinstance(value, str) else value for key, value in flat.items()}
+
+
+def _start_order(folder: Path) -> tuple[str, int]:
+    """``2026-01-02_03-04-05-2`` -> (``2026-01-02_03-04-05``, 2): the second run of that second
+    after the first, and ``-10`` after ``-9`` (other names sort by name, as number 0)."""
+    match = re.fullmatch(r"(.+?)-(\d{1,3})", folder.name)
+    if match and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", match.group(1)):
+        return match.group(1), int(match.group(2))
+    return folder.name, 1 if re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", folder.name) else 0
 
 
 def _comparable(flat: dict) -> dict:
@@ -193,8 +209,12 @@ def _new_folder(group: Path) -> Path:
     raise FileExistsError(f"{group}: 999 runs started in the second {stamp}")
 
 
-def _point_latest(group: Path, folder: Path) -> None:
-    """``<group>/latest`` -> the newest run's folder (replaced atomically; best effort)."""
+def point_latest(folder: Path) -> None:
+    """``<group>/latest`` -> ``folder``, a run that has started (replaced atomically; best
+    effort), for a run in a folder of its own (``outputs/<group>/<start time>``)."""
+    group = folder.parent
+    if group.parent.name != OUTPUTS or group.name == "multirun" or not _start_order(folder)[1]:
+        return
     temporary = group / f".{LATEST}-{os.getpid()}"
     try:
         temporary.unlink(missing_ok=True)
@@ -207,8 +227,11 @@ def _point_latest(group: Path, folder: Path) -> None:
 def write_hydra_files(folder: Path, cfg: DictConfig, job: HydraJob) -> None:
     """Hydra's record of the job, where Hydra would keep it: ``<folder>/.hydra/`` with the
     composed ``config.yaml`` (as given, before interpolation), ``hydra.yaml`` and
-    ``overrides.yaml``; passwords in URIs masked."""
+    ``overrides.yaml``; passwords in URIs masked. A resume keeps the first record (its own
+    command is in the console log and MLflow's ``resumes/``)."""
     hydra_dir = folder / ".hydra"
+    if (hydra_dir / "overrides.yaml").is_file():
+        return  # a resumed run: the record of the command that started it stays
     hydra_dir.mkdir(parents=True, exist_ok=True)
     (hydra_dir / "config.yaml").write_text(mask_secrets(OmegaConf.to_yaml(cfg)))
     (hydra_dir / "hydra.yaml").write_text(mask_secrets(job.hydra_yaml))

@@ -12,6 +12,7 @@ Hydra's run directory or a ``chdir`` can never move it. ``mlflow ui
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +38,8 @@ _PENDING_LIMIT = 100_000
 # After a failure the server is left alone this long: MLflow's own retries make each call
 # to a dead server block for minutes, and training (and the other ranks) would wait on it.
 _PAUSE_S = 300.0
+# How long the end of a run waits for MLflow's system metrics monitor to stop.
+_MONITOR_STOP_S = 5
 # Errors where the server refused the values themselves: sending them again cannot work.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE"}
 # The step of the newest checkpoint a training run has saved (see ``Tracker.start``).
@@ -287,6 +290,8 @@ class Tracker:
         """MLflow's system metrics monitor on this run (a reopened run continues its steps)."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # Its start and stop lines (four per run) are not news on the console; warnings still are.
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
         try:
             self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
             self._monitor.start()
@@ -295,12 +300,25 @@ class Tracker:
             log.warning("MLflow system metrics are not logged: %s", mask_secrets(str(error)))
 
     def _stop_monitor(self) -> None:
+        """Stop the monitor, waiting for it at most ``_MONITOR_STOP_S``: its thread may be deep
+        in MLflow's retries against a server that went away, and a run's end (the spool, a
+        scheduler's grace period) must not wait minutes for it. Its last samples are sent only
+        when it stopped in time and the server was answering."""
         monitor, self._monitor = self._monitor, None
-        if monitor is not None:
-            try:
-                monitor.finish()
-            except Exception as error:  # noqa: BLE001
-                log.warning("MLflow system metrics: the last samples were not sent: %s", mask_secrets(str(error)))
+        if monitor is None:
+            return
+        monitor._shutdown_event.set()  # what MLflow's own finish() does first, before its unbounded join
+        thread = monitor._process
+        if thread is not None:
+            thread.join(_MONITOR_STOP_S)
+        if (thread is not None and thread.is_alive()) or self._paused():
+            log.warning("MLflow system metrics: the monitor did not stop within %d s (the server is not answering); "
+                        "its last samples are dropped", _MONITOR_STOP_S)
+            return
+        try:
+            monitor.mlflow_logger.flush()
+        except Exception as error:  # noqa: BLE001
+            log.warning("MLflow system metrics: the last samples were not sent: %s", mask_secrets(str(error)))
 
     def find_runs(self, tags: Mapping[str, str]) -> list[str]:
         """Ids of this experiment's runs carrying every tag in ``tags``, oldest first.
@@ -445,9 +463,17 @@ class Tracker:
         except tracking_errors():
             return None
 
-    def describe(self, text: str) -> None:
-        """The run's description (MLflow's note, shown and editable on the run page)."""
-        self.set_tags({"mlflow.note.content": text})
+    def describe(self, text: str, only_if_ours: bool = False) -> None:
+        """The run's description (MLflow's note, shown and editable on the run page). With
+        ``only_if_ours``, not when a person has rewritten it since ssod last wrote it (the
+        tag ``ssod.description_sha1`` holds a digest of what ssod wrote)."""
+        if not self.enabled:
+            return
+        if only_if_ours:
+            note, written = self.current_tag(NOTE_TAG), self.current_tag(DESCRIPTION_DIGEST_TAG)
+            if note is not None and _digest(note) != written:
+                return
+        self.set_tags({NOTE_TAG: text, DESCRIPTION_DIGEST_TAG: _digest(mask_secrets(text))})
 
     def log_model(self, model, name: str, step: int, metadata: Mapping[str, Any], code_paths: list[str],
                   registered_name: str = "") -> Optional[str]:
@@ -460,33 +486,42 @@ class Tracker:
             return None
         from importlib.metadata import version
 
-        import mlflow
         import mlflow.pytorch
 
         requirements = [f"{package}=={version(package)}" for package in ("torch", "torchvision")]
-        previous = mlflow.get_tracking_uri()
+        if self._paused():
+            self.failures += 1
+            log.warning("MLflow paused after a failure: the logged model %s is skipped (the checkpoint has the weights)", name)
+            return None
         # Its warning that pickled models run code when loaded: the model is ours, and the
         # checkpoint (weights only) is the format to share with people one does not trust.
         flavor_log = logging.getLogger("mlflow.pytorch")
         level = flavor_log.level
         flavor_log.setLevel(logging.ERROR)
+        logged = None
         try:
             # MLflow's model logging reads the process-wide tracking URI; the experiment is
             # this run's (a logged model made by MlflowClient, not the active experiment).
-            mlflow.set_tracking_uri(self.uri)
-            experiment_id = self.client.get_run(self.run_id).info.experiment_id
-            logged = self.client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id,
-                                                     tags={"ssod.run_name": self.client.get_run(self.run_id).info.run_name})
-            info = mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id, step=step,
-                                            code_paths=code_paths, pip_requirements=requirements,
-                                            serialization_format="pickle", metadata=dict(metadata),
-                                            registered_model_name=registered_name or None)
+            run = self.client.get_run(self.run_id)
+            logged = self.client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
+                                                     tags={"ssod.run_name": run.info.run_name})
+            with _process_tracking_uri(self.uri):
+                info = mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id,
+                                                step=step, code_paths=code_paths, pip_requirements=requirements,
+                                                serialization_format="pickle", metadata=dict(metadata),
+                                                registered_model_name=registered_name or None)
             return info.model_uri
-        except tracking_errors() as error:
+        except Exception as error:  # noqa: BLE001 - the run has finished; its checkpoint holds the weights
+            if not _permanent(error) and isinstance(error, tracking_errors()):
+                self._pause()
             self._warn(f"logging the model {name}", error, "skipped")
+            if logged is not None:
+                from mlflow.entities import LoggedModelStatus
+
+                self._best_effort(f"marking the model {name} failed", self.client.finalize_logged_model,
+                                  logged.model_id, LoggedModelStatus.FAILED)
             return None
         finally:
-            mlflow.set_tracking_uri(previous)
             flavor_log.setLevel(level)
 
     def log_dataset(self, json_path: str | Path, name: str, context: str, details: Mapping[str, Any] = ()) -> None:
@@ -612,8 +647,36 @@ def replay_spool(spool_dir: Path, uri: str) -> tuple[int, int]:
 SPOOL_DIR = "tracking-spool"
 
 
+NOTE_TAG = "mlflow.note.content"
+DESCRIPTION_DIGEST_TAG = "ssod.description_sha1"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
 def _permanent(error: BaseException) -> bool:
     return getattr(error, "error_code", None) in _PERMANENT
+
+
+@contextlib.contextmanager
+def _process_tracking_uri(uri: str):
+    """MLflow's process-wide tracking URI set to ``uri`` for a call of MLflow's fluent API,
+    then both it and ``$MLFLOW_TRACKING_URI`` (which ``mlflow.set_tracking_uri`` also sets,
+    and ``default_tracking_uri`` reads) exactly as they were."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    before, variable = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
 def tracking_errors() -> tuple[type[BaseException], ...]:

@@ -33,12 +33,12 @@ from ssod.checkpoint import (
 from ssod.config import eval_workers, flatten, validate
 from ssod.data.pipeline import DataBundle, build_data
 from ssod.data.sampling import infinite_loader
-from ssod.data.splits import write_json_atomic
+from ssod.data.splits import write_json_atomic, write_text_atomic
 from ssod.inference import eval_loader, shard
 from ssod.interrupts import Interrupts
 from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResult, evaluate_both, train_loop
 from ssod.methods import Method, build_method
-from ssod.outputs import HydraJob, place_run, run_description, run_name, write_hydra_files
+from ssod.outputs import HydraJob, place_run, point_latest, run_description, run_name, write_hydra_files
 from ssod.resume import continue_schedule, find_resume, log_resume, use_configured_rates
 from ssod.run_state import RunState
 from ssod.step import Training, forget_accelerator
@@ -77,7 +77,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     try:
         # The first process places the run (a new folder is named after the time, which
         # the others could read a second later) and tells the others where it is.
-        output_dir = broadcast_object_list([place_run(cfg, project_dir, job) if accelerator.is_main_process else None])[0]
+        output_dir = _agree_on_folder(accelerator, cfg, project_dir, job)
         cfg = _with_place_and_name(cfg, output_dir, project_dir, job)
         train = cfg.train
         ckpt_dir = output_dir / "checkpoints"
@@ -108,8 +108,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             tags["ssod.oracle"] = "true"
         training = _build_training(cfg, method, data.category_map.num_classes, accelerator, ckpt_dir, resumed)
         training.describe = describe_run(cfg, data.category_map)
-        if accelerator.is_main_process:  # beside the checkpoints, for a person to read
-            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(training.describe["config"]))
+        if accelerator.is_main_process:  # beside the checkpoints, for a person to read (and resume=auto)
+            write_text_atomic(OmegaConf.to_yaml(training.describe["config"]), output_dir / "config.yaml")
         if resumed:
             log.info("resuming from %s at step %d", resume_path, training.state.step)
         # A resume from before a checkpoint the run already saved (train.resume=<file>, going
@@ -127,6 +127,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if resumed and train.resume != "auto" and accelerator.is_main_process:
             set_aside_other_checkpoints(ckpt_dir, resume_path, training.state.step)
         training.on_saved = tracker.note_checkpoint
+        if accelerator.is_main_process:
+            point_latest(output_dir)  # the newest run that started
         for context, dataset in data.named_sets():
             log.info("%s set: %d images, %d boxes; %d degenerate boxes dropped (%s)", context, len(dataset),
                      dataset.box_count, dataset.degenerate_boxes, dataset.coco.source_path)
@@ -145,13 +147,13 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             final_metrics.update(_evaluate_test(cfg, data, training, tracker))
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
+            # Beside the checkpoints first: readable with tracking off (a benchmark on a GPU machine).
+            write_json_atomic({**final_metrics, "step": training.state.step, "mlflow_run_id": tracker.run_id or None},
+                              output_dir / "final_metrics.json")
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
             if cfg.tracking.log_model:
                 _log_model(tracker, training, cfg.tracking.registered_model_name)
             _describe_results(tracker, description, final_metrics, training.state.step)
-            # Beside the checkpoints as well: readable with tracking off (a benchmark on a GPU machine).
-            write_json_atomic({**final_metrics, "step": training.state.step, "mlflow_run_id": tracker.run_id or None},
-                              output_dir / "final_metrics.json")
             # AP in percent, as papers and this README print it (MLflow holds pycocotools' 0-1 values).
             log.info("finished at step %d: teacher AP %.1f, student AP %.1f (COCO AP in %%, validation set); checkpoint %s",
                      training.state.step, 100 * final_metrics.get("val/teacher/bbox_AP", math.nan),
@@ -220,6 +222,21 @@ def _keep_console_log(path: Path) -> logging.FileHandler:
     handler.setFormatter(_MaskedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)  # the levels are the console's (Hydra's job logging: INFO)
     return handler
+
+
+def _agree_on_folder(accelerator: Accelerator, cfg: DictConfig, project_dir: Path, job) -> Path:
+    """The run's folder, placed by the first process and sent to the others; its error (a
+    missing checkpoint to resume) is raised by every process, none waits for a folder."""
+    placed = None
+    if accelerator.is_main_process:
+        try:
+            placed = place_run(cfg, project_dir, job)
+        except Exception as error:  # noqa: BLE001 - sent, then raised here too
+            placed = error
+    placed = broadcast_object_list([placed])[0]
+    if isinstance(placed, Exception):
+        raise placed
+    return placed
 
 
 def _with_place_and_name(cfg: DictConfig, output_dir: Path, project_dir: Path, job) -> DictConfig:
@@ -392,16 +409,13 @@ def _log_model(tracker: Tracker, training: Training, registered_name: str) -> No
 
 
 def _describe_results(tracker: Tracker, description: str, metrics: dict, step: int) -> None:
-    """The run's description with its final APs (unless someone rewrote the description)."""
-    note = tracker.current_tag("mlflow.note.content")
-    if note is not None and note.split("\n", 1)[0] != description.split("\n", 1)[0]:
-        return
+    """The run's description with its final APs (unless a person has rewritten it)."""
     results = [f"Finished at step {step}: teacher AP {100 * metrics.get('val/teacher/bbox_AP', math.nan):.1f}, "
                f"student AP {100 * metrics.get('val/student/bbox_AP', math.nan):.1f} (COCO AP in %, validation set)"]
     if "test/teacher/bbox_AP" in metrics:
         results.append(f"held-out test set: teacher AP {100 * metrics['test/teacher/bbox_AP']:.1f}, "
                        f"student AP {100 * metrics['test/student/bbox_AP']:.1f}")
-    tracker.describe(description + "\n\n" + "; ".join(results) + ".")
+    tracker.describe(description + "\n\n" + "; ".join(results) + ".", only_if_ours=True)
 
 
 def _is_prune(error: BaseException) -> bool:

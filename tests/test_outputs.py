@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from ssod.checkpoint import CheckpointError, save_checkpoint
 from ssod.config import compose
-from ssod.outputs import HydraJob, place_run, run_name, write_hydra_files
+from ssod.outputs import HydraJob, place_run, point_latest, run_name, write_hydra_files
 
 
 def _job(tmp_path: Path, *overrides: str, multirun: bool = False) -> HydraJob:
@@ -26,14 +26,46 @@ def _finished(folder: Path, cfg) -> None:
     save_checkpoint(folder / "checkpoints", 2, {"step": 2, "weights": torch.zeros(2)})
 
 
-def test_every_new_run_gets_a_folder_of_its_own_and_latest_points_at_the_newest(tmp_path: Path):
+def test_every_new_run_gets_a_folder_of_its_own_and_latest_points_at_the_newest_started(tmp_path: Path):
     cfg = compose(["method=supervised"])
     first, second = place_run(cfg, tmp_path, None), place_run(cfg, tmp_path, None)
     group = tmp_path / "outputs" / "supervised-synthetic"
     assert first.parent == second.parent == group and first != second
     assert first.is_dir() and second.is_dir()
     assert second.name == f"{first.name}-2" or second.name > first.name  # two in the same second: numbered
+    assert not (group / "latest").exists()  # placed is not started: a start that fails moves nothing
+    point_latest(first)
+    point_latest(second)
     assert (group / "latest").resolve() == second.resolve()
+    # Not for a folder given by the user, nor for a multirun's job.
+    point_latest(tmp_path / "mine" / "run")
+    point_latest(tmp_path / "outputs" / "multirun" / "2026-01-01_00-00-00")
+    assert not (tmp_path / "mine" / "latest").exists() and not (tmp_path / "outputs" / "multirun" / "latest").exists()
+
+
+def test_runs_of_one_second_are_ordered_by_their_number(tmp_path: Path):
+    group = tmp_path / "outputs" / "polish_teacher-synthetic"
+    cfg = compose([])
+    for name in ("2026-01-01_00-00-00", "2026-01-01_00-00-00-2", "2026-01-01_00-00-00-10", "2026-01-01_00-00-00-9"):
+        _finished(group / name, cfg)
+    assert place_run(compose(["train.resume=auto"]), tmp_path, None).name == "2026-01-01_00-00-00-10"
+
+
+def test_resume_auto_continues_a_run_of_the_layout_before_folders_of_their_own(tmp_path: Path):
+    group = tmp_path / "outputs" / "polish_teacher-synthetic"
+    save_checkpoint(group / "checkpoints", 2, {"step": 2, "weights": torch.zeros(2)})
+    assert place_run(compose(["train.resume=auto"]), tmp_path, None) == group
+
+
+def test_a_password_in_the_config_does_not_stop_resume_auto_from_matching(tmp_path: Path):
+    group = tmp_path / "outputs" / "polish_teacher-synthetic"
+    secret = ["data.train_json=http://user:secret@host/train.json"]
+    folder = group / "2026-01-01_00-00-00"
+    folder.mkdir(parents=True)
+    saved = OmegaConf.to_yaml(compose(secret), resolve=True).replace("user:secret@", "user:***@")  # as written
+    (folder / "config.yaml").write_text(saved)
+    save_checkpoint(folder / "checkpoints", 2, {"step": 2, "weights": torch.zeros(2)})
+    assert place_run(compose([*secret, "train.resume=auto"]), tmp_path, None) == folder
 
 
 def test_a_given_output_dir_is_used_as_it_is(tmp_path: Path):
@@ -112,3 +144,6 @@ def test_hydras_record_of_the_job_is_written_masked(tmp_path: Path):
     assert "secret" not in "".join(written.values())
     assert "http://user:***@host:5000" in written["overrides.yaml"]
     assert OmegaConf.create(written["config.yaml"]).train.iterations == cfg.train.iterations
+    # A resume keeps the record of the command that started the run.
+    write_hydra_files(tmp_path / "run", compose(["train.iterations=5"]), _job(tmp_path, "train.iterations=5"))
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text() == written["overrides.yaml"]

@@ -81,18 +81,23 @@ def load_coco_json(path: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
-    """Write ``data`` as compact json via a temp file + ``os.replace``.
+    """Write ``data`` as compact json, atomically (see ``write_text_atomic``)."""
+    write_text_atomic(json.dumps(data, separators=(",", ":")), path)
 
-    Readers never see a half-written file, even if the writer is killed.
-    """
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write ``text`` via a temp file + ``os.replace``: readers never see a half-written
+    file, even if the writer is killed. The file is readable by all (mode 644), as a plain
+    write would leave it, not private as a temp file starts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, separators=(",", ":"))
+            file.write(text)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temp_name, 0o644)
         os.replace(temp_name, path)
     except BaseException:
         if os.path.exists(temp_name):

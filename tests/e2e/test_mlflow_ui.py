@@ -101,6 +101,7 @@ def test_the_run_page_shows_description_charts_system_metrics_the_picture_and_th
                     method="polish_teacher"))
     [finished] = mlflow_store.runs()
     run_id, experiment_id = finished.info.run_id, finished.info.experiment_id
+    assert "system/cpu_utilization_percentage" in finished.data.metrics, "no system metrics sampled during the run"
     picture = sorted(p for p in mlflow_store.artifacts(run_id, "pseudo_labels") if p.endswith(".png"))[-1]
     width = Image.open(mlflow_store.client.download_artifacts(run_id, picture)).width
     page = f"{mlflow_server}/#/experiments/{experiment_id}/runs/{run_id}"

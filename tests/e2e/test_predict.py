@@ -69,6 +69,7 @@ def test_a_folder_gets_numbered_images_pictures_and_its_unreadable_files_skipped
 
 def test_a_missing_folder_is_one_line(make_config, tmp_path: Path, capsys):
     run(make_config("train.iterations=1"))
+    capsys.readouterr()  # the training's own lines
     assert main([str(tmp_path / "outputs"), "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ssod-predict: error: {tmp_path / 'nowhere'}: not a folder (--images)"]

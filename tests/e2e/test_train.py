@@ -282,12 +282,11 @@ def test_the_logged_model_loads_back_with_mlflow_registers_and_detects_as_the_ch
     version = mlflow_store.client.get_model_version("ssod-test-detector", "1")
     assert version.source == f"models:/{output.model_id}" and version.run_id == finished.info.run_id
 
-    mlflow.set_tracking_uri(mlflow_store.uri)
-    try:
-        model = mlflow.pytorch.load_model("models:/ssod-test-detector/1")
-        metadata = mlflow.models.get_model_info(f"models:/{output.model_id}").metadata
-    finally:
-        mlflow.set_tracking_uri("")
+    # MLflow's fluent API reads the process-wide URI: set for this test only.
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", mlflow_store.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store.uri)
+    model = mlflow.pytorch.load_model("models:/ssod-test-detector/1")
+    metadata = mlflow.models.get_model_info(f"models:/{output.model_id}").metadata
     assert metadata["weights"] == "teacher" and metadata["categories"]["names"][:2] == ["circle", "ring"]
     checkpoint = load_checkpoint(list_checkpoints(tmp_path / "outputs" / "checkpoints")[-1][1])
     rebuilt = build_detector(OmegaConf.to_object(checkpoint_config(checkpoint, []).model), num_classes=10)

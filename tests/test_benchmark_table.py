@@ -1,0 +1,49 @@
+"""The method benchmark's report (experiments/benchmark.py): tuning chooses on the
+validation split, never on the test split, and compares the chosen variants paired by seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("ssod_method_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(arm: str, seed: int, val: float, test: float) -> dict:
+    return {"arm": arm, "seed": seed, "percent": 2.5, "val_teacher_AP": val, "test_teacher_AP": test,
+            "test_teacher_AP75": test, "test_student_AP": test}
+
+
+def test_variants_are_chosen_on_validation_and_compared_on_test_by_seed():
+    benchmark = _benchmark()
+    rows = []
+    for seed in (0, 1, 2):
+        rows += [
+            # The alternative is better on test but worse on val: the default is chosen.
+            _row("supervised", seed, val=0.50, test=0.50), _row("supervised_lr_mid", seed, val=0.49, test=0.60),
+            _row("soft_teacher", seed, val=0.40, test=0.40), _row("soft_teacher_w1", seed, val=0.41, test=0.45),
+            _row("polish_teacher", seed, val=0.45, test=0.45), _row("polish_teacher_w1", seed, val=0.52, test=0.51 + seed / 100),
+        ]
+    lines = benchmark.chosen_on_val(rows)
+    assert "supervised -> **supervised**, soft_teacher -> **soft_teacher_w1**, polish_teacher -> **polish_teacher_w1**" in lines[0]
+    assert "- polish_teacher_w1 - supervised, test teacher AP (paired): +2.0 ± 1.0 (3/3 > 0)" in lines
+    assert "- polish_teacher_w1 - soft_teacher_w1, test teacher AP (paired): +7.0 ± 1.0 (3/3 > 0)" in lines
+
+
+def test_no_choice_before_every_variant_has_run_on_the_same_seeds():
+    benchmark = _benchmark()
+    rows = [_row(arm, 0, 0.5, 0.5) for arm in ("supervised", "supervised_lr_mid", "soft_teacher", "soft_teacher_w1",
+                                              "polish_teacher")]
+    assert benchmark.chosen_on_val(rows) == []
+    rows.append(_row("polish_teacher_w1", 0, 0.5, 0.5))
+    rows.append(_row("polish_teacher_w1", 1, 0.5, 0.5))  # one seed more than its default
+    assert benchmark.chosen_on_val(rows) == []
