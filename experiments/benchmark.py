@@ -23,6 +23,11 @@ Protocol (``--profile`` sets the sizes; every flag below overrides it):
   trained, neither used), pt_box_only, pt_cls_only, and the oracle (hidden ground truth
   as pseudo labels through the same path; a diagnostic, first seed only). ``--ablation-seeds``
   limits the ablations to the first seeds.
+- Tuning, with the same budget for every method: each of supervised, soft_teacher and
+  polish_teacher also runs one alternative (``VARIANTS``: for supervised its own knob, the
+  learning rate's step; for the two semi-supervised methods the unsupervised weight), on
+  every seed. The table names, per method, the variant with the higher mean **validation**
+  teacher AP, and compares the chosen ones on the test split.
 
 Output: ``<out-dir>/method_benchmark.json`` (one record per finished run, written after
 each run; a run already recorded is skipped, an interrupted one resumes from its last
@@ -56,8 +61,21 @@ ARMS = {
     "pt_box_only": ["method=polish_teacher", "method.polish_use=boxes"],
     "pt_cls_only": ["method=polish_teacher", "method.polish_use=categories"],
     "oracle": ["method=polish_teacher", "method.pseudo_labels=oracle"],
+    # The alternatives the tuning chooses from (see VARIANTS). {mid}: the middle of the arms'
+    # iterations (supervised: the x0.1 step there instead of at the burn-in's end).
+    "supervised_lr_mid": ["method=supervised", "train.lr_steps=[{mid}]"],
+    "soft_teacher_w1": ["method=soft_teacher", "method.unsup_weight=1.0"],
+    "polish_teacher_w1": ["method=polish_teacher", "method.unsup_weight=1.0"],
 }
 MAIN_ARMS = ("supervised", "soft_teacher", "polish_teacher")
+# Per method, the configurations its tuning chooses from on the validation split: its
+# default and one alternative each (one knob, two values: the same budget for all).
+VARIANTS = {
+    "supervised": ("supervised", "supervised_lr_mid"),
+    "soft_teacher": ("soft_teacher", "soft_teacher_w1"),
+    "polish_teacher": ("polish_teacher", "polish_teacher_w1"),
+}
+TUNED_ARMS = tuple(arm for arms in VARIANTS.values() for arm in arms[1:])
 ABLATIONS = ("pt_no_polish", "pt_box_only", "pt_cls_only")
 
 PROFILES = {
@@ -140,7 +158,7 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
     oracle, then the ablations (a benchmark stopped early has the main comparison first)."""
     runs = []
     for percent in args.percents:
-        order = [arm for arm in (*MAIN_ARMS, "oracle", *ABLATIONS) if arm in args.arms]
+        order = [arm for arm in (*MAIN_ARMS, *TUNED_ARMS, "oracle", *ABLATIONS) if arm in args.arms]
         for arm in order:
             seeds = args.seeds[:1] if arm == "oracle" else args.seeds[: args.ablation_seeds] if arm in ABLATIONS else args.seeds
             runs += [Run(arm, percent, seed) for seed in seeds]
@@ -211,8 +229,9 @@ def ensure_burn_in(plan: Plan, percent: float, seed: int, threads: int) -> Path:
 def run_arm(plan: Plan, run: Run, burn_in: Path, threads: int) -> dict:
     args = plan.args
     total = args.burn_in + args.iterations
+    mid = args.burn_in + args.iterations // 2
     overrides = [
-        *common_overrides(args, run.percent, run.seed), *ARMS[run.arm],
+        *common_overrides(args, run.percent, run.seed), *(o.format(mid=mid) for o in ARMS[run.arm]),
         f"train.init_from={burn_in.resolve()}", "train.init_continue=true",
         f"train.iterations={total}", f"method.unsup_start={args.burn_in}", f"method.unsup_warmup={args.unsup_warmup}",
         f"train.eval_every={max(args.iterations // 2, 1)}", f"train.ckpt_every={max(args.iterations // 2, 1)}",
@@ -327,10 +346,30 @@ def table(records: list[dict]) -> str:
         if any(r["arm"] == "soft_teacher" for r in rows) and any(r["arm"] == "polish_teacher" for r in rows):
             lines.append(f"\npolish_teacher - soft_teacher, test teacher AP (paired): "
                          f"{paired(rows, 'polish_teacher', 'soft_teacher', 'test_teacher_AP')}")
+        lines += chosen_on_val(rows)
         if any(r["arm"] == "pt_no_polish" for r in rows):
             lines.append(f"polish_teacher - pt_no_polish, test teacher AP75 (paired): "
                          f"{paired(rows, 'polish_teacher', 'pt_no_polish', 'test_teacher_AP75')}")
     return "\n".join(lines)
+
+
+def chosen_on_val(rows: list[dict]) -> list[str]:
+    """Per method, its variant with the higher mean validation teacher AP (every variant on
+    the same seeds), and the chosen ones compared on the test split (paired)."""
+    chosen = {}
+    for method, arms in VARIANTS.items():
+        ran = {arm: [r["val_teacher_AP"] for r in rows if r["arm"] == arm] for arm in arms}
+        if not all(ran.values()) or len({len(values) for values in ran.values()}) != 1:
+            return []  # not every variant has run on the same seeds yet
+        chosen[method] = max(arms, key=lambda arm: statistics.fmean(ran[arm]))
+    lines = ["\nTuned on the validation split (each method: its default and one alternative, every seed; "
+             "chosen by mean val teacher AP): " + ", ".join(f"{method} -> **{arm}**" for method, arm in chosen.items())]
+    for baseline in ("supervised", "soft_teacher"):
+        for key, name in (("test_teacher_AP", "teacher AP"), ("test_teacher_AP75", "teacher AP75"),
+                          ("test_student_AP", "student AP")):
+            lines.append(f"- {chosen['polish_teacher']} - {chosen[baseline]}, test {name} (paired): "
+                         f"{paired(rows, chosen['polish_teacher'], chosen[baseline], key)}")
+    return lines
 
 
 def write_markdown(args: argparse.Namespace, records: list[dict], path: Path, wall: float | None) -> str:
@@ -347,6 +386,7 @@ def write_markdown(args: argparse.Namespace, records: list[dict], path: Path, wa
         + (f"\nWall time of this invocation: {wall / 60:.0f} min on {os.cpu_count()} CPU cores.\n" if wall else "")
         + table(records) + "\n"
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
 
