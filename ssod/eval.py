@@ -2,7 +2,8 @@
 
 Examples::
 
-    ssod-eval outputs/polish_teacher-synthetic/checkpoints/step-00000300.pt
+    ssod-eval outputs/polish_teacher-synthetic/latest      # a run folder: its newest checkpoint
+    ssod-eval outputs/polish_teacher-synthetic/latest/checkpoints/step-00000700.pt
     ssod-eval CKPT --json val.json --images val2017/ --model teacher --score-thr 0.05
     ssod-eval CKPT --overrides experiment=coco_partial --out metrics.json
 
@@ -36,7 +37,8 @@ from ssod.step import forget_accelerator
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ssod-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a step-*.pt file, or a checkpoint directory (newest complete one)")
+    parser.add_argument("checkpoint", help="a step-*.pt file, or a run's output or checkpoint directory "
+                        "(its newest complete checkpoint)")
     parser.add_argument("--json", help="COCO json to evaluate on (default: the config's validation json)")
     parser.add_argument("--images", help="image directory of --json")
     parser.add_argument("--model", choices=("teacher", "student"), default="teacher")

@@ -2,7 +2,7 @@
 
 Examples::
 
-    ssod-predict outputs/polish_teacher-synthetic/checkpoints --images photos/ --out detections.json --draw pictures/
+    ssod-predict outputs/polish_teacher-synthetic/latest --images photos/ --out detections.json --draw pictures/
     ssod-predict CKPT --json val.json --images val2017/ --out detections.json
 
 Input: a folder of images (``--images``; jpg, jpeg, png, bmp, webp, tif, searched
