@@ -372,10 +372,10 @@ def chosen_on_val(rows: list[dict]) -> list[str]:
     the same seeds), and the chosen ones compared on the test split (paired)."""
     chosen = {}
     for method, arms in VARIANTS.items():
-        ran = {arm: [r["val_teacher_AP"] for r in rows if r["arm"] == arm] for arm in arms}
-        if not all(ran.values()) or len({len(values) for values in ran.values()}) != 1:
+        ran = {arm: {r["seed"]: r["val_teacher_AP"] for r in rows if r["arm"] == arm} for arm in arms}
+        if not all(ran.values()) or len({frozenset(values) for values in ran.values()}) != 1:
             return []  # not every variant has run on the same seeds yet
-        chosen[method] = max(arms, key=lambda arm: statistics.fmean(ran[arm]))
+        chosen[method] = max(arms, key=lambda arm: statistics.fmean(ran[arm].values()))
     lines = ["\nTuned on the validation split (each method: its default and one alternative, every seed; "
              "chosen by mean val teacher AP): " + ", ".join(f"{method} -> **{arm}**" for method, arm in chosen.items())]
     for baseline in ("supervised", "soft_teacher"):

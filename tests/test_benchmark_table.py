@@ -47,3 +47,11 @@ def test_no_choice_before_every_variant_has_run_on_the_same_seeds():
     rows.append(_row("polish_teacher_w1", 0, 0.5, 0.5))
     rows.append(_row("polish_teacher_w1", 1, 0.5, 0.5))  # one seed more than its default
     assert benchmark.chosen_on_val(rows) == []
+
+
+def test_no_choice_when_the_variants_ran_as_many_seeds_but_not_the_same_ones():
+    benchmark = _benchmark()
+    rows = [_row(arm, 0, 0.5, 0.5) for arm in benchmark.TUNED_ARMS + benchmark.MAIN_ARMS]
+    assert benchmark.chosen_on_val(rows)  # the same seed everywhere: a choice
+    rows = [row for row in rows if row["arm"] != "supervised_lr_mid"] + [_row("supervised_lr_mid", 1, 0.6, 0.5)]
+    assert benchmark.chosen_on_val(rows) == []
