@@ -43,7 +43,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -246,19 +245,6 @@ def run_arm(plan: Plan, run: Run, burn_in: Path, threads: int) -> dict:
     return record(plan, run, total)
 
 
-def machine() -> str:
-    """Where a run trained: host, CPU model and cores, and whether the CPU has AVX-512 (CPU
-    training is bit-reproducible on one machine, not across CPUs that round differently)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    avx512 = ", AVX-512" if " avx512f" in info else ""
-    return f"{platform.node()}: {model}, {os.cpu_count()} cores{avx512}"
-
-
 def record(plan: Plan, run: Run, iterations: int) -> dict:
     """The json record of a finished run: its ``final_metrics.json`` and, with tracking on,
     the pseudo-label quality over all its unsupervised intervals from MLflow (with tracking
@@ -270,7 +256,9 @@ def record(plan: Plan, run: Run, iterations: int) -> dict:
         raise LookupError(f"{run.name}: not finished ({path})")
     entry = {"arm": run.arm, "method": ARMS[run.arm][0].split("=")[1], "percent": run.percent, "seed": run.seed,
              "iterations": iterations, "burn_in": args.burn_in, "mlflow_run_id": metrics.get("mlflow_run_id"),
-             "labeled_images": metrics.get("data/train/images"), "machine": machine()}
+             "labeled_images": metrics.get("data/train/images"),
+             # Written by the run itself: the machine that trained it, not the one collecting.
+             "machine": metrics.get("machine")}
     entry.update({key: metrics.get(metric) for key, metric in FINAL.items()})
     histories = _quality_histories(args, entry["mlflow_run_id"])
     for key, metric in {**QUALITY_MEAN, **QUALITY_SUM}.items():

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import socket
 import subprocess
@@ -79,6 +80,20 @@ def provenance_tags() -> dict[str, str]:
         except (OSError, subprocess.SubprocessError) as error:
             log.debug("no git commit for %s: %s", source, error)
     return tags
+
+
+def machine_description() -> str:
+    """Where a run trains: host, CPU model and cores, and whether the CPU has AVX-512. CPU
+    training is bit-reproducible on one machine, not across CPUs that round differently, so
+    a comparison of runs needs to know which ran where."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    avx512 = ", AVX-512" if " avx512f" in info else ""
+    return f"{platform.node()}: {model}, {os.cpu_count()} cores{avx512}"
 
 
 def strict_json(data: Any, **options) -> str:

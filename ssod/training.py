@@ -47,6 +47,7 @@ from ssod.tracking import (
     Tracker,
     check_reachable,
     default_tracking_uri,
+    machine_description,
     mask_secrets,
     provenance_tags,
 )
@@ -148,8 +149,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
             # Beside the checkpoints first: readable with tracking off (a benchmark on a GPU machine).
-            write_json_atomic({**final_metrics, "step": training.state.step, "mlflow_run_id": tracker.run_id or None},
-                              output_dir / "final_metrics.json")
+            write_json_atomic({**final_metrics, "step": training.state.step, "mlflow_run_id": tracker.run_id or None,
+                               "machine": machine_description()}, output_dir / "final_metrics.json")
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
             if cfg.tracking.log_model:
                 _log_model(tracker, training, cfg.tracking.registered_model_name)
@@ -367,10 +368,11 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
 
 
 def _run_context(accelerator: Accelerator) -> dict[str, str]:
-    """Provenance (see ``provenance_tags``) and where the run trains: device and processes."""
+    """Provenance (see ``provenance_tags``) and where the run trains: device, machine and processes."""
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return {**provenance_tags(), "ssod.device": f"{device.type} ({name})", "ssod.processes": str(accelerator.num_processes),
+    return {**provenance_tags(), "ssod.device": f"{device.type} ({name})", "ssod.machine": machine_description(),
+            "ssod.processes": str(accelerator.num_processes),
             "ssod.mixed_precision": str(accelerator.mixed_precision)}
 
 

@@ -13,6 +13,7 @@ import torch
 from ssod.checkpoint import list_checkpoints, load_checkpoint
 from ssod.data.splits import make_split, split_paths
 from ssod.data.synthetic import SyntheticRecipe, ensure_synthetic
+from ssod.tracking import machine_description
 from ssod.training import run
 
 LITE0 = {"method": "polish_teacher", "model": "efficientnet_lite0_fpn"}
@@ -69,6 +70,11 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     tags = run_.data.tags  # what made the run, where it trained
     assert tags["ssod.torch"] == torch.__version__ and tags["ssod.device"] == "cpu (CPU)" and tags["ssod.processes"] == "1"
     assert tags["ssod.mixed_precision"] == "no"  # the precision used (train.mixed_precision null: the launcher's)
+    # Which CPU trained it (runs on CPUs that round differently are not bit-comparable): the
+    # tag, and final_metrics.json beside the checkpoints, which the method benchmark copies.
+    assert tags["ssod.machine"] == machine_description() and "cores" in tags["ssod.machine"]
+    written = json.loads((tmp_path / "outputs" / "final_metrics.json").read_text())
+    assert written["machine"] == tags["ssod.machine"] and written["mlflow_run_id"] == run_id
     assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
     repo = Path(__file__).resolve().parents[2]
     if (repo / ".git").exists():
