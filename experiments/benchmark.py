@@ -52,15 +52,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Arm -> the overrides that make it, on top of the common ones.
+# Arm -> the overrides that make it, on top of the common ones. Each names its unsupervised
+# weight, so that a recipe's default (conf/experiment/synthetic.yaml) cannot change what an
+# arm means: the paper's weights (Polishing Teacher 3, Soft Teacher 4) and the alternative 1.
+PT = ["method=polish_teacher", "method.unsup_weight=3.0"]
 ARMS = {
     "supervised": ["method=supervised"],
-    "soft_teacher": ["method=soft_teacher"],
-    "polish_teacher": ["method=polish_teacher"],
-    "pt_no_polish": ["method=polish_teacher", "method.polish_use=none"],
-    "pt_box_only": ["method=polish_teacher", "method.polish_use=boxes"],
-    "pt_cls_only": ["method=polish_teacher", "method.polish_use=categories"],
-    "oracle": ["method=polish_teacher", "method.pseudo_labels=oracle"],
+    "soft_teacher": ["method=soft_teacher", "method.unsup_weight=4.0"],
+    "polish_teacher": PT,
+    "pt_no_polish": [*PT, "method.polish_use=none"],
+    "pt_box_only": [*PT, "method.polish_use=boxes"],
+    "pt_cls_only": [*PT, "method.polish_use=categories"],
+    "oracle": [*PT, "method.pseudo_labels=oracle"],
     # The alternatives the tuning chooses from (see VARIANTS). {mid}: the middle of the arms'
     # iterations (supervised: the x0.1 step there instead of at the burn-in's end).
     "supervised_lr_mid": ["method=supervised", "train.lr_steps=[{mid}]"],
