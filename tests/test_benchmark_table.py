@@ -55,3 +55,26 @@ def test_no_choice_when_the_variants_ran_as_many_seeds_but_not_the_same_ones():
     assert benchmark.chosen_on_val(rows)  # the same seed everywhere: a choice
     rows = [row for row in rows if row["arm"] != "supervised_lr_mid"] + [_row("supervised_lr_mid", 1, 0.6, 0.5)]
     assert benchmark.chosen_on_val(rows) == []
+
+
+def test_rewriting_the_table_keeps_what_a_person_wrote_around_it(tmp_path: Path, capsys):
+    benchmark = _benchmark()
+    args = benchmark.parse_args(["--table-only", "--out-dir", str(tmp_path)])
+    path = tmp_path / "method_benchmark.md"
+    record = {**_row("supervised", 0, val=0.5, test=0.5), "test_teacher_AP50": 0.8, "test_student_AP": 0.5,
+              "labeled_images": 100, **dict.fromkeys(["pseudo_iou_raw", "pseudo_iou_polished", "label_acc_raw",
+                                                     "label_acc_polished", "wrong_to_right", "right_to_wrong"])}
+    first = benchmark.write_markdown(args, [record], path, None)
+    assert "| supervised | 1 | 50.0 |" in first and first.startswith("# Method benchmark")
+    path.write_text(first.replace("# Method benchmark (synthetic shapes)\n", "# Machine A\n\nRan on machine A.\n")
+                    + "\nRead the paired differences.\n")
+    second = benchmark.write_markdown(args, [{**record, "test_teacher_AP": 0.6}], path, None)
+    assert path.read_text() == second
+    assert second.startswith("# Machine A\n\nRan on machine A.\n") and second.endswith("\nRead the paired differences.\n")
+    assert "| supervised | 1 | 60.0 |" in second and "| supervised | 1 | 50.0 |" not in second
+    assert second.count(benchmark.GENERATED_BEGIN) == 1 and second.count(benchmark.GENERATED_END) == 1
+    # A hand-edited file from before the markers: replaced, its text kept beside it.
+    path.write_text("# Machine B\n\nhand-written\n")
+    benchmark.write_markdown(args, [record], path, None)
+    assert (tmp_path / "method_benchmark.md.before-markers").read_text() == "# Machine B\n\nhand-written\n"
+    assert "no generated-part markers" in capsys.readouterr().err
