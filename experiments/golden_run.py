@@ -21,12 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+# Each arm names its unsupervised weight (the methods' own: 3 and 4), so a recipe's choice
+# (conf/experiment_method/) does not change what the recorded losses mean.
 ARMS = {
     "supervised": ["method=supervised"],
-    "soft_teacher": ["method=soft_teacher"],
-    "polish_teacher": ["method=polish_teacher"],
-    "pt_cls_only": ["method=polish_teacher", "method.polish_use=categories"],
-    "oracle": ["method=polish_teacher", "method.pseudo_labels=oracle"],
+    "soft_teacher": ["method=soft_teacher", "method.unsup_weight=4.0"],
+    "polish_teacher": ["method=polish_teacher", "method.unsup_weight=3.0"],
+    "pt_cls_only": ["method=polish_teacher", "method.unsup_weight=3.0", "method.polish_use=categories"],
+    "oracle": ["method=polish_teacher", "method.unsup_weight=3.0", "method.pseudo_labels=oracle"],
 }
 TINY = [
     "experiment=synthetic", "data.synthetic.num_train=24", "data.synthetic.num_val=4", "data.percent=25",

@@ -18,13 +18,26 @@ def test_default_is_polish_teacher_on_synthetic():
 def test_overrides_and_experiments():
     cfg = compose(["method=soft_teacher", "train.iterations=7", "data.percent=5"])
     assert (cfg.method.name, cfg.train.iterations, cfg.data.percent) == ("soft_teacher", 7, 5.0)
-    assert cfg.method.cls_pseudo_threshold == 0.9 and cfg.method.unsup_weight == 4.0
+    assert cfg.method.cls_pseudo_threshold == 0.9
     coco = compose(["experiment=coco_partial", "data.fold=2"])
     assert coco.model.arch == "resnet50_fpn" and coco.train.iterations == 180000
     assert coco.train.lr_steps == [120000, 160000] and coco.method.unsup_weight == 3.0
     assert coco.data.fold == 2
     voc = compose(["experiment=voc"])
     assert voc.method.unsup_weight == 1.0 and voc.train.batch_unlabeled == 1
+
+
+def test_an_experiment_sets_a_method_s_weight_through_experiment_method():
+    """conf/experiment_method/<experiment>_<method>.yaml: the synthetic recipe trains both
+    teachers at the weight the method benchmark chose on validation (1.0); the paper's
+    experiments keep the methods' own weights; the command line still wins."""
+    assert compose().method.unsup_weight == 1.0
+    assert compose(["method=soft_teacher"]).method.unsup_weight == 1.0
+    assert compose(["method=supervised"]).method.unsup_weight == 0.0
+    assert compose(["method.unsup_weight=3.0"]).method.unsup_weight == 3.0
+    assert compose(["experiment=coco_partial", "method=soft_teacher"]).method.unsup_weight == 4.0
+    assert compose(["experiment=coco_partial"]).method.unsup_weight == 3.0
+    assert compose(["experiment=voc", "method=soft_teacher"]).method.unsup_weight == 1.0
 
 
 @pytest.mark.parametrize("experiment", ["coco_partial", "voc"])
