@@ -20,7 +20,7 @@ Protocol (``--profile`` sets the sizes; every flag below overrides it):
   ramping up over ``--unsup-warmup``. The supervised arm continues the same way with
   labeled images only, so every arm gets the same labeled batches and schedule.
 - Arms: supervised, soft_teacher, polish_teacher, the ablations pt_no_polish (networks
-  trained, neither used), pt_box_only, pt_cls_only, and the oracle (hidden ground truth
+  trained, neither used), pt_box_only, pt_cls_only, and the oracle at weights 3 and 1 (hidden ground truth
   as pseudo labels through the same path; a diagnostic, first seed only). ``--ablation-seeds``
   limits the ablations to the first seeds.
 - Tuning, with the same budget for every method: each of supervised, soft_teacher and
@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Arm -> the overrides that make it, on top of the common ones. Each names its unsupervised
-# weight, so that a recipe's default (conf/experiment/synthetic.yaml) cannot change what an
-# arm means: the paper's weights (Polishing Teacher 3, Soft Teacher 4) and the alternative 1.
+# weight, so that a recipe's default (conf/experiment_method/) cannot change what an arm
+# means: the paper's weights (Polishing Teacher 3, Soft Teacher 4) and the alternative 1.
 PT = ["method=polish_teacher", "method.unsup_weight=3.0"]
 ARMS = {
     "supervised": ["method=supervised"],
@@ -64,6 +64,8 @@ ARMS = {
     "pt_box_only": [*PT, "method.polish_use=boxes"],
     "pt_cls_only": [*PT, "method.polish_use=categories"],
     "oracle": [*PT, "method.pseudo_labels=oracle"],
+    # The oracle at the weight the tuning chose (1): the ceiling of polish_teacher_w1.
+    "oracle_w1": ["method=polish_teacher", "method.unsup_weight=1.0", "method.pseudo_labels=oracle"],
     # The alternatives the tuning chooses from (see VARIANTS). {mid}: the middle of the arms'
     # iterations (supervised: the x0.1 step there instead of at the burn-in's end).
     "supervised_lr_mid": ["method=supervised", "train.lr_steps=[{mid}]"],
@@ -80,6 +82,7 @@ VARIANTS = {
 }
 TUNED_ARMS = tuple(arm for arms in VARIANTS.values() for arm in arms[1:])
 ABLATIONS = ("pt_no_polish", "pt_box_only", "pt_cls_only")
+ORACLES = ("oracle", "oracle_w1")
 
 PROFILES = {
     # 2 CPU cores: one run at a time, a reduced grid (about 100 minutes).
@@ -161,9 +164,9 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
     oracle, then the ablations (a benchmark stopped early has the main comparison first)."""
     runs = []
     for percent in args.percents:
-        order = [arm for arm in (*MAIN_ARMS, *TUNED_ARMS, "oracle", *ABLATIONS) if arm in args.arms]
+        order = [arm for arm in (*MAIN_ARMS, *TUNED_ARMS, *ORACLES, *ABLATIONS) if arm in args.arms]
         for arm in order:
-            seeds = args.seeds[:1] if arm == "oracle" else args.seeds[: args.ablation_seeds] if arm in ABLATIONS else args.seeds
+            seeds = args.seeds[:1] if arm in ORACLES else args.seeds[: args.ablation_seeds] if arm in ABLATIONS else args.seeds
             runs += [Run(arm, percent, seed) for seed in seeds]
     return runs
 

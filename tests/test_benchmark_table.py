@@ -78,3 +78,15 @@ def test_rewriting_the_table_keeps_what_a_person_wrote_around_it(tmp_path: Path,
     benchmark.write_markdown(args, [record], path, None)
     assert (tmp_path / "method_benchmark.md.before-markers").read_text() == "# Machine B\n\nhand-written\n"
     assert "no generated-part markers" in capsys.readouterr().err
+
+
+def test_the_plan_runs_the_main_comparison_first_and_the_oracles_on_the_first_seed_only():
+    benchmark = _benchmark()
+    args = benchmark.parse_args(["--percents", "2.5", "--seeds", "0", "1", "2", "--ablation-seeds", "2"])
+    runs = benchmark.plan_runs(args)
+    arms = [run.arm for run in runs]
+    assert arms[:3] == ["supervised"] * 3 and arms.index("oracle") > arms.index("polish_teacher_w1")
+    assert [run.seed for run in runs if run.arm in ("oracle", "oracle_w1")] == [0, 0]
+    assert [run.seed for run in runs if run.arm == "pt_no_polish"] == [0, 1]
+    assert len(runs) == 3 * 6 + 2 + 3 * 2
+    assert "method.unsup_weight=1.0" in benchmark.ARMS["oracle_w1"] and "method.pseudo_labels=oracle" in benchmark.ARMS["oracle_w1"]
