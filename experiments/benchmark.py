@@ -88,6 +88,12 @@ PROFILES = {
     # 2 CPU cores: one run at a time, a reduced grid (about 100 minutes).
     "cpu": dict(num_train=4000, num_test=500, percents=[2.5], seeds=[0, 1, 2], burn_in=400, iterations=300,
                 unsup_warmup=50, ablation_seeds=1, jobs=1, extra=[]),
+    # 2 CPU cores, three times the arms' iterations (900 after the 400 of the burn-in) and a
+    # validation curve every 150: the unlabeled images' effect grows with the unsupervised
+    # phase (experiments/results/method_benchmark_long/). About 30 min a seed for supervised,
+    # soft_teacher_w1 and polish_teacher_w1.
+    "cpu-long": dict(num_train=4000, num_test=500, percents=[2.5], seeds=[0, 1, 2], burn_in=400, iterations=900,
+                     unsup_warmup=50, ablation_seeds=1, jobs=1, extra=["train.eval_every=150"]),
     # One H200 and 16 cores: the full grid, 8 runs side by side, in about 8 minutes.
     "gpu": dict(num_train=4000, num_test=500, percents=[2.5, 10.0], seeds=[0, 1, 2], burn_in=400, iterations=300,
                 unsup_warmup=50, ablation_seeds=3, jobs=8, extra=["data.num_workers=1"]),

@@ -90,3 +90,11 @@ def test_the_plan_runs_the_main_comparison_first_and_the_oracles_on_the_first_se
     assert [run.seed for run in runs if run.arm == "pt_no_polish"] == [0, 1]
     assert len(runs) == 3 * 6 + 2 + 3 * 2
     assert "method.unsup_weight=1.0" in benchmark.ARMS["oracle_w1"] and "method.pseudo_labels=oracle" in benchmark.ARMS["oracle_w1"]
+
+
+def test_a_profile_sets_the_sizes_and_a_flag_overrides_it():
+    benchmark = _benchmark()
+    long = benchmark.parse_args(["--profile", "cpu-long", "--seeds", "0", "--", "data.num_workers=0"])
+    assert (long.iterations, long.burn_in, long.seeds, long.percents) == (900, 400, [0], [2.5])
+    assert long.overrides == ["train.eval_every=150", "data.num_workers=0"]
+    assert benchmark.parse_args(["--profile", "cpu", "--iterations", "50"]).iterations == 50
