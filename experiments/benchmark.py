@@ -357,9 +357,12 @@ def table(records: list[dict]) -> str:
             lines.append(f"| {arm} | {len(group)} | {column('test_teacher_AP')} | {column('test_teacher_AP50')} | "
                          f"{column('test_teacher_AP75')} | {column('test_student_AP')} | {column('val_teacher_AP')} | "
                          f"{versus} | {versus75} | {iou} | {acc} | {relabels} |")
-        if any(r["arm"] == "soft_teacher" for r in rows) and any(r["arm"] == "polish_teacher" for r in rows):
-            lines.append(f"\npolish_teacher - soft_teacher, test teacher AP (paired): "
-                         f"{paired(rows, 'polish_teacher', 'soft_teacher', 'test_teacher_AP')}")
+        # Each Polishing Teacher variant against the Soft Teacher variant at the same place in
+        # VARIANTS (the paper's weights; weight 1), where both ran.
+        ran = {r["arm"] for r in rows}
+        pairs = [pair for pair in zip(VARIANTS["polish_teacher"], VARIANTS["soft_teacher"]) if set(pair) <= ran]
+        lines += [""] if pairs else []
+        lines += [f"{pt} - {st}, test teacher AP (paired): {paired(rows, pt, st, 'test_teacher_AP')}" for pt, st in pairs]
         lines += chosen_on_val(rows)
         if any(r["arm"] == "pt_no_polish" for r in rows):
             lines.append(f"polish_teacher - pt_no_polish, test teacher AP75 (paired): "

@@ -98,3 +98,13 @@ def test_a_profile_sets_the_sizes_and_a_flag_overrides_it():
     assert (long.iterations, long.burn_in, long.seeds, long.percents) == (900, 400, [0], [2.5])
     assert long.overrides == ["train.eval_every=150", "data.num_workers=0"]
     assert benchmark.parse_args(["--profile", "cpu", "--iterations", "50"]).iterations == 50
+
+
+def test_each_polishing_teacher_variant_is_compared_with_soft_teacher_at_the_same_weight():
+    benchmark = _benchmark()
+    empty = {key: None for key in (*benchmark.FINAL, *benchmark.QUALITY_MEAN, *benchmark.QUALITY_SUM)}
+    rows = [{**empty, **_row("polish_teacher_w1", s, 0.5, 0.52 + s / 100)} for s in (0, 1)]
+    rows += [{**empty, **_row(arm, s, 0.5, 0.50)} for arm, s in (("soft_teacher_w1", 0), ("soft_teacher_w1", 1), ("soft_teacher", 0))]
+    text = benchmark.table(rows)
+    assert "polish_teacher_w1 - soft_teacher_w1, test teacher AP (paired): +2.5 ± 0.7 (2/2 > 0)" in text
+    assert "polish_teacher - soft_teacher," not in text  # polish_teacher at weight 3 did not run
