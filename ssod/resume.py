@@ -31,18 +31,46 @@ def find_resume(resume: Optional[str], ckpt_dir: Path) -> tuple[Optional[Path], 
     return path, state
 
 
-def continue_schedule(initial: dict, optimizer: torch.optim.Optimizer, scheduler, train) -> RunState:
+def continue_schedule(initial: dict, optimizer: torch.optim.Optimizer, scheduler, train,
+                      names: list[str]) -> RunState:
     """``train.init_continue``: the checkpoint's step, schedule position and EMA counters for a
-    new run (its own MLflow run, no inherited bad files), and its SGD momentum when it was
-    made for the same parameters (another method's model, e.g. with polishing networks, starts
-    its momentum afresh: said in the log)."""
+    new run (its own MLflow run, no inherited bad files), and its SGD momentum for every
+    parameter the checkpoint's optimizer held under the same name and shape.
+
+    Matching by name treats every method alike: a supervised or Soft Teacher arm continuing a
+    burn-in made with polishing networks carries the detector's momentum exactly as a
+    Polishing Teacher arm does (parameters the checkpoint lacks start at zero momentum).
+    ``names``: ``optimizer``'s parameters' names, in its order (``optimizer_parameter_names``).
+    A checkpoint from before names were stored carries momentum only when its parameter list
+    matches in count and shapes.
+    """
     scheduler.load_state_dict(initial["scheduler"])
-    if _same_parameters(initial["optimizer"], optimizer):
+    saved_names = initial.get("optimizer_parameter_names")
+    if saved_names is not None:
+        carried = carry_momentum(initial["optimizer"], saved_names, optimizer, names)
+        log.info("train.init_continue: SGD momentum carried for %d of %d parameters", carried, len(names))
+    elif _same_parameters(initial["optimizer"], optimizer):
         optimizer.load_state_dict(initial["optimizer"])
     else:
         log.info("train.init_continue: the checkpoint's optimizer holds other parameters; momentum starts afresh")
     use_configured_rates(optimizer, scheduler, train)
     return RunState(step=initial["step"], ema_steps=initial["ema_steps"])
+
+
+def carry_momentum(saved: dict, saved_names: list[str], optimizer: torch.optim.Optimizer, names: list[str]) -> int:
+    """Copy the momentum buffers of an optimizer state dict (``saved``, its parameters named
+    ``saved_names`` in order) into ``optimizer`` by parameter name, where shapes agree.
+    Returns how many parameters received one."""
+    indices = [index for group in saved["param_groups"] for index in group["params"]]
+    buffers = {name: saved["state"].get(index, {}).get("momentum_buffer") for name, index in zip(saved_names, indices)}
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    carried = 0
+    for name, param in zip(names, params):
+        buffer = buffers.get(name)
+        if buffer is not None and buffer.shape == param.shape:
+            optimizer.state[param]["momentum_buffer"] = buffer.detach().clone().to(param.device)
+            carried += 1
+    return carried
 
 
 def _same_parameters(saved: dict, optimizer: torch.optim.Optimizer) -> bool:

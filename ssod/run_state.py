@@ -76,6 +76,12 @@ def log_bad_files(tracker, bad_files: list[str], already_logged: int) -> int:
     return len(bad_files)
 
 
+def optimizer_parameter_names(model: Any, optimizer: Any) -> list[str]:
+    """The names (``model.named_parameters()``) of ``optimizer``'s parameters, in its order."""
+    name_of = {id(param): name for name, param in model.named_parameters()}
+    return [name_of[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
 def save_state(accelerator, directory: Path, state: RunState, student, teacher, optimizer, scheduler, keep: int,
                describe: Optional[dict] = None) -> None:
     """Write a checkpoint from the main process; every process waits for it. ``describe``:
@@ -88,6 +94,9 @@ def save_state(accelerator, directory: Path, state: RunState, student, teacher, 
             "student": accelerator.unwrap_model(student).state_dict(),
             "teacher": teacher.state_dict(),
             "optimizer": optimizer.state_dict(),
+            # What train.init_continue matches momentum by (another method's model may hold
+            # other parameters, e.g. no polishing networks).
+            "optimizer_parameter_names": optimizer_parameter_names(accelerator.unwrap_model(student), optimizer),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
         }

@@ -40,7 +40,7 @@ from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResu
 from ssod.methods import Method, build_method
 from ssod.outputs import HydraJob, place_run, point_latest, run_description, run_name, write_hydra_files
 from ssod.resume import continue_schedule, find_resume, log_resume, use_configured_rates
-from ssod.run_state import RunState
+from ssod.run_state import RunState, optimizer_parameter_names
 from ssod.step import Training, forget_accelerator
 from ssod.tracking import (
     SPOOL_DIR,
@@ -291,7 +291,7 @@ def _build_training(cfg: DictConfig, method: Method, num_classes: int, accelerat
         load_weights(student, initial["student"])
         load_weights(teacher, initial["teacher"])
         if train.init_continue:
-            state = continue_schedule(initial, optimizer, scheduler, train)
+            state = continue_schedule(initial, optimizer, scheduler, train, optimizer_parameter_names(student, optimizer))
         log.info("initialised from %s (step %d)%s", train.init_from, initial["step"],
                  ", continuing its schedule" if train.init_continue else "")
     if resumed:

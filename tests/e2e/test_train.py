@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -243,14 +244,18 @@ def test_init_continue_goes_on_with_the_burn_in_schedule_in_a_new_run_and_report
     run(make_config(*schedule, "train.iterations=3", "method.unsup_start=3", method="polish_teacher"))
     burn_in = mlflow_store.only_run()
     burn_in_checkpoint = final_checkpoint(tmp_path / "outputs")
-    # Same model (polishing networks): momentum continues; supervised (none): it starts afresh.
+    # Every method carries the burn-in's momentum for each parameter it shares with it (all of
+    # its own): supervised, without polishing networks, exactly as polish_teacher.
     for method, folder in (("polish_teacher", "pt"), ("supervised", "sup")):
+        caplog.clear()
         run(make_config(*schedule, "train.iterations=5", "method.unsup_start=3", f"train.run_name={folder}",
                         f"train.output_dir={tmp_path / folder}", f"train.init_from={tmp_path / 'outputs'}",
                         "train.init_continue=true", method=method))
         continued = [r for r in mlflow_store.runs() if r.info.run_name == folder][0]
         assert continued.info.run_id != burn_in.info.run_id
         assert mlflow_store.steps(continued.info.run_id, "train/loss") == [4, 5]
+        carried = [r.getMessage() for r in caplog.records if "SGD momentum carried" in r.getMessage()]
+        assert len(carried) == 1 and re.search(r"carried for (\d+) of \1 parameters", carried[0]), carried
         # Past the lr step at 3: the burn-in's schedule, not a restart at the peak (or a warmup).
         assert mlflow_store.history(continued.info.run_id, "train/lr")[5] == [pytest.approx(0.001)]
         final = final_checkpoint(tmp_path / folder)
