@@ -11,11 +11,14 @@ Undefined values are NaN, never a silent 0: a COCO metric that pycocotools repor
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
+import json
 import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -96,7 +99,7 @@ def coco_evaluate_with_summary(
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
+        coco_dt = coco_gt.loadRes(results) if results else empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         evaluator.params.imgIds = sorted(known_images if image_ids is None else set(image_ids))
         evaluator.evaluate()
@@ -137,8 +140,29 @@ def predictions_to_coco_results(
     return results
 
 
-def _empty_results(coco_gt: COCO) -> COCO:
-    # loadRes fails on an empty list; an empty result set evaluates fine and scores 0.
+def write_detections(path, predictions: Sequence[Mapping], label_to_category_id: Mapping[int, int],
+                     image_ids: Sequence[int]) -> None:
+    """Detections as gzipped json, atomically: ``{"image_ids": [...], "results": [...]}``, the
+    evaluated images and COCO results (``bbox`` xywh, the json's category ids), at full precision."""
+    from ssod.data.splits import write_bytes_atomic
+
+    document = {"image_ids": [int(i) for i in image_ids],
+                "results": predictions_to_coco_results(predictions, label_to_category_id)}
+    write_bytes_atomic(gzip.compress(json.dumps(document, separators=(",", ":")).encode(), mtime=0), path)
+
+
+def read_detections(path) -> tuple[list[int], list[dict]]:
+    """``(image_ids, results)`` of ``write_detections``; a missing or corrupt file raises
+    ``ValueError`` naming it."""
+    try:
+        document = json.loads(gzip.decompress(Path(path).read_bytes()))
+        return document["image_ids"], document["results"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a detections file written by ssod ({error})") from error
+
+
+def empty_results(coco_gt: COCO) -> COCO:
+    """A result set without detections (``loadRes`` fails on an empty list; this one scores 0)."""
     return coco_from_dataset({
         "images": list(coco_gt.dataset["images"]),
         "categories": list(coco_gt.dataset["categories"]),

@@ -4,6 +4,7 @@ the detections in original-image pixels, and COCO evaluation of them (gathered a
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -90,14 +91,16 @@ def detections_to_host(outputs: list[dict[str, Tensor]]) -> list[tuple[Tensor, T
 
 
 def evaluate(detector: nn.Module, loader, accelerator, should_stop=lambda: False,
-             progress: Optional[str] = None) -> Optional[dict[str, float]]:
+             progress: Optional[str] = None, save_to: Optional[Path] = None) -> Optional[dict[str, float]]:
     """COCO bbox metrics of ``detector`` on ``loader.dataset``, computed once on the main process.
 
     ``loader`` (``eval_loader`` over ``shard(dataset, accelerator)``) yields this process's
     shard; predictions are gathered as objects and evaluated once. Returns the metrics on
-    the main process and None elsewhere.
+    the main process and None elsewhere. ``save_to``: also write the detections there
+    (``write_detections``), so that the metrics can be recomputed, or bootstrapped over
+    images, without the detector.
     """
-    from ssod.evaluation import coco_evaluate
+    from ssod.evaluation import coco_evaluate, write_detections
 
     dataset = loader.dataset
     predictions = predict(detector, loader, accelerator.device, should_stop,
@@ -120,6 +123,8 @@ def evaluate(detector: nn.Module, loader, accelerator, should_stop=lambda: False
                     len(unreadable), sorted(unreadable)[:20])
     label_map = dataset.category_map.label_to_category_id
     metrics = coco_evaluate(dataset.coco, list(unique.values()), label_map, image_ids=image_ids)
+    if save_to is not None:
+        write_detections(save_to, list(unique.values()), label_map, image_ids)
     return {**metrics, "images": float(len(image_ids)), "unreadable_images": float(len(unreadable))}
 
 

@@ -6,6 +6,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from omegaconf import DictConfig
@@ -190,8 +191,9 @@ def _schedule_scalars(optimizer, state: RunState, method: Method, seconds_per_it
 
 
 def evaluate_both(training: Training, val_loader, interrupts: Optional[Interrupts] = None,
-                   prefix: str = "val", progress: bool = False) -> dict[str, float]:
+                   prefix: str = "val", progress: bool = False, save_dir: Optional[Path] = None) -> dict[str, float]:
     """``<prefix>/teacher/bbox_*`` and ``<prefix>/student/bbox_*`` (main process; empty elsewhere).
+    ``save_dir``: the detections also go to ``<save_dir>/{teacher,student}.json.gz``.
 
     With ``interrupts`` and one process, a stop request cuts the evaluation short
     (``EvaluationInterrupted``); several processes finish it together (one alone leaving
@@ -202,7 +204,9 @@ def evaluate_both(training: Training, val_loader, interrupts: Optional[Interrupt
     can_stop = interrupts is not None and accelerator.num_processes == 1
     should_stop = (lambda: interrupts.requested) if can_stop else (lambda: False)
     for name, detector in (("teacher", training.teacher.detector), ("student", accelerator.unwrap_model(training.student).detector)):
-        result = evaluate(detector, val_loader, accelerator, should_stop, f"{prefix}: {name}" if progress else None)
+        save_to = save_dir / f"{name}.json.gz" if save_dir is not None else None
+        result = evaluate(detector, val_loader, accelerator, should_stop, f"{prefix}: {name}" if progress else None,
+                          save_to)
         if result is not None:
             metrics.update({f"{prefix}/{name}/bbox_{key}": value for key, value in result.items()})
     return metrics

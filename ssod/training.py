@@ -424,6 +424,10 @@ def _is_prune(error: BaseException) -> bool:
     return type(error).__name__ == "TrialPruned"
 
 
+# Folder of a run's held-out test detections (``<output_dir>/test_detections/teacher.json.gz``).
+TEST_DETECTIONS = "test_detections"
+
+
 def _evaluate_test(cfg: DictConfig, data: DataBundle, training: Training, tracker: Tracker) -> dict[str, float]:
     """``test/{teacher,student}/bbox_*`` of the finished run, logged at its last step: the
     held-out set is read once, here, never during training (no choice is made on it)."""
@@ -431,7 +435,10 @@ def _evaluate_test(cfg: DictConfig, data: DataBundle, training: Training, tracke
     pin = accelerator.device.type == "cuda"
     loader = eval_loader(data.test, shard(data.test, accelerator), num_workers=eval_workers(cfg.data, accelerator.device),
                          pin_memory=pin)
-    metrics = evaluate_both(training, loader, prefix="test", progress=cfg.train.progress)
+    # The detections stay beside the checkpoints: the method benchmark bootstraps its
+    # intervals over the test images from them, without the detector.
+    metrics = evaluate_both(training, loader, prefix="test", progress=cfg.train.progress,
+                            save_dir=training.ckpt_dir.parent / TEST_DETECTIONS)
     if accelerator.is_main_process:
         tracker.log_metrics(metrics, training.state.step)
     return metrics

@@ -254,3 +254,17 @@ def test_polished_iou_is_measured_against_the_raw_boxs_ground_truth():
     metrics = quality.compute()
     assert metrics["pseudo/raw/iou_mean"] == 1.0
     assert metrics["pseudo/polished/iou_mean"] == 0.0
+
+
+def test_detections_file_round_trips_and_a_corrupt_one_is_named(tmp_path):
+    from ssod.evaluation import read_detections, write_detections
+
+    predictions = [{"image_id": 7, "boxes": torch.tensor([[1.0, 2.0, 11.5, 22.25]]), "scores": torch.tensor([0.5]),
+                    "labels": torch.tensor([1])}]
+    write_detections(tmp_path / "d.json.gz", predictions, {1: 18}, [7, 8])
+    image_ids, results = read_detections(tmp_path / "d.json.gz")
+    assert image_ids == [7, 8]
+    assert results == [{"image_id": 7, "category_id": 18, "bbox": [1.0, 2.0, 10.5, 20.25], "score": 0.5}]
+    (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="bad.json.gz"):
+        read_detections(tmp_path / "bad.json.gz")

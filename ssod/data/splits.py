@@ -52,6 +52,7 @@ __all__ = [
     "percent_tag",
     "select_labeled_indices",
     "split_paths",
+    "write_bytes_atomic",
     "write_json_atomic",
 ]
 
@@ -89,12 +90,17 @@ def write_text_atomic(text: str, path: Path) -> None:
     """Write ``text`` via a temp file + ``os.replace``: readers never see a half-written
     file, even if the writer is killed. The file is readable by all (mode 644), as a plain
     write would leave it, not private as a temp file starts."""
+    write_bytes_atomic(text.encode("utf-8"), path)
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """``write_text_atomic`` for bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temp_name, 0o644)

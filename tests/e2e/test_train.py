@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssod.bootstrap import ImageMatches
 from ssod.checkpoint import list_checkpoints, load_checkpoint
+from ssod.evaluation import coco_from_dataset, read_detections
 from ssod.data.splits import make_split, split_paths
 from ssod.data.synthetic import SyntheticRecipe, ensure_synthetic
 from ssod.tracking import machine_description
@@ -233,9 +236,15 @@ def test_burn_in_then_ramp_on_the_pretrained_model_resumes_like_a_straight_run(m
         assert_same_weights(resumed[part], straight[part])
 
 
+def tiny_test_split(dataset_cache: Path):
+    """The tiny synthetic test split's ground truth (3 images)."""
+    (path,) = [p for p in dataset_cache.rglob("annotations/test.json") if len(json.loads(p.read_text())["images"]) == 3]
+    return coco_from_dataset(json.loads(path.read_text()))
+
+
 @pytest.mark.slow
 def test_init_continue_goes_on_with_the_burn_in_schedule_in_a_new_run_and_reports_the_held_out_test_set(
-        make_config, mlflow_store, tmp_path: Path, caplog):
+        make_config, mlflow_store, tmp_path: Path, caplog, dataset_cache: Path):
     """The method benchmark's shape: a polish_teacher burn-in, then another method continuing
     its schedule (step, learning rate, EMA counters) as a new MLflow run in its own folder;
     the test split is evaluated once, at the end, and never before."""
@@ -261,6 +270,13 @@ def test_init_continue_goes_on_with_the_burn_in_schedule_in_a_new_run_and_report
         final = final_checkpoint(tmp_path / folder)
         assert final["step"] == 5 and final["ema_steps"] == burn_in_checkpoint["ema_steps"] + 2
         assert mlflow_store.steps(continued.info.run_id, "test/teacher/bbox_AP") == [5]
+        # The test detections are kept: re-accumulated, they give the logged test AP exactly.
+        for who in ("teacher", "student"):
+            image_ids, results = read_detections(tmp_path / folder / "test_detections" / f"{who}.json.gz")
+            logged = mlflow_store.history(continued.info.run_id, f"test/{who}/bbox_AP")[5][0]
+            assert len(image_ids) == 3
+            ap = ImageMatches.from_coco(tiny_test_split(dataset_cache), results, image_ids).ap()
+            assert ap == pytest.approx(logged, abs=1e-12) if not math.isnan(logged) else math.isnan(ap)
         assert mlflow_store.steps(continued.info.run_id, "val/teacher/bbox_AP")[-1] == 5
     assert mlflow_store.steps(burn_in.info.run_id, "test/student/bbox_AP") == [3]
     # The run's log lines beside its checkpoints and in MLflow.
