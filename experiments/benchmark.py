@@ -4,37 +4,42 @@ One command runs the whole protocol, resumable run by run::
 
     .venv/bin/python experiments/benchmark.py --profile cpu
 
-Protocol (``--profile`` sets the sizes; every flag below overrides it):
+The plan (model scored, metric, setting, seeds, plateau criterion) is written in
+``experiments/results/method_benchmark.md`` before any test number; this script writes the
+numbers between its markers. Protocol (``--profile`` sets the sizes; every flag overrides it):
 
-- Data: the built-in synthetic shapes with a larger unlabeled pool (``--num-train``) and a
-  held-out **test** split (``--num-test``) read once at the end of each run, never for
-  tuning or for choosing a checkpoint; the validation split is what the recipes were
-  tuned on. Labeled fractions: ``--percents`` of the train split.
+- Data: the built-in synthetic shapes with a large unlabeled pool (``--num-train``), the
+  validation split (what chooses) and a held-out **test** split (``--num-test``), evaluated
+  once, at the end of each run, read only by this report. The strong view keeps boxes tight
+  (no rotation or shear: they turn a tight box into a loose one and cap even the oracle).
+  Labeled fractions: ``--percents`` of the train split; the first is the main setting.
 - Seeds are paired: seed ``s`` fixes the labeled split (``data.fold = s + 1``) and the
-  training seed, the same for every arm.
+  training seed, the same for every arm. Runs go seed by seed, so every run of a seed is made
+  on one machine (CPUs round differently from the first step: a seed's arms made on two
+  machines are no pair); a benchmark continued on another machine continues with whole seeds.
 - Each (fraction, seed) first gets one supervised burn-in of ``--burn-in`` iterations
   (``method=polish_teacher`` with no unsupervised step: the detector trains as supervised
   does, the polishing networks learn beside it from the labeled images). Every arm then
-  continues that checkpoint's schedule (``train.init_from`` + ``train.init_continue``:
-  step, learning rate, EMA counters) for ``--iterations`` more, its unsupervised weight
-  ramping up over ``--unsup-warmup``. The supervised arm continues the same way with
-  labeled images only, so every arm gets the same labeled batches and schedule.
-- Arms: supervised, soft_teacher, polish_teacher, the ablations pt_no_polish (networks
-  trained, neither used), pt_box_only, pt_cls_only, and the oracle at weights 3 and 1 (hidden ground truth
-  as pseudo labels through the same path; a diagnostic, first seed only). ``--ablation-seeds``
-  limits the ablations to the first seeds.
-- Tuning, with the same budget for every method: each of supervised, soft_teacher and
-  polish_teacher also runs one alternative (``VARIANTS``: for supervised its own knob, the
-  learning rate's step; for the two semi-supervised methods the unsupervised weight), on
-  every seed. The table names, per method, the variant with the higher mean **validation**
-  teacher AP, and compares the chosen ones on the test split.
+  continues that checkpoint alike (``train.init_from`` + ``train.init_continue``: step,
+  schedule, EMA counters, and SGD momentum matched by parameter name) for ``--iterations``
+  more, its unsupervised weight ramping up over ``--unsup-warmup``; the supervised arm
+  continues the same way with labeled images only.
+- Arms, each at its recipe's settings (``conf/experiment_method/``: unsupervised weight 1.0):
+  supervised, soft_teacher, polish_teacher, the oracle (hidden ground truth as pseudo labels
+  through the same path: the ceiling), and at the main setting the ablations pt_no_polish
+  (networks trained, neither used), pt_box_only, pt_cls_only. ``--ablation-seeds`` limits them.
+- The scored model is the teacher (the EMA detector, the model the paper reports), at the
+  run's last step; the primary metric its COCO AP on the test split. Intervals: 95%, from a
+  paired bootstrap over seeds and test images (``ssod.bootstrap``), from each run's kept test
+  detections.
 
-Output: ``<out-dir>/method_benchmark.json`` (one record per finished run, written after
-each run; a run already recorded is skipped, an interrupted one resumes from its last
-checkpoint) and ``<out-dir>/method_benchmark.md`` (mean +- std over seeds and the paired
-differences; what a person writes around its generated part is kept). Runs land in the MLflow experiment ``--experiment`` of the project's store.
-``--jobs N`` runs N trainings side by side (a GPU machine with many cores); each gets
-``cores / N`` threads. Extra Hydra overrides after ``--`` apply to every run.
+Output: ``<out-dir>/method_benchmark.json``: ``runs`` (one record per finished run, written
+after each run; a run already recorded is skipped, an interrupted one resumes from its last
+checkpoint) and ``summary`` (one record per comparison: mean, ci_low, ci_high, seeds
+positive), and the table in ``<out-dir>/method_benchmark.md``. Runs land in the MLflow
+experiment ``--experiment`` of the project's store. ``--jobs N`` runs N trainings side by
+side (a GPU machine with many cores); each gets ``cores / N`` threads. Extra Hydra overrides
+after ``--`` apply to every run.
 """
 
 from __future__ import annotations
@@ -47,56 +52,51 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TESTBED = "synthetic"
 # Arm -> the overrides that make it, on top of the common ones. Each names its unsupervised
-# weight, so that a recipe's default (conf/experiment_method/) cannot change what an arm
-# means: the paper's weights (Polishing Teacher 3, Soft Teacher 4) and the alternative 1.
-PT = ["method=polish_teacher", "method.unsup_weight=3.0"]
+# weight, so that a recipe's default cannot silently change what a recorded arm means.
+PT = ["method=polish_teacher", "method.unsup_weight=1.0"]
 ARMS = {
     "supervised": ["method=supervised"],
-    "soft_teacher": ["method=soft_teacher", "method.unsup_weight=4.0"],
+    "soft_teacher": ["method=soft_teacher", "method.unsup_weight=1.0"],
     "polish_teacher": PT,
+    "oracle": [*PT, "method.pseudo_labels=oracle"],
     "pt_no_polish": [*PT, "method.polish_use=none"],
     "pt_box_only": [*PT, "method.polish_use=boxes"],
     "pt_cls_only": [*PT, "method.polish_use=categories"],
-    "oracle": [*PT, "method.pseudo_labels=oracle"],
-    # The oracle at the weight the tuning chose (1): the ceiling of polish_teacher_w1.
-    "oracle_w1": ["method=polish_teacher", "method.unsup_weight=1.0", "method.pseudo_labels=oracle"],
-    # The alternatives the tuning chooses from (see VARIANTS). {mid}: the middle of the arms'
-    # iterations (supervised: the x0.1 step there instead of at the burn-in's end).
-    "supervised_lr_mid": ["method=supervised", "train.lr_steps=[{mid}]"],
-    "soft_teacher_w1": ["method=soft_teacher", "method.unsup_weight=1.0"],
-    "polish_teacher_w1": ["method=polish_teacher", "method.unsup_weight=1.0"],
+    # The paper's weights (Polishing Teacher 3, Soft Teacher 4): not in the default plan.
+    "polish_teacher_paper": ["method=polish_teacher", "method.unsup_weight=3.0"],
+    "soft_teacher_paper": ["method=soft_teacher", "method.unsup_weight=4.0"],
 }
-MAIN_ARMS = ("supervised", "soft_teacher", "polish_teacher")
-# Per method, the configurations its tuning chooses from on the validation split: its
-# default and one alternative each (one knob, two values: the same budget for all).
-VARIANTS = {
-    "supervised": ("supervised", "supervised_lr_mid"),
-    "soft_teacher": ("soft_teacher", "soft_teacher_w1"),
-    "polish_teacher": ("polish_teacher", "polish_teacher_w1"),
-}
-TUNED_ARMS = tuple(arm for arms in VARIANTS.values() for arm in arms[1:])
+MAIN_ARMS = ("supervised", "polish_teacher", "soft_teacher", "oracle")
 ABLATIONS = ("pt_no_polish", "pt_box_only", "pt_cls_only")
-ORACLES = ("oracle", "oracle_w1")
+DEFAULT_ARMS = (*MAIN_ARMS, *ABLATIONS)
+# The comparisons of the summary: (method, baseline).
+COMPARISONS = (
+    ("polish_teacher", "supervised"), ("polish_teacher", "soft_teacher"), ("soft_teacher", "supervised"),
+    ("oracle", "supervised"), ("polish_teacher", "pt_no_polish"), ("pt_box_only", "pt_no_polish"),
+    ("pt_cls_only", "pt_no_polish"), ("polish_teacher_paper", "supervised"), ("soft_teacher_paper", "supervised"),
+)
+# A tight strong view: no rotation, no shear (translation, photometric ops and erasing stay).
+TIGHT_BOXES = ["data.strong_rotate_deg=0", "data.strong_shear_deg=0"]
 
 PROFILES = {
-    # 2 CPU cores: one run at a time, a reduced grid (about 100 minutes).
-    "cpu": dict(num_train=4000, num_test=500, percents=[2.5], seeds=[0, 1, 2], burn_in=400, iterations=300,
-                unsup_warmup=50, ablation_seeds=1, jobs=1, extra=[]),
-    # 2 CPU cores, three times the arms' iterations (900 after the 400 of the burn-in) and a
-    # validation curve every 150: the unlabeled images' effect grows with the unsupervised
-    # phase (experiments/results/method_benchmark_long/). About 30 min a seed for supervised,
-    # soft_teacher_w1 and polish_teacher_w1.
-    "cpu-long": dict(num_train=4000, num_test=500, percents=[2.5], seeds=[0, 1, 2], burn_in=400, iterations=900,
-                     unsup_warmup=50, ablation_seeds=1, jobs=1, extra=["train.eval_every=150"]),
-    # One H200 and 16 cores: the full grid, 8 runs side by side, in about 8 minutes.
-    "gpu": dict(num_train=4000, num_test=500, percents=[2.5, 10.0], seeds=[0, 1, 2], burn_in=400, iterations=300,
-                unsup_warmup=50, ablation_seeds=3, jobs=8, extra=["data.num_workers=1"]),
+    # 2 CPU cores, one run at a time: the main setting 0.5% (20 labeled images, where the
+    # oracle has room: +16.7 AP in ../shared/docs/BENCHMARKS.md), then 2.5%; 5 seeds; arms of
+    # 900 iterations after a 400-iteration burn-in, a validation curve every 150.
+    "cpu": dict(num_train=4000, num_test=2000, percents=[0.5, 2.5], seeds=[0, 1, 2, 3, 4], burn_in=400,
+                iterations=900, unsup_warmup=50, ablation_seeds=5, jobs=1,
+                extra=["train.eval_every=150", *TIGHT_BOXES]),
+    # One GPU machine with 16 cores: the same protocol, 8 runs side by side.
+    "gpu": dict(num_train=4000, num_test=2000, percents=[0.5, 2.5], seeds=[0, 1, 2, 3, 4], burn_in=400,
+                iterations=900, unsup_warmup=50, ablation_seeds=5, jobs=8,
+                extra=["train.eval_every=150", *TIGHT_BOXES, "data.num_workers=1"]),
 }
 
 # Record field -> MLflow metric (the last value, at the run's final step).
@@ -112,7 +112,11 @@ QUALITY_MEAN = {
     "label_acc_raw": "pseudo/raw/label_acc",
     "label_acc_polished": "pseudo/polished/label_acc",
     "pseudo_per_image": "pseudo/raw/num_per_image",
-    "pseudo_recall_raw": "pseudo/raw/recall",
+    # Regression targets are every raw box: their precision is 1 - the unmatched share.
+    "reg_precision": "pseudo/raw/precision",
+    "reg_recall": "pseudo/raw/recall",
+    "cls_precision": "pseudo/cls/precision",
+    "cls_recall": "pseudo/cls/recall",
 }
 QUALITY_SUM = {"wrong_to_right": "pseudo/relabel/wrong_to_right", "right_to_wrong": "pseudo/relabel/right_to_wrong"}
 
@@ -144,8 +148,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-test", type=int)
     parser.add_argument("--percents", type=float, nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), help="default: all")
-    parser.add_argument("--ablation-seeds", type=int, help="ablation arms run on the first N seeds")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), help=f"default: {' '.join(DEFAULT_ARMS)}")
+    parser.add_argument("--ablation-seeds", type=int, help="ablation arms run on the first N seeds (main setting only)")
+    parser.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates of each interval")
     parser.add_argument("--burn-in", type=int)
     parser.add_argument("--iterations", type=int, help="iterations of each arm after the burn-in")
     parser.add_argument("--unsup-warmup", type=int)
@@ -161,19 +166,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.overrides = [*value, *args.overrides]
         elif getattr(args, key) is None:
             setattr(args, key, value)
-    args.arms = args.arms or list(ARMS)
+    args.arms = args.arms or list(DEFAULT_ARMS)
     return args
 
 
 def plan_runs(args: argparse.Namespace) -> list[Run]:
-    """Every run, in the order they go: per fraction the main arms over all seeds, then the
-    oracle, then the ablations (a benchmark stopped early has the main comparison first)."""
+    """Every run, in the order they go: per fraction, seed by seed (each seed whole on one
+    machine), the main arms first, then the ablations (at the main setting, the first
+    fraction, on the first ``--ablation-seeds`` seeds)."""
     runs = []
-    for percent in args.percents:
-        order = [arm for arm in (*MAIN_ARMS, *TUNED_ARMS, *ORACLES, *ABLATIONS) if arm in args.arms]
-        for arm in order:
-            seeds = args.seeds[:1] if arm in ORACLES else args.seeds[: args.ablation_seeds] if arm in ABLATIONS else args.seeds
-            runs += [Run(arm, percent, seed) for seed in seeds]
+    for number, percent in enumerate(args.percents):
+        for index, seed in enumerate(args.seeds):
+            for arm in (*MAIN_ARMS, *ABLATIONS, *(a for a in ARMS if a not in DEFAULT_ARMS)):
+                if arm not in args.arms or (arm in ABLATIONS and (number > 0 or index >= args.ablation_seeds)):
+                    continue
+                runs.append(Run(arm, percent, seed))
     return runs
 
 
@@ -220,7 +227,8 @@ def prepare_data(args: argparse.Namespace, keys: list[tuple[float, int]]) -> Non
 
     for percent, seed in keys:
         cfg = compose([*common_overrides(args, percent, seed), *args.overrides])
-        resolve_files(OmegaConf.to_object(cfg.data), Path.cwd())
+        files = resolve_files(OmegaConf.to_object(cfg.data), Path.cwd())
+        args.test_json = str(files.test_json)
 
 
 def ensure_burn_in(plan: Plan, percent: float, seed: int, threads: int) -> Path:
@@ -266,13 +274,17 @@ def record(plan: Plan, run: Run, iterations: int) -> dict:
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     if metrics.get("step") != iterations:
         raise LookupError(f"{run.name}: not finished ({path})")
-    entry = {"arm": run.arm, "method": ARMS[run.arm][0].split("=")[1], "percent": run.percent, "seed": run.seed,
+    entry = {"testbed": TESTBED, "arm": run.arm, "method": ARMS[run.arm][0].split("=")[1], "percent": run.percent,
+             "seed": run.seed, "model_scored": "teacher", "test_AP": metrics.get("test/teacher/bbox_AP"),
              "iterations": iterations, "burn_in": args.burn_in, "mlflow_run_id": metrics.get("mlflow_run_id"),
              "labeled_images": metrics.get("data/train/images"),
              # Written by the run itself: the machine that trained it, not the one collecting.
              "machine": metrics.get("machine")}
     entry.update({key: metrics.get(metric) for key, metric in FINAL.items()})
-    histories = _quality_histories(args, entry["mlflow_run_id"])
+    entry["detections"] = str(plan.output_dir(run.name) / "test_detections" / "teacher.json.gz")
+    entry["test_json"] = getattr(args, "test_json", None)
+    histories = _histories(args, entry["mlflow_run_id"])
+    entry["val_curve"] = [[step, value] for step, value in (histories or {}).get(VAL_CURVE, [])]
     for key, metric in {**QUALITY_MEAN, **QUALITY_SUM}.items():
         if histories is None:
             value = metrics.get(metric)
@@ -284,7 +296,10 @@ def record(plan: Plan, run: Run, iterations: int) -> dict:
     return entry
 
 
-def _quality_histories(args: argparse.Namespace, run_id: str | None) -> dict[str, list[tuple[int, float]]] | None:
+VAL_CURVE = "val/teacher/bbox_AP"
+
+
+def _histories(args: argparse.Namespace, run_id: str | None) -> dict[str, list[tuple[int, float]]] | None:
     if not run_id or "tracking.enabled=false" in args.overrides:
         return None
     from mlflow.tracking import MlflowClient
@@ -294,20 +309,72 @@ def _quality_histories(args: argparse.Namespace, run_id: str | None) -> dict[str
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")]
     client = MlflowClient(given[-1] if given else default_tracking_uri(Path.cwd()))
     return {metric: [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
-            for metric in {**QUALITY_MEAN, **QUALITY_SUM}.values()}
+            for metric in (*QUALITY_MEAN.values(), *QUALITY_SUM.values(), VAL_CURVE)}
 
 
-def load_records(path: Path) -> dict[str, dict]:
+def run_key(record: dict) -> str:
+    return Run(record["arm"], record["percent"], record["seed"]).name
+
+
+def load_results(path: Path) -> tuple[dict[str, dict], list[dict]]:
+    """``(runs by name, summary)`` of a results json; an older list-only file has no summary."""
     if not path.is_file():
-        return {}
-    return {f"mb-{r['arm']}-{r['percent']:g}pct-s{r['seed']}": r for r in json.loads(path.read_text())}
+        return {}, []
+    document = json.loads(path.read_text())
+    runs = document if isinstance(document, list) else document["runs"]
+    return {run_key(r): r for r in runs}, ([] if isinstance(document, list) else document.get("summary", []))
 
 
-def save_records(path: Path, records: dict[str, dict]) -> None:
+def save_results(path: Path, records: dict[str, dict], summary: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"runs": sorted(records.values(), key=lambda r: (r["percent"], r["seed"], r["arm"])), "summary": summary}
     temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(sorted(records.values(), key=lambda r: (r["percent"], r["arm"], r["seed"])), indent=1))
+    temporary.write_text(json.dumps(document, indent=1))
     os.replace(temporary, path)
+
+
+def summarize(records: list[dict], replicates: int, previous: list[dict]) -> list[dict]:
+    """One record per (testbed, fraction, comparison) whose two arms share seeds: the mean
+    paired difference of test AP (the scored model's), its 95% bootstrap interval over seeds
+    and test images, per-seed values. Comparisons whose detection files are not on this
+    machine keep their previous record (the runs' files stay where they were made)."""
+    from ssod.bootstrap import ImageMatches, paired_bootstrap
+    from ssod.evaluation import coco_from_dataset, read_detections
+
+    kept = {(s["testbed"], s["percent"], s["comparison"]): s for s in previous}
+    cache: dict[str, ImageMatches] = {}
+    ground_truth: dict[str, object] = {}
+
+    def matches(record: dict) -> ImageMatches:
+        if record["detections"] not in cache:
+            image_ids, results = read_detections(record["detections"])
+            test_json = record["test_json"]
+            if test_json not in ground_truth:
+                ground_truth[test_json] = coco_from_dataset(json.loads(Path(test_json).read_text()))
+            cache[record["detections"]] = ImageMatches.from_coco(ground_truth[test_json], results, image_ids)
+        return cache[record["detections"]]
+
+    summary = []
+    for testbed, percent in sorted({(r["testbed"], r["percent"]) for r in records}):
+        rows = [r for r in records if (r["testbed"], r["percent"]) == (testbed, percent)]
+        for method, baseline in COMPARISONS:
+            by_seed = {arm: {r["seed"]: r for r in rows if r["arm"] == arm} for arm in (method, baseline)}
+            seeds = sorted(set(by_seed[method]) & set(by_seed[baseline]))
+            if not seeds:
+                continue
+            name = f"{method}-{baseline}"
+            pairs = [(by_seed[method][s], by_seed[baseline][s]) for s in seeds]
+            if not all(Path(r.get("detections", "")).is_file() and r.get("test_json") for pair in pairs for r in pair):
+                if (testbed, percent, name) in kept:
+                    summary.append(kept[(testbed, percent, name)])
+                continue
+            interval = paired_bootstrap({s: (matches(a), matches(b)) for s, (a, b) in zip(seeds, pairs)},
+                                        replicates=replicates)
+            summary.append({"testbed": testbed, "percent": percent, "comparison": name, "metric": "test_AP",
+                            "model_scored": "teacher", "mean": interval.mean, "ci_low": interval.ci_low,
+                            "ci_high": interval.ci_high, "seeds": interval.seeds, "positive": interval.positive,
+                            "per_seed": {str(s): v for s, v in interval.per_seed.items()}, "replicates": replicates})
+    return summary
 
 
 def mean_std(values: list[float]) -> str:
@@ -323,70 +390,69 @@ def paired(records: list[dict], arm: str, baseline: str, key: str) -> str:
     """Mean ± std of arm - baseline over the seeds both have, and how many are positive."""
     by_seed = {r["seed"]: r for r in records if r["arm"] == baseline}
     diffs = [100 * (r[key] - by_seed[r["seed"]][key]) for r in records
-             if r["arm"] == arm and r["seed"] in by_seed and r[key] is not None and by_seed[r["seed"]][key] is not None]
+             if r["arm"] == arm and r["seed"] in by_seed and r.get(key) is not None and by_seed[r["seed"]].get(key) is not None]
     if not diffs:
         return "-"
     spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
     return f"{statistics.fmean(diffs):+.1f}{spread} ({sum(d > 0 for d in diffs)}/{len(diffs)} > 0)"
 
 
-def table(records: list[dict]) -> str:
+def plateau(group: list[dict], tolerance: float = 0.01) -> str:
+    """The plateau criterion of the plan: the seeds' mean validation teacher AP moved by less
+    than ``tolerance`` (1 AP) between the last two evaluations. Returns the curve (mean over
+    the seeds that have every point) and the verdict."""
+    curves = [dict(map(tuple, r.get("val_curve") or [])) for r in group]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
+    if len(steps) < 2:
+        return "-"
+    means = [statistics.fmean(c[step] for c in curves) for step in steps]
+    verdict = "plateau" if abs(means[-1] - means[-2]) < tolerance else "still moving"
+    return " ".join(f"{100 * m:.1f}" for m in means) + f" ({verdict})"
+
+
+def table(records: list[dict], summary: list[dict]) -> str:
     lines = []
     for percent in sorted({r["percent"] for r in records}):
         rows = [r for r in records if r["percent"] == percent]
         labeled = rows[0].get("labeled_images")
         lines += [f"\n### {percent:g}% labeled ({labeled:.0f} images)\n" if labeled else f"\n### {percent:g}% labeled\n",
                   "| arm | seeds | test teacher AP | AP50 | AP75 | test student AP | val teacher AP | "
-                  "teacher AP - supervised (paired) | AP75 - supervised | IoU raw → polished | "
-                  "label acc raw → polished | wrong→right / right→wrong |",
-                  "|" + " --- |" * 12]
+                  "teacher AP - supervised (paired) | val curve (teacher AP, mean) |",
+                  "|" + " --- |" * 9]
         for arm in ARMS:
             group = [r for r in rows if r["arm"] == arm]
             if not group:
                 continue
-            column = lambda key: mean_std([r[key] for r in group])  # noqa: E731
-            quality = lambda key: statistics.fmean([r[key] for r in group if r[key] is not None])  # noqa: E731
-            has = lambda key: any(r[key] is not None for r in group)  # noqa: E731
-            iou = f"{quality('pseudo_iou_raw'):.3f} → {quality('pseudo_iou_polished'):.3f}" if has("pseudo_iou_polished") else (
-                f"{quality('pseudo_iou_raw'):.3f}" if has("pseudo_iou_raw") else "-")
-            acc = f"{quality('label_acc_raw'):.3f} → {quality('label_acc_polished'):.3f}" if has("label_acc_polished") else "-"
-            relabels = (f"{sum(r['wrong_to_right'] or 0 for r in group) / len(group):.0f} / "
-                        f"{sum(r['right_to_wrong'] or 0 for r in group) / len(group):.0f}") if has("wrong_to_right") else "-"
+            column = lambda key: mean_std([r.get(key) for r in group])  # noqa: E731
             versus = "" if arm == "supervised" else paired(rows, arm, "supervised", "test_teacher_AP")
-            versus75 = "" if arm == "supervised" else paired(rows, arm, "supervised", "test_teacher_AP75")
             lines.append(f"| {arm} | {len(group)} | {column('test_teacher_AP')} | {column('test_teacher_AP50')} | "
                          f"{column('test_teacher_AP75')} | {column('test_student_AP')} | {column('val_teacher_AP')} | "
-                         f"{versus} | {versus75} | {iou} | {acc} | {relabels} |")
-        # Each Polishing Teacher variant against the Soft Teacher variant at the same place in
-        # VARIANTS (the paper's weights; weight 1), where both ran.
-        ran = {r["arm"] for r in rows}
-        pairs = [pair for pair in zip(VARIANTS["polish_teacher"], VARIANTS["soft_teacher"]) if set(pair) <= ran]
-        lines += [""] if pairs else []
-        lines += [f"{pt} - {st}, test teacher AP (paired): {paired(rows, pt, st, 'test_teacher_AP')}" for pt, st in pairs]
-        lines += chosen_on_val(rows)
-        if any(r["arm"] == "pt_no_polish" for r in rows):
-            lines.append(f"polish_teacher - pt_no_polish, test teacher AP75 (paired): "
-                         f"{paired(rows, 'polish_teacher', 'pt_no_polish', 'test_teacher_AP75')}")
+                         f"{versus} | {plateau(group)} |")
+        lines += ["", "Paired differences of test teacher AP with 95% bootstrap intervals (seeds and test images):", "",
+                  "| comparison | seeds | mean | 95% interval | seeds > 0 |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {s['comparison']} | {s['seeds']} | {100 * s['mean']:+.2f} | "
+                  f"[{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] | {s['positive']}/{s['seeds']} |"
+                  for s in summary if s["percent"] == percent]
+        lines += ["", "Pseudo labels against the unlabeled images' hidden ground truth (mean over the unsupervised "
+                  "log intervals and seeds; regression targets are every raw box):", "",
+                  "| arm | per image | regression precision / recall | classification precision / recall | "
+                  "IoU raw → polished | label acc raw → polished | wrong→right / right→wrong |",
+                  "|" + " --- |" * 7]
+        for arm in ARMS:
+            group = [r for r in rows if r["arm"] == arm and r.get("reg_precision") is not None]
+            if group and arm != "supervised":
+                lines.append(f"| {arm} | {_mean(group, 'pseudo_per_image', 1)} | "
+                             f"{_mean(group, 'reg_precision')} / {_mean(group, 'reg_recall')} | "
+                             f"{_mean(group, 'cls_precision')} / {_mean(group, 'cls_recall')} | "
+                             f"{_mean(group, 'pseudo_iou_raw')} → {_mean(group, 'pseudo_iou_polished')} | "
+                             f"{_mean(group, 'label_acc_raw')} → {_mean(group, 'label_acc_polished')} | "
+                             f"{_mean(group, 'wrong_to_right', 0)} / {_mean(group, 'right_to_wrong', 0)} |")
     return "\n".join(lines)
 
 
-def chosen_on_val(rows: list[dict]) -> list[str]:
-    """Per method, its variant with the higher mean validation teacher AP (every variant on
-    the same seeds), and the chosen ones compared on the test split (paired)."""
-    chosen = {}
-    for method, arms in VARIANTS.items():
-        ran = {arm: {r["seed"]: r["val_teacher_AP"] for r in rows if r["arm"] == arm} for arm in arms}
-        if not all(ran.values()) or len({frozenset(values) for values in ran.values()}) != 1:
-            return []  # not every variant has run on the same seeds yet
-        chosen[method] = max(arms, key=lambda arm: statistics.fmean(ran[arm].values()))
-    lines = ["\nTuned on the validation split (each method: its default and one alternative, every seed; "
-             "chosen by mean val teacher AP): " + ", ".join(f"{method} -> **{arm}**" for method, arm in chosen.items())]
-    for baseline in ("supervised", "soft_teacher"):
-        for key, name in (("test_teacher_AP", "teacher AP"), ("test_teacher_AP75", "teacher AP75"),
-                          ("test_student_AP", "student AP")):
-            lines.append(f"- {chosen['polish_teacher']} - {chosen[baseline]}, test {name} (paired): "
-                         f"{paired(rows, chosen['polish_teacher'], chosen[baseline], key)}")
-    return lines
+def _mean(group: list[dict], key: str, digits: int = 3) -> str:
+    values = [r[key] for r in group if r.get(key) is not None]
+    return f"{statistics.fmean(values):.{digits}f}" if values else "-"
 
 
 # The generated part of method_benchmark.md lies between these two lines. Text a person adds
@@ -395,7 +461,8 @@ GENERATED_BEGIN = "<!-- generated by experiments/benchmark.py from method_benchm
 GENERATED_END = "<!-- end of the generated part -->"
 
 
-def write_markdown(args: argparse.Namespace, records: list[dict], path: Path, wall: float | None) -> str:
+def write_markdown(args: argparse.Namespace, records: list[dict], summary: list[dict], path: Path,
+                   wall: float | None) -> str:
     """Write the table into ``path``: between the markers of an existing file (keeping what
     surrounds them), or as a new file. A file without the markers, edited by hand, is kept
     beside as ``<name>.before-markers`` before it is replaced."""
@@ -406,11 +473,11 @@ def write_markdown(args: argparse.Namespace, records: list[dict], path: Path, wa
         f"Protocol: {args.num_train} train images split into labeled/unlabeled per seed, a held-out test split of "
         f"{args.num_test} images (AP columns are on it unless marked val), supervised burn-in of {args.burn_in} "
         f"iterations per (fraction, seed) shared by every arm, then {args.iterations} iterations per arm "
-        f"(unsupervised weight ramped over {args.unsup_warmup}). AP in percent; ± is the standard deviation over "
-        "seeds; paired differences are per seed (same split, same burn-in). Pseudo-label columns: mean over the "
-        "unsupervised log intervals against the unlabeled images' hidden ground truth; relabels summed per run.\n"
+        f"(unsupervised weight ramped over {args.unsup_warmup}); overrides for every run: "
+        f"`{' '.join(args.overrides) or '-'}`. AP in percent; ± is the standard deviation over seeds; paired "
+        "differences are per seed (same split, same burn-in); the intervals resample seeds and test images.\n"
         + (f"\nWall time of this invocation: {wall / 60:.0f} min on {os.cpu_count()} CPU cores.\n" if wall else "")
-        + table(records) + f"\n{GENERATED_END}"
+        + table(records, summary) + f"\n{GENERATED_END}"
     )
     before, after = "# Method benchmark (synthetic shapes)\n\n", "\n"
     old = path.read_text() if path.is_file() else None
@@ -433,32 +500,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     json_path, md_path = out_dir / "method_benchmark.json", out_dir / "method_benchmark.md"
-    records = load_records(json_path)
+    records, summary = load_results(json_path)
     started = time.perf_counter()
+    failed = []
     if not args.table_only:
         plan = Plan(args, plan_runs(args))
         todo = [run for run in plan.runs if run.name not in records]
         print(f"{len(plan.runs)} runs planned, {len(plan.runs) - len(todo)} already recorded in {json_path}", flush=True)
         threads = max((os.cpu_count() or 1) // args.jobs, 1)
-        # Burn-ins first (each is shared by its fraction and seed's arms), then the arms.
         keys = sorted({(run.percent, run.seed) for run in todo})
         prepare_data(args, keys)
+        # A burn-in is trained by the first arm of its (fraction, seed) that needs it, so that
+        # one job goes seed by seed; arms side by side wait for it rather than train it twice.
+        locks = {key: threading.Lock() for key in keys}
+
+        def burn_in_then_arm(run: Run) -> dict:
+            with locks[(run.percent, run.seed)]:
+                burn_in = ensure_burn_in(plan, run.percent, run.seed, threads)
+            return run_arm(plan, run, burn_in, threads)
+
         with ThreadPoolExecutor(args.jobs) as pool:
-            burn_ins = dict(zip(keys, pool.map(lambda key: ensure_burn_in(plan, *key, threads), keys)))
-            futures = {pool.submit(run_arm, plan, run, burn_ins[(run.percent, run.seed)], threads): run for run in todo}
-            failed = []
+            futures = {pool.submit(burn_in_then_arm, run): run for run in todo}
             for future, run in futures.items():
                 try:
                     records[run.name] = future.result()
                 except Exception as error:  # the others go on; the failure is reported at the end
                     failed.append(f"{run.name}: {error}")
                     continue
-                save_records(json_path, records)
+                save_results(json_path, records, summary)
         if failed:
             print("failed runs (run the command again to retry them):\n  " + "\n  ".join(failed), file=sys.stderr)
+    summary = summarize(list(records.values()), args.replicates, summary)
+    save_results(json_path, records, summary)
     wall = None if args.table_only else time.perf_counter() - started
-    print(write_markdown(args, list(records.values()), md_path, wall))
-    return 1 if not args.table_only and failed else 0
+    print(write_markdown(args, list(records.values()), summary, md_path, wall))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""The method benchmark's report (experiments/benchmark.py): tuning chooses on the
-validation split, never on the test split, and compares the chosen variants paired by seed."""
+"""The method benchmark (experiments/benchmark.py): its plan, its intervals and its report."""
 
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
 from pathlib import Path
 
@@ -18,93 +18,94 @@ def _benchmark():
     return module
 
 
-def _row(arm: str, seed: int, val: float, test: float) -> dict:
-    return {"arm": arm, "seed": seed, "percent": 2.5, "val_teacher_AP": val, "test_teacher_AP": test,
-            "test_teacher_AP75": test, "test_student_AP": test}
+def _row(arm: str, seed: int, val: float, test: float, percent: float = 0.5) -> dict:
+    return {"testbed": "synthetic", "arm": arm, "seed": seed, "percent": percent, "val_teacher_AP": val,
+            "test_teacher_AP": test, "test_AP": test, "test_teacher_AP75": test, "test_student_AP": test}
 
 
-def test_variants_are_chosen_on_validation_and_compared_on_test_by_seed():
+def test_the_plan_goes_seed_by_seed_with_the_ablations_at_the_main_setting_only():
     benchmark = _benchmark()
-    rows = []
-    for seed in (0, 1, 2):
-        rows += [
-            # The alternative is better on test but worse on val: the default is chosen.
-            _row("supervised", seed, val=0.50, test=0.50), _row("supervised_lr_mid", seed, val=0.49, test=0.60),
-            _row("soft_teacher", seed, val=0.40, test=0.40), _row("soft_teacher_w1", seed, val=0.41, test=0.45),
-            _row("polish_teacher", seed, val=0.45, test=0.45), _row("polish_teacher_w1", seed, val=0.52, test=0.51 + seed / 100),
-        ]
-    lines = benchmark.chosen_on_val(rows)
-    assert "supervised -> **supervised**, soft_teacher -> **soft_teacher_w1**, polish_teacher -> **polish_teacher_w1**" in lines[0]
-    assert "- polish_teacher_w1 - supervised, test teacher AP (paired): +2.0 ± 1.0 (3/3 > 0)" in lines
-    assert "- polish_teacher_w1 - soft_teacher_w1, test teacher AP (paired): +7.0 ± 1.0 (3/3 > 0)" in lines
+    args = benchmark.parse_args(["--percents", "0.5", "2.5", "--seeds", "0", "1", "2", "--ablation-seeds", "2"])
+    runs = benchmark.plan_runs(args)
+    first_seed = [run.arm for run in runs[:7]]
+    assert first_seed == ["supervised", "polish_teacher", "soft_teacher", "oracle", "pt_no_polish", "pt_box_only",
+                          "pt_cls_only"]
+    assert [run.seed for run in runs if run.percent == 0.5] == [0] * 7 + [1] * 7 + [2] * 4
+    assert {run.arm for run in runs if run.percent == 2.5} == set(benchmark.MAIN_ARMS)
+    assert len(runs) == 7 + 7 + 4 + 3 * 4
+    # Once a seed has begun, nothing of another seed comes between its runs.
+    order = [(run.percent, run.seed) for run in runs]
+    assert order == sorted(order, key=lambda key: order.index(key))
 
 
-def test_no_choice_before_every_variant_has_run_on_the_same_seeds():
+def test_a_profile_sets_the_sizes_and_a_flag_overrides_it():
     benchmark = _benchmark()
-    rows = [_row(arm, 0, 0.5, 0.5) for arm in ("supervised", "supervised_lr_mid", "soft_teacher", "soft_teacher_w1",
-                                              "polish_teacher")]
-    assert benchmark.chosen_on_val(rows) == []
-    rows.append(_row("polish_teacher_w1", 0, 0.5, 0.5))
-    rows.append(_row("polish_teacher_w1", 1, 0.5, 0.5))  # one seed more than its default
-    assert benchmark.chosen_on_val(rows) == []
-
-
-def test_no_choice_when_the_variants_ran_as_many_seeds_but_not_the_same_ones():
-    benchmark = _benchmark()
-    rows = [_row(arm, 0, 0.5, 0.5) for arm in benchmark.TUNED_ARMS + benchmark.MAIN_ARMS]
-    assert benchmark.chosen_on_val(rows)  # the same seed everywhere: a choice
-    rows = [row for row in rows if row["arm"] != "supervised_lr_mid"] + [_row("supervised_lr_mid", 1, 0.6, 0.5)]
-    assert benchmark.chosen_on_val(rows) == []
+    args = benchmark.parse_args(["--profile", "cpu", "--seeds", "0", "--", "data.num_workers=0"])
+    assert (args.iterations, args.burn_in, args.seeds, args.percents, args.num_test) == (900, 400, [0], [0.5, 2.5], 2000)
+    assert args.overrides == ["train.eval_every=150", "data.strong_rotate_deg=0", "data.strong_shear_deg=0",
+                              "data.num_workers=0"]
+    assert benchmark.parse_args(["--profile", "cpu", "--iterations", "50"]).iterations == 50
 
 
 def test_rewriting_the_table_keeps_what_a_person_wrote_around_it(tmp_path: Path, capsys):
     benchmark = _benchmark()
     args = benchmark.parse_args(["--table-only", "--out-dir", str(tmp_path)])
     path = tmp_path / "method_benchmark.md"
-    record = {**_row("supervised", 0, val=0.5, test=0.5), "test_teacher_AP50": 0.8, "test_student_AP": 0.5,
-              "labeled_images": 100, **dict.fromkeys(["pseudo_iou_raw", "pseudo_iou_polished", "label_acc_raw",
-                                                     "label_acc_polished", "wrong_to_right", "right_to_wrong"])}
-    first = benchmark.write_markdown(args, [record], path, None)
+    record = {**_row("supervised", 0, val=0.5, test=0.5), "test_teacher_AP50": 0.8, "labeled_images": 20}
+    first = benchmark.write_markdown(args, [record], [], path, None)
     assert "| supervised | 1 | 50.0 |" in first and first.startswith("# Method benchmark")
-    path.write_text(first.replace("# Method benchmark (synthetic shapes)\n", "# Machine A\n\nRan on machine A.\n")
+    path.write_text(first.replace("# Method benchmark (synthetic shapes)\n", "# Plan\n\nWritten first.\n")
                     + "\nRead the paired differences.\n")
-    second = benchmark.write_markdown(args, [{**record, "test_teacher_AP": 0.6}], path, None)
+    second = benchmark.write_markdown(args, [{**record, "test_teacher_AP": 0.6}], [], path, None)
     assert path.read_text() == second
-    assert second.startswith("# Machine A\n\nRan on machine A.\n") and second.endswith("\nRead the paired differences.\n")
+    assert second.startswith("# Plan\n\nWritten first.\n") and second.endswith("\nRead the paired differences.\n")
     assert "| supervised | 1 | 60.0 |" in second and "| supervised | 1 | 50.0 |" not in second
     assert second.count(benchmark.GENERATED_BEGIN) == 1 and second.count(benchmark.GENERATED_END) == 1
     # A hand-edited file from before the markers: replaced, its text kept beside it.
     path.write_text("# Machine B\n\nhand-written\n")
-    benchmark.write_markdown(args, [record], path, None)
+    benchmark.write_markdown(args, [record], [], path, None)
     assert (tmp_path / "method_benchmark.md.before-markers").read_text() == "# Machine B\n\nhand-written\n"
     assert "no generated-part markers" in capsys.readouterr().err
 
 
-def test_the_plan_runs_the_main_comparison_first_and_the_oracles_on_the_first_seed_only():
+def test_the_plateau_criterion_reads_the_mean_validation_curve():
     benchmark = _benchmark()
-    args = benchmark.parse_args(["--percents", "2.5", "--seeds", "0", "1", "2", "--ablation-seeds", "2"])
-    runs = benchmark.plan_runs(args)
-    arms = [run.arm for run in runs]
-    assert arms[:3] == ["supervised"] * 3 and arms.index("oracle") > arms.index("polish_teacher_w1")
-    assert [run.seed for run in runs if run.arm in ("oracle", "oracle_w1")] == [0, 0]
-    assert [run.seed for run in runs if run.arm == "pt_no_polish"] == [0, 1]
-    assert len(runs) == 3 * 6 + 2 + 3 * 2
-    assert "method.unsup_weight=1.0" in benchmark.ARMS["oracle_w1"] and "method.pseudo_labels=oracle" in benchmark.ARMS["oracle_w1"]
+    flat = [{"val_curve": [[150, 0.40], [300, 0.500], [450, 0.505]]}, {"val_curve": [[150, 0.42], [300, 0.52], [450, 0.52]]}]
+    assert benchmark.plateau(flat) == "41.0 51.0 51.2 (plateau)"
+    rising = [{"val_curve": [[150, 0.40], [300, 0.45]]}]
+    assert benchmark.plateau(rising) == "40.0 45.0 (still moving)"
+    assert benchmark.plateau([{"val_curve": [[150, 0.4]]}]) == "-"
 
 
-def test_a_profile_sets_the_sizes_and_a_flag_overrides_it():
+def _detections_of(gt: dict, shift: float) -> list[dict]:
+    """Each ground-truth box, moved right by ``shift`` pixels (0: perfect)."""
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9,
+             "bbox": [a["bbox"][0] + shift, a["bbox"][1], a["bbox"][2], a["bbox"][3]]} for a in gt["annotations"]]
+
+
+def test_the_summary_bootstraps_paired_differences_from_the_runs_test_detections(tmp_path: Path):
+    import gzip
+    import json
+
     benchmark = _benchmark()
-    long = benchmark.parse_args(["--profile", "cpu-long", "--seeds", "0", "--", "data.num_workers=0"])
-    assert (long.iterations, long.burn_in, long.seeds, long.percents) == (900, 400, [0], [2.5])
-    assert long.overrides == ["train.eval_every=150", "data.num_workers=0"]
-    assert benchmark.parse_args(["--profile", "cpu", "--iterations", "50"]).iterations == 50
-
-
-def test_each_polishing_teacher_variant_is_compared_with_soft_teacher_at_the_same_weight():
-    benchmark = _benchmark()
-    empty = {key: None for key in (*benchmark.FINAL, *benchmark.QUALITY_MEAN, *benchmark.QUALITY_SUM)}
-    rows = [{**empty, **_row("polish_teacher_w1", s, 0.5, 0.52 + s / 100)} for s in (0, 1)]
-    rows += [{**empty, **_row(arm, s, 0.5, 0.50)} for arm, s in (("soft_teacher_w1", 0), ("soft_teacher_w1", 1), ("soft_teacher", 0))]
-    text = benchmark.table(rows)
-    assert "polish_teacher_w1 - soft_teacher_w1, test teacher AP (paired): +2.5 ± 0.7 (2/2 > 0)" in text
-    assert "polish_teacher - soft_teacher," not in text  # polish_teacher at weight 3 did not run
+    rng = random.Random(0)
+    annotations = [{"id": i + 1, "image_id": i // 2 + 1, "category_id": 1, "iscrowd": 0, "area": 400.0,
+                    "bbox": [rng.uniform(0, 60), rng.uniform(0, 60), 20.0, 20.0]} for i in range(40)]
+    gt = {"images": [{"id": i, "width": 100, "height": 100} for i in range(1, 21)],
+          "categories": [{"id": 1, "name": "thing"}], "annotations": annotations}
+    (tmp_path / "test.json").write_text(json.dumps(gt))
+    records = []
+    for seed in (0, 1, 2):
+        for arm, shift in (("polish_teacher", 1.0 + seed), ("supervised", 6.0 + seed)):
+            path = tmp_path / f"{arm}-{seed}.json.gz"
+            path.write_bytes(gzip.compress(json.dumps({"image_ids": list(range(1, 21)),
+                                                       "results": _detections_of(gt, shift)}).encode()))
+            records.append({**_row(arm, seed, 0.5, 0.5), "detections": str(path), "test_json": str(tmp_path / "test.json")})
+    summary = benchmark.summarize(records, replicates=100, previous=[])
+    assert [s["comparison"] for s in summary] == ["polish_teacher-supervised"]
+    (entry,) = summary
+    assert entry["seeds"] == 3 and entry["positive"] == 3 and 0 < entry["ci_low"] <= entry["mean"] <= entry["ci_high"]
+    # Detections not on this machine: the previous record is kept, not dropped or recomputed.
+    for record in records:
+        record["detections"] = str(tmp_path / "elsewhere.json.gz")
+    assert benchmark.summarize(records, replicates=100, previous=summary) == summary
