@@ -54,21 +54,35 @@ def finite(value: Any) -> bool:
 
 
 class Reporter:
-    """``on_eval`` for ``ssod.training.run``: report the metric, raise ``TrialPruned`` if told."""
+    """``on_eval`` for ``ssod.training.run``: report the metric, raise ``TrialPruned`` if told.
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+    Steps are counted from ``first_step`` (the start of the unsupervised phase,
+    ``method.unsup_start``): evaluations up to it (a burn-in the trial trains itself) are
+    not reported, since there trials differ only by noise. The evaluation at ``last_step``
+    (the trial's end) is reported but never pruned: a finished trial is a result.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, first_step: int = 0, last_step: Optional[int] = None) -> None:
         self.trial = trial
         self.metric = metric
+        self.first_step = first_step
+        self.last_step_of_trial = last_step
         self.last_step = 0
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.last_step = step
         value = metrics.get(self.metric)
-        if not finite(value):
+        if not finite(value) or step <= self.first_step:
             return
-        self.trial.report(float(value), step)
-        if self.trial.should_prune():
+        self.trial.report(float(value), step - self.first_step)
+        final = self.last_step_of_trial is not None and step >= self.last_step_of_trial
+        if not final and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: {self.metric}={value:.4g}")
+
+    @classmethod
+    def for_config(cls, trial: optuna.Trial, metric: str, cfg) -> Reporter:
+        """A reporter for a trial that trains ``cfg``."""
+        return cls(trial, metric, int(cfg.method.unsup_start), int(cfg.train.iterations))
 
 
 class Objective:
@@ -189,7 +203,7 @@ class Objective:
         else:
             trainer = self.trainer
         cfg = spec.config()
-        reporter = Reporter(trial, self.tune.metric)
+        reporter = Reporter.for_config(trial, self.tune.metric, cfg)
         metrics = trainer(cfg, on_eval=reporter)
         return metrics, completed(metrics, reporter.last_step, cfg.train.iterations)
 
@@ -199,7 +213,7 @@ class Objective:
         relay_path.unlink(missing_ok=True)
         ack_path(relay_path).unlink(missing_ok=True)
         spec.save(spec_path)
-        reporter = Reporter(trial, self.tune.metric)
+        reporter = Reporter.for_config(trial, self.tune.metric, spec.config())
         final: Optional[dict] = None
         self.child = subprocess.Popen(
             accelerate_command(self.tune.processes_per_trial, self.tune.accelerate_args, spec_path, relay_path),

@@ -40,9 +40,12 @@ class SamplerSpec:
 
 @dataclass
 class PrunerSpec:
-    """``median``, ``hyperband``, ``threshold`` (outside ``[lower, upper]``) or ``none``.
+    """``successive_halving`` (asynchronous), ``hyperband``, ``median``, ``threshold``
+    (outside ``[lower, upper]``) or ``none``.
 
-    Steps are training iterations, so ``n_warmup_steps``/``min_resource`` count iterations.
+    Steps are training iterations counted from the start of the unsupervised phase
+    (``method.unsup_start``), so ``n_warmup_steps``/``min_resource`` count those; a trial's
+    final evaluation is never pruned.
     """
 
     name: str = "median"
@@ -52,6 +55,7 @@ class PrunerSpec:
     min_resource: int = 1
     max_resource: Any = "auto"
     reduction_factor: int = 3
+    min_early_stopping_rate: int = 0
     lower: Optional[float] = None
     upper: Optional[float] = None
 
@@ -74,6 +78,10 @@ class TuneConfig:
     direction: str = "maximize"
     base_overrides: list[str] = field(default_factory=list)
     space: dict[str, ParamSpec] = field(default_factory=dict)
+    # Named configurations tried first, in order (name -> {space key: value}); a space key left
+    # out takes the trials' base config value, so ``default: {}`` is the recipe as shipped.
+    # Enqueued once, when the study is created: the study can only improve on them.
+    enqueue: dict[str, dict[str, Any]] = field(default_factory=dict)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     output_dir: str = "outputs/tune"

@@ -55,6 +55,13 @@ class StudySetup:
     tracking_uri: str
     experiment: str
     storage_url: str = ""
+    # The trials' base config value of every space key (what ``tune.enqueue`` leaves out).
+    space_defaults: Optional[dict[str, Any]] = None
+
+    def enqueued_params(self) -> list[tuple[str, dict[str, Any]]]:
+        """``tune.enqueue`` as (name, full parameter dict) pairs, in order."""
+        return [(name, {key: values.get(key, (self.space_defaults or {}).get(key)) for key in self.tune.space})
+                for name, values in self.tune.enqueue.items()]
 
 
 def is_tune_override(text: str) -> bool:
@@ -89,6 +96,13 @@ def load_setup(overrides: list[str], project_dir: Optional[Path] = None) -> Stud
     base = compose(fixed)  # the config every trial starts from: fails now, not in trial 1
     output_dir = Path(tune.output_dir).expanduser()
     study_dir = (output_dir if output_dir.is_absolute() else project_dir / output_dir) / tune.study_name
+    missing = sorted({key for values in tune.enqueue.values() for key in values} - set(tune.space))
+    if missing:
+        raise ValueError(f"invalid tune config: tune.enqueue names keys outside tune.space: {', '.join(missing)}")
+    defaults = {key: OmegaConf.select(base, key, throw_on_missing=False) for key in tune.space}
+    unknown = sorted(key for key, value in defaults.items() if value is None)
+    if unknown:
+        raise ValueError(f"invalid tune config: tune.space keys that the trials' config lacks: {', '.join(unknown)}")
     return StudySetup(
         tune=tune,
         project_dir=project_dir,
@@ -97,6 +111,7 @@ def load_setup(overrides: list[str], project_dir: Optional[Path] = None) -> Stud
         cli_overrides=overrides,
         tracking_uri=base.tracking.uri or default_tracking_uri(project_dir),
         experiment=base.tracking.experiment,
+        space_defaults=defaults,
     )
 
 
@@ -115,8 +130,8 @@ def tune_config(node: Any) -> TuneConfig:
         problems.append(f"launcher={tune.launcher!r}: inprocess or accelerate")
     if tune.sampler.name not in ("tpe", "random"):
         problems.append(f"sampler.name={tune.sampler.name!r}: tpe or random")
-    if tune.pruner.name not in ("median", "hyperband", "threshold", "none"):
-        problems.append(f"pruner.name={tune.pruner.name!r}: median, hyperband, threshold or none")
+    if tune.pruner.name not in ("successive_halving", "hyperband", "median", "threshold", "none"):
+        problems.append(f"pruner.name={tune.pruner.name!r}: successive_halving, hyperband, median, threshold or none")
     if tune.n_trials < 1 or tune.processes_per_trial < 1:
         problems.append("n_trials and processes_per_trial must be at least 1")
     if tune.grace_period <= tune.heartbeat_interval:

@@ -88,6 +88,9 @@ def build_sampler(spec: SamplerSpec, offset: int = 0) -> optuna.samplers.BaseSam
 def build_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
     if spec.name == "none":
         return optuna.pruners.NopPruner()
+    if spec.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(spec.min_resource, spec.reduction_factor,
+                                                      spec.min_early_stopping_rate)
     if spec.name == "hyperband":
         return optuna.pruners.HyperbandPruner(spec.min_resource, spec.max_resource, spec.reduction_factor)
     if spec.name == "threshold":
@@ -115,10 +118,25 @@ def open_study(setup: StudySetup, worker_index: int = 0) -> optuna.Study:
     if not study.metric_names:  # optuna-dashboard labels its axis with it, not "Objective 0"
         with quiet_experimental():
             study.set_metric_names([tune.metric])
+    enqueue_named(study, setup)
     local = is_journal(setup.storage_url) or setup.storage_url.startswith("sqlite:")
     host = 0 if local else zlib.crc32(os.uname().nodename.encode()) % 1000 * 1_000_000
     study.sampler = build_sampler(tune.sampler, len(study.get_trials(deepcopy=False)) + 10_000 * worker_index + host)
     return study
+
+
+ENQUEUED_ATTR = "ssod.enqueued"
+
+
+def enqueue_named(study: optuna.Study, setup: StudySetup) -> None:
+    """``tune.enqueue``, once: into a study that has no trial yet (a worker joining later, or a
+    restart, finds them there). Workers on several machines that create the study in the
+    same second could both enqueue; ``ssod-tune --workers N`` enqueues before it starts them."""
+    if not setup.tune.enqueue or study.get_trials(deepcopy=False):
+        return
+    for name, params in setup.enqueued_params():
+        study.enqueue_trial(params, user_attrs={ENQUEUED_ATTR: name}, skip_if_exists=True)
+        log.info("enqueued the %s configuration: %s", name, params)
 
 
 def run_worker(

@@ -143,3 +143,57 @@ def test_pruned_trial_under_accelerate_launch_stops_its_child_at_once(project: P
     _, (run,) = project.runs()
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
     assert not processes_matching("ssod.tune trial"), "the trial's process group outlived the prune"
+
+
+def test_the_reporter_counts_from_the_unsupervised_start_and_never_prunes_the_final_evaluation() -> None:
+    """Evaluations inside the burn-in are not reported; steps are counted from its end; the
+    trial's last evaluation is a result, however the pruner judges it."""
+    import optuna
+
+    from ssod.tuning.objective import Reporter
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.0))
+    trial = study.ask()
+    reporter = Reporter(trial, "val/teacher/bbox_AP", first_step=400, last_step=700)
+    reporter(200, {"val/teacher/bbox_AP": 0.1})
+    reporter(400, {"val/teacher/bbox_AP": 0.1})
+    reporter(700, {"val/teacher/bbox_AP": 0.2})  # below the threshold, but final: no prune
+    study.tell(trial, 0.2)
+    assert study.trials[0].intermediate_values == {300: 0.2}
+
+    trial = study.ask()
+    reporter = Reporter(trial, "val/teacher/bbox_AP", first_step=400, last_step=700)
+    with pytest.raises(optuna.TrialPruned, match="step 500"):
+        reporter(500, {"val/teacher/bbox_AP": 0.2})
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {100: 0.2}
+
+
+def test_enqueued_configurations_run_first_with_the_base_config_filling_what_they_leave_out(project: Project) -> None:
+    seen: list[dict] = []
+
+    def trainer(cfg, on_eval):
+        seen.append({"unsup_weight": cfg.method.unsup_weight, "rf_cls_thr": cfg.method.rf_cls_thr,
+                     "reg_samples": cfg.method.reg_samples, "cls_scale": cfg.method.cls_scales[1]})
+        on_eval(cfg.train.iterations, {"val/teacher/bbox_AP": 0.5})
+        return {"val/teacher/bbox_AP": 0.5}
+
+    setup = prepare(project.overrides + [
+        "tune.n_trials=3", "+tune.enqueue.default={}",
+        "+tune.enqueue.paper={method.unsup_weight: 3.0, method.rf_cls_thr: 0.9}",
+    ])
+    base = setup.space_defaults
+    run_worker(setup, trainer=trainer)
+    study = project.study(setup.storage_url)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.user_attrs.get("ssod.enqueued") for t in trials] == ["default", "paper", None]
+    assert seen[0] == {"unsup_weight": base["method.unsup_weight"], "rf_cls_thr": base["method.rf_cls_thr"],
+                       "reg_samples": base["method.reg_samples"], "cls_scale": base["method.cls_scales.1"]}
+    assert seen[1] == {**seen[0], "unsup_weight": 3.0, "rf_cls_thr": 0.9}
+    # Joining the study again enqueues nothing more.
+    run_worker(prepare(project.overrides + ["tune.n_trials=3", "+tune.enqueue.default={}"]), trainer=trainer)
+    assert len(project.study(setup.storage_url).trials) == 3
+
+
+def test_a_study_refuses_an_enqueued_key_it_does_not_search(project: Project) -> None:
+    with pytest.raises(ValueError, match="tune.enqueue names keys outside tune.space: method.ema_momentum"):
+        prepare(project.overrides + ["+tune.enqueue.paper={method.ema_momentum: 0.999}"])
