@@ -29,6 +29,7 @@ from typing import Optional
 import optuna
 
 from ssod.tracking import mask_console, mask_secrets
+from ssod.tuning.burn_in import check_burn_in_space
 from ssod.tuning.child import child_main
 from ssod.tuning.report import find_parent_run, write_report
 from ssod.tuning.settings import StudySetup, load_setup
@@ -45,6 +46,7 @@ __all__ = ["main", "load_setup", "prepare", "run_worker", "launch", "report"]
 def prepare(overrides: list[str], workers: Optional[int] = 1, storage: str = "", project_dir: Optional[Path] = None) -> StudySetup:
     """Compose the study config and resolve its storage (refusing the MLflow database)."""
     setup = load_setup(overrides, project_dir)
+    check_burn_in_space(setup)
     setup.storage_url = resolve_storage_url(storage or setup.tune.storage, setup.project_dir, workers)
     check_not_mlflow(setup.storage_url, setup.tracking_uri)
     return setup

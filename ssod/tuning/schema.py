@@ -85,6 +85,11 @@ class TuneConfig:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     output_dir: str = "outputs/tune"
+    # Iterations of a supervised burn-in trained once for the study's base config and
+    # continued by every trial (0: each trial trains from the start); in burn_in_dir, default
+    # <output_dir>/burn-ins (a path every machine sees). See ssod/tuning/burn_in.py.
+    burn_in: int = 0
+    burn_in_dir: str = ""
     keep_checkpoints: bool = False
     heartbeat_interval: int = 10
     grace_period: int = 60

@@ -26,6 +26,7 @@ from typing import Optional
 
 import optuna
 
+from ssod.tuning.burn_in import with_shared_burn_in
 from ssod.tuning.objective import Objective, TrialInterrupted, Trainer
 from ssod.tuning.report import mark_trial_run, parent_run, write_report
 from ssod.tuning.settings import PrunerSpec, SamplerSpec, StudySetup
@@ -146,6 +147,7 @@ def run_worker(
     set it); returns the study's usage. ``trainer(cfg, on_eval) -> metrics`` defaults to
     ``ssod.training.run``.
     """
+    setup = with_shared_burn_in(setup)
     tune = setup.tune
     stop = stop or threading.Event()
     on_stale = StaleTrials(setup)

@@ -197,3 +197,37 @@ def test_enqueued_configurations_run_first_with_the_base_config_filling_what_the
 def test_a_study_refuses_an_enqueued_key_it_does_not_search(project: Project) -> None:
     with pytest.raises(ValueError, match="tune.enqueue names keys outside tune.space: method.ema_momentum"):
         prepare(project.overrides + ["+tune.enqueue.paper={method.ema_momentum: 0.999}"])
+
+
+def test_trials_continue_one_shared_burn_in_trained_once(project: Project) -> None:
+    """tune.burn_in: the burn-in is trained once (a real tiny training), every trial starts
+    from it with its schedule, and a second worker or study with the same base reuses it."""
+    from ssod.checkpoint import load_checkpoint
+    from ssod.tuning.burn_in import burn_in_dir
+
+    starts: list[tuple[str, bool, int]] = []
+
+    def trainer(cfg, on_eval):
+        starts.append((cfg.train.init_from, cfg.train.init_continue, cfg.method.unsup_start))
+        on_eval(cfg.train.iterations, {"val/teacher/bbox_AP": 0.5})
+        return {"val/teacher/bbox_AP": 0.5}
+
+    overrides = project.overrides + ["tune.n_trials=2", "tune.burn_in=2", "train.iterations=4"]
+    setup = prepare(overrides)
+    run_worker(setup, trainer=trainer)
+    checkpoint = burn_in_dir(setup) / "checkpoints" / "step-00000002.pt"
+    assert load_checkpoint(checkpoint)["step"] == 2
+    assert starts == [(str(checkpoint), True, 2)] * 2
+    made = checkpoint.stat().st_mtime_ns
+    run_worker(prepare(overrides + ["tune.study_name=another", "tune.n_trials=1"]), trainer=trainer)
+    assert checkpoint.stat().st_mtime_ns == made and len(starts) == 3 and starts[-1][0] == str(checkpoint)
+
+
+def test_a_study_refuses_a_searched_key_the_shared_burn_in_makes_meaningless(project: Project) -> None:
+    with pytest.raises(ValueError, match="searches method.unsup_start, which acts only during the shared burn-in"):
+        prepare(project.overrides + ["tune.burn_in=2", "+tune.space={method.unsup_start: {type: int, low: 0, high: 4}}"])
+
+
+def test_a_study_refuses_a_searched_key_the_trials_config_lacks(project: Project) -> None:
+    with pytest.raises(ValueError, match="keys that the trials' config lacks: method.no_such_key"):
+        prepare(project.overrides + ["+tune.space={method.no_such_key: {type: float, low: 0, high: 1}}"])
