@@ -61,7 +61,7 @@ def with_shared_burn_in(setup: StudySetup, trainer=None) -> StudySetup:
         return setup
     check_burn_in_space(setup)
     directory = burn_in_dir(setup)
-    checkpoint = directory / "checkpoints" / f"step-{tune.burn_in:08d}.pt"
+    checkpoint = directory / "checkpoints" / f"step-{tune.burn_in:08d}.pt"  # as continue_overrides names it
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.with_name(directory.name + ".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another worker training it: wait for it
@@ -70,9 +70,16 @@ def with_shared_burn_in(setup: StudySetup, trainer=None) -> StudySetup:
             _train_burn_in(setup, directory, trainer)
     if not checkpoint.is_file():
         raise RuntimeError(f"the shared burn-in did not reach step {tune.burn_in}: see {directory}/console.log")
-    continued = [override("train.init_from", str(checkpoint)), "train.init_continue=true",
-                 f"method.unsup_start={tune.burn_in}"]
-    return dataclasses.replace(setup, fixed_overrides=[*setup.fixed_overrides, *continued])
+    return dataclasses.replace(setup, fixed_overrides=[*setup.fixed_overrides, *continue_overrides(setup)])
+
+
+def continue_overrides(setup: StudySetup) -> list[str]:
+    """What makes a run continue the study's shared burn-in (none without one)."""
+    if not setup.tune.burn_in:
+        return []
+    checkpoint = burn_in_dir(setup) / "checkpoints" / f"step-{setup.tune.burn_in:08d}.pt"
+    return [override("train.init_from", str(checkpoint)), "train.init_continue=true",
+            f"method.unsup_start={setup.tune.burn_in}"]
 
 
 def _train_burn_in(setup: StudySetup, directory: Path, trainer=None) -> None:

@@ -96,9 +96,11 @@ class Objective:
         self.trainer = trainer
         self.child: Optional[subprocess.Popen] = None
         self.last_trial: Optional[int] = None
+        self.last_value: Optional[float] = None  # the finishing trial's value
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.last_trial = trial.number  # first: an interrupt anywhere below re-queues this trial
+        self.last_value = None
         if not within_budget(trial.study, trial.number, self.tune.n_trials):
             # Another worker took the last slot at the same moment: this one is not counted.
             log.info("trial %d: the budget is spent; not run (marked surplus)", trial.number)
@@ -119,7 +121,7 @@ class Objective:
             if not finite(value):
                 trial.set_user_attr("fail_reason", f"{self.tune.metric} = {value}")
                 return float("nan")
-            state = "COMPLETE"
+            state, self.last_value = "COMPLETE", float(value)
             return float(value)
         except optuna.TrialPruned:
             state = "PRUNED"
@@ -194,8 +196,26 @@ class Objective:
                 trial.set_user_attr("mlflow_run_id", run_id)
         except Exception:  # noqa: BLE001 - a tracking hiccup must not change the trial's outcome
             log.exception("trial %d: could not record its state in MLflow", trial.number)
-        if trial_dir is not None and state in ("COMPLETE", "PRUNED") and not self.tune.keep_checkpoints:
+        if trial_dir is not None and not self.tune.keep_checkpoints:
+            self._drop_checkpoints(trial, state, trial_dir)
+
+    def _drop_checkpoints(self, trial: optuna.Trial, state: str, trial_dir: Path) -> None:
+        """Without ``tune.keep_checkpoints``: a pruned trial's checkpoints go at once; of the
+        completed trials only the best keeps its own (``ssod-tune report`` names it, and a run
+        can continue or evaluate it)."""
+        if state == "PRUNED":
             shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
+            return
+        if state != "COMPLETE" or self.last_value is None:
+            return
+        maximize = self.tune.direction == "maximize"
+        done = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if finite(t.value) and t.number != trial.number]
+        values = [(t.value, t.user_attrs.get("output_dir")) for t in done] + [(self.last_value, str(trial_dir))]
+        best = (max if maximize else min)(values, key=lambda pair: pair[0])[1]
+        for _, directory in values:
+            if directory and directory != best:
+                shutil.rmtree(Path(directory) / "checkpoints", ignore_errors=True)
 
     def _train_in_process(self, trial: optuna.Trial, spec: TrialSpec, trial_dir: Path) -> tuple[dict, bool]:
         if self.trainer is None:

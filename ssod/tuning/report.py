@@ -135,12 +135,18 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: Optional
         else:
             tracker.delete_tag("optuna.best_tied_trials")  # a later trial broke the tie
         tracker.log_metrics({"study/best_value": best.value}, step=finished)
+        summary.update(best_checkpoint_dir=best.user_attrs.get("output_dir"), rerun=rerun_command(setup, best))
         tracker.set_tags({
             "optuna.best_trial_number": best.number,
             "optuna.best_value": best.value,
             "optuna.best_run_id": best_run or "",
             **{f"optuna.best_params.{name}": value for name, value in best.params.items()},
         })
+    fidelity = rung_fidelity(study)
+    if fidelity:
+        summary["fidelity"] = {str(step): value for step, value in fidelity.items()}
+        tracker.log_metrics({f"study/fidelity/step_{step}": value for step, value in fidelity.items()
+                             if math.isfinite(value)}, step=finished)
     tracker.log_dict(summary, "study/summary.json")
     _log_trials_table(tracker, study)
     if setup.tune.plots:
@@ -148,6 +154,50 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: Optional
     if status:
         tracker.end(status)
     return summary
+
+
+def rerun_command(setup: StudySetup, trial: FrozenTrial) -> str:
+    """A command that trains ``trial``'s configuration again, in a new run folder."""
+    from shlex import join
+
+    from ssod.tuning.burn_in import continue_overrides
+    from ssod.tuning.space import to_overrides
+
+    fixed = [o for o in setup.fixed_overrides if not o.startswith("train.init_from=")]
+    return join(["ssod-train", *fixed, *continue_overrides(setup), *to_overrides(trial.params)])
+
+
+def rung_fidelity(study: optuna.Study) -> dict[int, float]:
+    """Per reported step, Spearman's rank correlation between the completed trials' value
+    there and their final value (how well an early look, where a pruner decides, predicts
+    the end); NaN with fewer than 3 trials at a step or no spread."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if math.isfinite(t.value)]
+    steps = sorted({step for t in complete for step in t.intermediate_values})
+    result = {}
+    for step in steps:
+        pairs = [(t.intermediate_values[step], t.value) for t in complete if step in t.intermediate_values]
+        result[step] = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 3 else math.nan
+    return result
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank); NaN without spread."""
+    import numpy as np
+
+    def ranks(values: list[float]) -> np.ndarray:
+        values = np.asarray(values, dtype=float)
+        order = values.argsort(kind="mergesort")
+        ranked = np.empty(len(values))
+        ranked[order] = np.arange(len(values), dtype=float)
+        for value in np.unique(values):  # ties: the mean of their ranks
+            tied = values == value
+            ranked[tied] = ranked[tied].mean()
+        return ranked
+
+    x, y = ranks(a), ranks(b)
+    if x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:

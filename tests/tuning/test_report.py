@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import optuna
@@ -64,7 +66,14 @@ def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> Non
     header = table.read_text().splitlines()[0].split(",")
     assert {"number", "state", "value", "user_attrs_mlflow_run_id", "params_method.rf_cls_thr"} <= set(header)
     assert not [column for column in header if column.startswith("system_attrs_tpe")], header
-    assert set((project.root / "outputs/tune" / STUDY).glob("trial-*/checkpoints/*.pt")) == {foreign}
+    # Only the best trial keeps its checkpoints (and the foreign one is untouched).
+    kept = set((project.root / "outputs/tune" / STUDY).glob("trial-*/checkpoints/*.pt")) - {foreign}
+    assert kept and {path.parent.parent for path in kept} == {Path(best.user_attrs["output_dir"])}
+    summary = json.loads(Path(MlflowClient(project.mlflow_uri).download_artifacts(
+        parent.info.run_id, "study/summary.json")).read_text())
+    assert summary["best_checkpoint_dir"] == best.user_attrs["output_dir"]
+    assert summary["rerun"].startswith("ssod-train experiment=synthetic") and "method.rf_cls_thr=" in summary["rerun"]
+    assert set(summary["fidelity"]) == {str(step) for step in best.intermediate_values}
     first = study.trials[0]
     assert "resumed_from_step" not in first.user_attrs
     assert Path(first.user_attrs["output_dir"]).name.startswith("trial-0000-")
@@ -82,3 +91,14 @@ def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> Non
     elsewhere.mkdir()
     assert main(["report", *unnamed, f"--storage=sqlite:///{elsewhere / 'optuna.db'}"]) == 2
     assert not (elsewhere / "optuna.db").exists()
+
+
+def test_spearman_rank_correlation_with_ties_and_without_spread() -> None:
+    import math
+
+    from ssod.tuning.report import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # scipy's value
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
