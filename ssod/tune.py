@@ -9,6 +9,7 @@ Run from the project directory (``optuna.db``, ``mlflow.db`` and ``outputs/tune/
         ssod-tune --workers 8 --gpus 0,1,2,3,4,5,6,7     # the same command on every machine
     ssod-tune tune=coco tune.launcher=accelerate tune.processes_per_trial=4 --workers 2 --gpus 0,1,2,3,4,5,6,7
     ssod-tune report tune=synthetic             # best params, best run id, plots -> parent run
+    ssod-tune confirm tune=synthetic            # best vs default vs paper on other seeds, test split
 
 The study is ``conf/tune/<name>.yaml`` (``ssod/tuning/schema.py`` documents every key).
 Every trial composes ``tune.base_overrides`` + the other command-line overrides + its
@@ -31,6 +32,7 @@ import optuna
 from ssod.tracking import mask_console, mask_secrets
 from ssod.tuning.burn_in import check_burn_in_space
 from ssod.tuning.child import child_main
+from ssod.tuning.confirm import confirm, markdown
 from ssod.tuning.report import find_parent_run, write_report
 from ssod.tuning.settings import StudySetup, load_setup
 from ssod.tuning.storage import check_not_mlflow, is_journal, open_storage, resolve_storage_url, usage
@@ -38,7 +40,7 @@ from ssod.tuning.workers import launch, run_worker
 
 log = logging.getLogger("ssod.tune")
 
-COMMANDS = ("run", "worker", "report", "trial")
+COMMANDS = ("run", "worker", "report", "confirm", "trial")
 
 __all__ = ["main", "load_setup", "prepare", "run_worker", "launch", "report"]
 
@@ -56,11 +58,9 @@ class StudyNotFound(LookupError):
     """``ssod-tune report`` found no such study (it reads; it never creates one)."""
 
 
-def report(setup: StudySetup, named: bool = True) -> dict:
-    """``ssod-tune report``: read the study and write the report onto its existing parent run
-    (closed FINISHED once the budget is spent). It creates nothing: no storage, no study, no
-    MLflow run; without a parent run the report is only printed. ``named=False`` (no ``tune=``
-    on the command line): the study of the storage that was tuned last."""
+def load_existing(setup: StudySetup, named: bool = True) -> optuna.Study:
+    """The study, read from an existing storage; never creates one. ``named=False`` (no
+    ``tune=`` on the command line): the study of the storage that was tuned last."""
     url = setup.storage_url
     local = Path(url.removeprefix("journal:")) if is_journal(url) else Path(url[len("sqlite:///"):])
     if (is_journal(url) or url.startswith("sqlite:///")) and not local.is_file():
@@ -73,7 +73,14 @@ def report(setup: StudySetup, named: bool = True) -> dict:
     names = sorted(s.study_name for s in summaries)
     if setup.tune.study_name not in names:
         raise StudyNotFound(f"study {setup.tune.study_name!r} is not in {mask_secrets(url)}; it holds {names or 'none'}")
-    study = optuna.load_study(study_name=setup.tune.study_name, storage=storage)
+    return optuna.load_study(study_name=setup.tune.study_name, storage=storage)
+
+
+def report(setup: StudySetup, named: bool = True) -> dict:
+    """``ssod-tune report``: read the study and write the report onto its existing parent run
+    (closed FINISHED once the budget is spent). It creates nothing: no storage, no study, no
+    MLflow run; without a parent run the report is only printed."""
+    study = load_existing(setup, named)
     done = usage(study).spent(setup.tune.n_trials)
     return write_report(setup, study, find_parent_run(setup), "FINISHED" if done else None)
 
@@ -82,7 +89,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"ssod-tune{'' if command == 'run' else ' ' + command}",
         description="Optuna study over Polishing Teacher's thresholds and loss weights (conf/tune/*.yaml).",
-        epilog="commands: ssod-tune [run] (the default) | ssod-tune report | internal: worker, trial. "
+        epilog="commands: ssod-tune [run] (the default) | ssod-tune report | ssod-tune confirm | internal: worker, trial. "
         "Example: ssod-tune --workers 2 --gpus 0,1 tune=synthetic tune.n_trials=40",
     )
     if command == "trial":
@@ -97,6 +104,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--gpus", default=None, help="GPU indices, e.g. 0,1,2,3 (into CUDA_VISIBLE_DEVICES when it is set); 'cpu' for none; default: all visible")
     if command == "worker":
         parser.add_argument("--index", type=int, default=0)
+    if command in ("confirm", "report"):
+        parser.add_argument("--out-dir", type=Path, default=Path("experiments/results"),
+                            help="where tuning_benchmark.{json,md} are written (confirm) and read (report)")
+    if command == "confirm":
+        parser.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates of each interval")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: tune=<name>, tune.<key>=..., or any training key")
     return parser
 
@@ -119,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command == "trial":
         return child_main(args.spec, args.relay, args.parent_pid, int(args.parent_started) if args.parent_started else None)
     # A report reads whichever default storage exists; a worker belongs to a launcher of several.
-    workers = {"run": getattr(args, "workers", 1), "worker": 2, "report": None}[command]
+    workers = {"run": getattr(args, "workers", 1), "worker": 2, "report": None, "confirm": None}[command]
     from hydra.errors import ConfigCompositionException
 
     try:
@@ -134,13 +146,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command == "worker":
         run_worker(setup, args.index)
         return 0
+    named = any(o.lstrip("+").startswith(("tune=", "tune.study_name=")) for o in args.overrides)
     if command == "report":
-        named = any(o.lstrip("+").startswith(("tune=", "tune.study_name=")) for o in args.overrides)
         try:
-            print(json.dumps(report(setup, named), indent=2, default=str))
+            summary = report(setup, named)
         except StudyNotFound as error:
             log.error("%s", error)
             return 2
+        confirmation = args.out_dir / "tuning_benchmark.json"
+        if confirmation.is_file() and json.loads(confirmation.read_text()).get("study") == setup.tune.study_name:
+            summary["confirmation"] = json.loads(confirmation.read_text())["summary"]
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    if command == "confirm":
+        try:
+            study = load_existing(setup, named)
+            document = confirm(setup, study, args.out_dir, args.replicates)
+        except (StudyNotFound, LookupError) as error:
+            log.error("%s", error)
+            return 2
+        print(markdown(document))
         return 0
     return launch(setup, args.workers, _gpus(args.gpus))
 

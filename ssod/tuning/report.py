@@ -123,7 +123,7 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: Optional
     summary: dict = {"study": setup.tune.study_name, "trials": len(trials), **states}
     finished = sum(t.state.is_finished() for t in trials)
     tracker.log_metrics({f"study/{name}": count for name, count in states.items()}, step=finished)
-    best = _best_trial(study)
+    best = best_trial(study)
     if best is not None:
         best_run = trial_run_id(setup, best.number)
         summary.update(best_value=best.value, best_trial=best.number, best_params=best.params, best_run_id=best_run)
@@ -200,7 +200,7 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
+def best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if math.isfinite(t.value)]
     if not complete:
         return None

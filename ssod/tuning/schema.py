@@ -90,6 +90,10 @@ class TuneConfig:
     # <output_dir>/burn-ins (a path every machine sees). See ssod/tuning/burn_in.py.
     burn_in: int = 0
     burn_in_dir: str = ""
+    # ssod-tune confirm: the seeds (labeled splits) the best, default and paper configurations
+    # are trained again on, and what gives those runs a held-out test split.
+    confirm_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    confirm_overrides: list[str] = field(default_factory=list)
     keep_checkpoints: bool = False
     heartbeat_interval: int = 10
     grace_period: int = 60

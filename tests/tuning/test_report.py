@@ -101,3 +101,36 @@ def test_spearman_rank_correlation_with_ties_and_without_spread() -> None:
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # scipy's value
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_confirm_trains_best_default_and_paper_on_other_seeds_and_bootstraps_their_test_differences(
+        project: Project, tmp_path: Path) -> None:
+    """A real tiny study with a shared burn-in, then ``ssod-tune confirm``: every configuration
+    on every confirmation seed, each continuing its seed's own burn-in, evaluated on a test split."""
+    tiny = [*project.overrides, "tune.n_trials=3", "tune.burn_in=2", "train.iterations=4", "+tune.enqueue.default={}",
+            "+tune.enqueue.paper={method.unsup_weight: 3.0}", "tune.confirm_seeds=[1,2]",
+            "tune.confirm_overrides=['data.synthetic.num_test=4']"]
+    assert main(tiny) == 0
+    out = tmp_path / "results"
+    assert main(["confirm", *tiny, "--out-dir", str(out), "--replicates", "20"]) == 0
+    document = json.loads((out / "tuning_benchmark.json").read_text())
+    assert sorted((r["config"], r["seed"]) for r in document["runs"]) == [
+        (c, s) for c in ("best", "default", "paper") for s in (1, 2)]
+    assert all(0 <= r["test_teacher_AP"] <= 1 or r["test_teacher_AP"] != r["test_teacher_AP"] for r in document["runs"])
+    paper = [r for r in document["runs"] if r["config"] == "paper"]
+    assert all(r["params"]["method.unsup_weight"] == 3.0 for r in paper)
+    assert [s["comparison"] for s in document["summary"]] == ["best-default", "best-paper", "default-paper"]
+    for entry in document["summary"]:
+        assert entry["seeds"] == 2 and entry["ci_low"] <= entry["mean"] <= entry["ci_high"]
+    assert "| best-default | 2 |" in (out / "tuning_benchmark.md").read_text()
+    # Each seed continued its own burn-in, made once.
+    burn_ins = sorted((project.root / "outputs/tune/burn-ins").glob("burn-in-2-*/checkpoints/step-00000002.pt"))
+    assert len(burn_ins) == 3  # the study's and one per confirmation seed
+    parent, _ = project.runs()
+    assert "confirm/best-default/mean" in parent.data.metrics
+    assert "Confirmed on the held-out test split" in parent.data.tags["mlflow.note.content"]
+    # Run again: everything is read back, nothing trained anew.
+    made = {r["config"]: r["mlflow_run_id"] for r in document["runs"]}
+    assert main(["confirm", *tiny, "--out-dir", str(out), "--replicates", "20"]) == 0
+    again = json.loads((out / "tuning_benchmark.json").read_text())
+    assert {r["config"]: r["mlflow_run_id"] for r in again["runs"]} == made
