@@ -258,6 +258,9 @@ def launch(setup: StudySetup, workers: int, gpus: Optional[list[str]]) -> int:
         run_worker(setup, 0, stop=stopped)
         status = 0
     else:
+        # The shared burn-in, here with every core (workers share them out) and before any
+        # worker starts, rather than in one worker while the others wait on its lock.
+        with_shared_burn_in(setup)
         status = _supervise(setup, devices, stopped)
     now = usage(study)
     done = now.spent(tune.n_trials)
