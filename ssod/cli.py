@@ -65,6 +65,9 @@ def _sync(argv: Optional[list[str]]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spool = args.output_dir / SPOOL_DIR
+    if not args.output_dir.is_dir():
+        print(f"ssod-sync: error: {args.output_dir}: no such run folder (give a run's train.output_dir)", file=sys.stderr)
+        return 2
     if not spool.is_dir():
         print(f"ssod-sync: nothing to send: {spool} does not exist")
         return 0

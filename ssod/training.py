@@ -149,7 +149,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
             # Beside the checkpoints first: readable with tracking off (a benchmark on a GPU machine).
-            write_json_atomic({**final_metrics, "step": training.state.step, "mlflow_run_id": tracker.run_id or None,
+            # JSON has no NaN: an undefined metric (no ground truth of that size) is null.
+            finite = {key: value if not isinstance(value, float) or math.isfinite(value) else None
+                      for key, value in final_metrics.items()}
+            write_json_atomic({**finite, "step": training.state.step, "mlflow_run_id": tracker.run_id or None,
                                "machine": machine_description()}, output_dir / "final_metrics.json")
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
             if cfg.tracking.log_model:

@@ -349,6 +349,7 @@ def test_a_training_whose_server_is_down_at_the_end_says_so_exits_3_and_ssod_syn
     assert sorted((tmp_path / "outputs" / "tracking-spool").glob("*.json"))
     down.clear()
     assert sync_main([str(tmp_path / "outputs"), "--uri", mlflow_store.uri]) == 0
+    assert sync_main([str(tmp_path / "no-such-run"), "--uri", mlflow_store.uri]) == 2
     run_info = mlflow_store.only_run()
     assert run_info.info.status == "FINISHED" and "val/teacher/bbox_AP" in run_info.data.metrics
     assert not list((tmp_path / "outputs" / "tracking-spool").glob("*.json"))

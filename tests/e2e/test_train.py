@@ -77,7 +77,9 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     # Which CPU trained it (runs on CPUs that round differently are not bit-comparable): the
     # tag, and final_metrics.json beside the checkpoints, which the method benchmark copies.
     assert tags["ssod.machine"] == machine_description() and "cores" in tags["ssod.machine"]
-    written = json.loads((tmp_path / "outputs" / "final_metrics.json").read_text())
+    # Strict JSON: an undefined metric (no large objects: APl) is null, never NaN.
+    written = json.loads((tmp_path / "outputs" / "final_metrics.json").read_text(), parse_constant=pytest.fail)
+    assert written["val/teacher/bbox_APl"] is None
     assert written["machine"] == tags["ssod.machine"] and written["mlflow_run_id"] == run_id
     assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
     repo = Path(__file__).resolve().parents[2]
