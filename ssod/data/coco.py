@@ -204,6 +204,11 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def keep_first(self, count: int) -> None:
+        """Only the first ``count`` images (``data.val_max_images``), their boxes recounted."""
+        self.image_ids = self.image_ids[:count]
+        self.box_count, self.degenerate_boxes = box_counts(self.coco, self.image_ids)
+
     def load(self, index: int) -> tuple[torch.Tensor, dict, dict]:
         """Decode image ``index`` -> (uint8 [3,H,W], target, meta); raises on a bad file."""
         image_id = self.image_ids[index]

@@ -186,7 +186,7 @@ def build_data(cfg: DataConfig, project_dir: Path, need_unlabeled: bool) -> Data
     eval_view = EvalView(EvalTransform(cfg.test_size, cfg.test_max_size))
     val = load_split(files.val_json, files.val_images, category_map, eval_view)
     if cfg.val_max_images is not None:
-        val.image_ids = val.image_ids[: cfg.val_max_images]
+        val.keep_first(cfg.val_max_images)
     test = None
     if files.test_json is not None:
         test = load_split(files.test_json, files.test_images, category_map, eval_view)

@@ -64,3 +64,14 @@ def test_the_strong_views_augmentations_follow_the_data_config(tmp_path: Path, d
 
 def _small(dataset_cache: Path) -> list[str]:
     return ["data.synthetic.num_train=20", "data.synthetic.num_val=4", f"data.cache_dir={dataset_cache}", "data.percent=50"]
+
+
+def test_val_max_images_counts_only_the_images_evaluated(tmp_path: Path, dataset_cache: Path):
+    from ssod.data.pipeline import build_data
+
+    full = build_data(OmegaConf.to_object(compose(_small(dataset_cache)).data), tmp_path, need_unlabeled=False)
+    cut = build_data(OmegaConf.to_object(compose([*_small(dataset_cache), "data.val_max_images=2"]).data), tmp_path,
+                     need_unlabeled=False)
+    first_two = sum(len(full.val.coco.imgToAnns.get(i, [])) for i in full.val.image_ids[:2])
+    assert cut.counts()["data/eval/images"] == 2 and cut.counts()["data/eval/boxes"] == first_two
+    assert full.counts()["data/eval/boxes"] > first_two
