@@ -38,6 +38,11 @@ class Interrupts:
         log.warning("%s received: stopping after %s with a checkpoint; Ctrl-C again stops at once",
                     signal.Signals(signum).name, where)
 
+    @property
+    def signum(self) -> Optional[int]:
+        """The first stop signal received (SIGTERM or SIGINT), if any."""
+        return self._signum
+
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -33,6 +33,7 @@ class RunResult(dict):
 
     status = "FINISHED"
     tracking_incomplete = False
+    stop_signal: Optional[int] = None  # what stopped a KILLED run (SIGTERM or SIGINT)
 
 
 # ssod-train's exit status when training finished but MLflow did not take all of the run.
@@ -81,7 +82,7 @@ def train_loop(cfg: DictConfig, method: Method, data: DataBundle, training: Trai
                 training.save()
         if flags.stop:
             log.warning("stop requested: checkpoint saved at step %d", state.step)
-            final.status = "KILLED"
+            final.status, final.stop_signal = "KILLED", interrupts.signum
             break
     if progress is not None:
         progress.close()

@@ -47,8 +47,9 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     except USER_ERRORS as error:
         sys.exit(user_error_status("ssod-train", error))
     if metrics.status == "KILLED":
-        # Stopped by a signal after a checkpoint: not a success for the job scheduler.
-        sys.exit(128 + signal.SIGTERM)
+        # Stopped by a signal after a checkpoint: not a success for the job scheduler; the
+        # shell's convention, 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
+        sys.exit(128 + (metrics.stop_signal or signal.SIGTERM))
     if metrics.tracking_incomplete:
         sys.exit(TRACKING_INCOMPLETE_STATUS)
     value = metrics.get("val/teacher/bbox_AP")

@@ -270,20 +270,23 @@ def _wait_for(condition, process, timeout: float = 240.0, what: str = "") -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("whole_group", [False, True], ids=["main-process", "process-group"])
-def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(tiny_args, trainer, mlflow_store, tmp_path: Path, whole_group):
+@pytest.mark.parametrize("whole_group,stop", [(False, signal.SIGTERM), (True, signal.SIGTERM), (False, signal.SIGINT)],
+                         ids=["main-process", "process-group", "ctrl-c"])
+def test_sigterm_saves_a_checkpoint_and_ends_the_run_killed(tiny_args, trainer, mlflow_store, tmp_path: Path, whole_group,
+                                                            stop):
     """SIGTERM to the trainer, or to its whole process group as a scheduler sends it (then
-    with a DataLoader worker, which must leave the stop to the main process)."""
+    with a DataLoader worker, which must leave the stop to the main process); Ctrl-C alike,
+    with the shell's status for it."""
     checkpoints = tmp_path / "outputs" / "checkpoints"
     workers = ["data.num_workers=1"] if whole_group else []
     process = trainer.start([*tiny_args(), "train.iterations=100000", "train.ckpt_every=2", "train.keep_checkpoints=5", *workers])
     _wait_for(lambda: (checkpoints / "step-00000002.pt").exists(), process, what="the first checkpoint")
     if whole_group:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, stop)
     else:
-        process.send_signal(signal.SIGTERM)
-    # Exit status 128 + SIGTERM: a scheduler must not read a stopped run as a success.
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM, process.log_path.read_text()[-3000:]
+        process.send_signal(stop)
+    # Exit status 128 + the signal (143, 130): a scheduler must not read a stopped run as a success.
+    assert process.wait(timeout=120) == 128 + stop, process.log_path.read_text()[-3000:]
     output = process.log_path.read_text()
     steps = [step for step, _ in list_checkpoints(checkpoints)]
     assert steps[-1] > 2 and f"stop requested: checkpoint saved at step {steps[-1]}" in output
