@@ -118,7 +118,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """The training method and its reference hyper-parameters (METHOD.md)."""
+    """The training method and its reference hyper-parameters (docs/method.md)."""
 
     name: str = "supervised"
     unsup_weight: float = 0.0
@@ -141,7 +141,7 @@ class MethodConfig:
     reg_uncertainty_thr: Optional[float] = None
     reg_jitter_times: int = 10
     reg_jitter_scale: float = 0.06
-    # Which polished pseudo labels are used (the ablations of METHOD 6): ``both``; ``boxes``
+    # Which polished pseudo labels are used (the ablations of docs/method.md 7): ``both``; ``boxes``
     # (box polishing only: classification keeps detections scoring above det_score_thr,
     # with their own labels); ``categories`` (category polishing only: regression targets
     # are the raw boxes); ``none`` (the networks train but neither is used).

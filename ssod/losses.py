@@ -5,7 +5,7 @@ Every function returns a flat, namespaced dict of unweighted losses (``sup/...``
 torchvision's contract: ``boxes`` [N, 4] float xyxy in the image's own (view) pixels,
 ``labels`` [N] int64 in 1..C. A target with no boxes gives a zero box-regression loss.
 
-The unsupervised losses are disentangled (METHOD 5): RPN and RoI classification learn
+The unsupervised losses are disentangled (docs/method.md 5): RPN and RoI classification learn
 from the classification pseudo labels, RoI regression from the (polished) regression
 pseudo labels, each with its own proposal sampling.
 

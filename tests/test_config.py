@@ -42,7 +42,7 @@ def test_an_experiment_sets_a_method_s_weight_through_experiment_method():
 
 @pytest.mark.parametrize("experiment", ["coco_partial", "voc"])
 def test_paper_experiments_freeze_the_teacher_after_the_first_lr_step_for_polish_teacher_only(experiment):
-    """METHOD.md 3: the reference behaviour is the paper configs' value; Soft Teacher's
+    """docs/method.md 3: the reference behaviour is the paper configs' value; Soft Teacher's
     reference keeps its teacher moving, and the built-in experiment does too."""
     from omegaconf import OmegaConf
 

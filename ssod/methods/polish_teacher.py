@@ -1,4 +1,4 @@
-"""Polishing Teacher (METHOD.md): dual polishing networks and disentangled pseudo labels.
+"""Polishing Teacher (docs/method.md): dual polishing networks and disentangled pseudo labels.
 
 The box-polishing network moves every teacher box (the regression pseudo labels); the
 category-polishing network keeps or relabels each one (the classification pseudo labels).
@@ -22,7 +22,7 @@ from ssod.models.teacher import PseudoLabels
 
 @dataclass(frozen=True)
 class PolishSettings:
-    """The polishing networks and the keep/relabel rule (METHOD 4)."""
+    """The polishing networks and the keep/relabel rule (docs/method.md 4)."""
 
     hidden: int
     vote_frac: float

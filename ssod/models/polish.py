@@ -1,4 +1,4 @@
-"""The two polishing networks of Polishing Teacher (METHOD.md section 4) and their data.
+"""The two polishing networks of Polishing Teacher (docs/method.md 4) and their data.
 
 Conventions: boxes ``[N, 4]`` float, xyxy, absolute pixels of the (padded-batch) input
 image; labels int64 in ``1..C`` with 0 = background (torchvision's convention). The
@@ -7,12 +7,12 @@ unlike the reference (mmdetection), whose last logit is background.
 
 Follows the reference code (``snowdusky/DualPolishLearning``,
 ``ssod/models/polish_teacher.py``: ``Merger``, ``PolishNet``, ``train_rfnet_reg``,
-``train_rfnet_cls``, ``polish``, ``second_reg``, ``second_cls``) where METHOD.md is
+``train_rfnet_cls``, ``polish``, ``second_reg``, ``second_cls``) where docs/method.md is
 silent or differs:
 
 - Layers use PyTorch's default initialisation (the reference never re-initialises
   ``PolishNet``), so the box network does not start at the identity.
-- The category network has no ReLU after its second FC layer (as METHOD.md says and
+- The category network has no ReLU after its second FC layer (as docs/method.md says and
   the reference's ``cls_merger`` does).
 - Each voted box is pooled on the FPN level chosen by its own size, as mmdetection's
   ``SingleRoIExtractor`` does with the flat roi list of the reference. (The pooler is
@@ -294,7 +294,7 @@ class Polisher(nn.Module):
         image_sizes: list[tuple[int, int]],
         generator: torch.Generator | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Training losses on labeled images (METHOD 4.2, 4.3).
+        """Training losses on labeled images (docs/method.md 4.2, 4.3).
 
         Args:
             features: teacher FPN maps (detached here: no gradient reaches the detector).
@@ -328,7 +328,7 @@ class Polisher(nn.Module):
         det_scores: list[Tensor],
         image_sizes: list[tuple[int, int]],
     ) -> list[PseudoLabels]:
-        """Polish teacher detections (METHOD 4.4 steps 2-3); per image ``[K_i, ...]`` inputs.
+        """Polish teacher detections (docs/method.md 4.4 steps 2-3); per image ``[K_i, ...]`` inputs.
 
         Per image: ``reg_boxes`` are the boxes the box network moved (clipped to the image;
         ``reg_keep`` drops the degenerate ones), ``cls_keep``/``cls_labels`` the keep/relabel

@@ -2,7 +2,7 @@
 
 The teacher is a copy of the student (detector + polishing networks) that is never
 trained by gradient: after every optimizer step that really happened, its parameters move
-towards the student's by an exponential moving average with a warm-up (METHOD 3, 4):
+towards the student's by an exponential moving average with a warm-up (docs/method.md 3, 4):
 ``m_t = min(m_max, 1 - (w + 1) / (t + w + 1))`` with w = 0 for the detector
 (``min(0.999, 1 - 1/(t+1))``) and w = 100 for the polishing networks.
 
