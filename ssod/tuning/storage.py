@@ -126,10 +126,6 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale:
         )
 
 
-def has_heartbeat(storage) -> bool:
-    return isinstance(storage, optuna.storages.RDBStorage)
-
-
 # --------------------------------------------------------------------------- dead workers
 
 
