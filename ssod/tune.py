@@ -132,11 +132,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return child_main(args.spec, args.relay, args.parent_pid, int(args.parent_started) if args.parent_started else None)
     # A report reads whichever default storage exists; a worker belongs to a launcher of several.
     workers = {"run": getattr(args, "workers", 1), "worker": 2, "report": None, "confirm": None}[command]
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import HydraException
 
     try:
         setup = prepare(args.overrides, workers, args.storage)
-    except (ConfigCompositionException, ValueError) as error:
+    except (HydraException, ValueError) as error:  # a bad override or value: one line, not a traceback
         log.error("%s", mask_secrets(str(error)))
         return 2
     log.info(

@@ -231,3 +231,12 @@ def test_a_study_refuses_a_searched_key_the_shared_burn_in_makes_meaningless(pro
 def test_a_study_refuses_a_searched_key_the_trials_config_lacks(project: Project) -> None:
     with pytest.raises(ValueError, match="keys that the trials' config lacks: method.no_such_key"):
         prepare(project.overrides + ["+tune.space={method.no_such_key: {type: float, low: 0, high: 1}}"])
+
+
+def test_a_bad_override_is_one_error_line_and_status_2(project: Project, capsys, caplog) -> None:
+    for bad in ("tune.n_trials=[1,", "train.no_such_key=1", "tune.pruner.name=fastest"):
+        caplog.clear()
+        assert main(["report", *project.overrides, bad]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and errors[0].exc_info is None
