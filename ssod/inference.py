@@ -74,7 +74,17 @@ def predict(detector: nn.Module, loader, device, should_stop=lambda: False, prog
                                for meta in metas for image_id in meta.get("bad_image_ids", ()))
     finally:
         detector.train(was_training)  # a cut-short or failed evaluation too
-    return results
+    return _one_per_image(results)
+
+
+def _one_per_image(results: list[dict]) -> list[dict]:
+    """Each image once: the loader stands a readable neighbour in for an unreadable image, so
+    the neighbour's detections come twice, and an image may be reported unreadable more than
+    once; the first of each is kept (detections first, then the unreadable ones)."""
+    unique: dict[tuple[int, bool], dict] = {}
+    for result in results:
+        unique.setdefault((int(result["image_id"]), bool(result.get("unreadable"))), result)
+    return list(unique.values())
 
 
 def detections_to_host(outputs: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor, Tensor]]:

@@ -98,7 +98,7 @@ def _predict_checkpoint(argv: list[str] | None) -> int:
             print(f"ssod-predict: the images' ids are in {images_json}")
         if args.draw:
             draw_detections(dataset, detections, categories, Path(args.draw), args.draw_score)
-    unreadable = sum(1 for d in detections if d.get("unreadable"))
+    unreadable = sum(1 for d in detections if d.get("unreadable"))  # predict gives each image once
     print(f"ssod-predict: {len(results)} detections on {len(dataset) - unreadable} images written to {out}"
           + (f"; {unreadable} unreadable images skipped" if unreadable else "")
           + (f"; pictures in {args.draw}" if args.draw else ""))

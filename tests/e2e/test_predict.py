@@ -65,6 +65,29 @@ def test_a_folder_gets_numbered_images_pictures_and_its_unreadable_files_skipped
     assert results and broken not in {r["image_id"] for r in results}
     assert "1 unreadable images skipped" in capsys.readouterr().out
     assert len(list(pictures.glob("day1__*.jpg"))) == 8
+    # No image's detections twice (the loader's stand-in for the broken one is its neighbour).
+    keys = [(r["image_id"], r["category_id"], tuple(r["bbox"]), r["score"]) for r in results]
+    assert len(keys) == len(set(keys))
+
+
+def test_a_batch_with_two_unreadable_images_counts_them_once_and_duplicates_nothing(make_config, tmp_path: Path,
+                                                                                    capsys):
+    cfg = make_config("train.iterations=1", "model.box_score_thresh=0.0")
+    run(cfg)
+    folder = tmp_path / "three"
+    folder.mkdir()
+    first = next(iter(sorted(resolve_files(OmegaConf.to_object(cfg.data), tmp_path).val_images.glob("*.jpg"))))
+    shutil.copy(first, folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"broken")
+    (folder / "c.jpg").write_bytes(b"broken too")
+    out = tmp_path / "d.json"
+    assert main([str(tmp_path / "outputs"), "--images", str(folder), "--out", str(out), "--cpu",
+                 "--batch-size", "3"]) == 0
+    results = json.loads(out.read_text())
+    assert {r["image_id"] for r in results} == {1}
+    keys = [(r["category_id"], tuple(r["bbox"]), r["score"]) for r in results]
+    assert len(keys) == len(set(keys))
+    assert f"{len(results)} detections on 1 images" in capsys.readouterr().out
 
 
 def test_a_missing_folder_is_one_line(make_config, tmp_path: Path, capsys):
