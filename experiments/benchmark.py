@@ -433,6 +433,7 @@ def table(records: list[dict], summary: list[dict]) -> str:
         lines += [f"| {s['comparison']} | {s['seeds']} | {100 * s['mean']:+.2f} | "
                   f"[{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] | {s['positive']}/{s['seeds']} |"
                   for s in summary if s["percent"] == percent]
+        lines += derived_claims(records, summary, percent)
         lines += ["", "Pseudo labels against the unlabeled images' hidden ground truth (mean over the unsupervised "
                   "log intervals and seeds; regression targets are every raw box):", "",
                   "| arm | per image | regression precision / recall | classification precision / recall | "
@@ -448,6 +449,41 @@ def table(records: list[dict], summary: list[dict]) -> str:
                              f"{_mean(group, 'label_acc_raw')} → {_mean(group, 'label_acc_polished')} | "
                              f"{_mean(group, 'wrong_to_right', 0)} / {_mean(group, 'right_to_wrong', 0)} |")
     return "\n".join(lines)
+
+
+def derived_claims(records: list[dict], summary: list[dict], percent: float) -> list[str]:
+    """The share of the oracle's gain that Polishing Teacher reaches, and its gain as labeled
+    images saved: how many labeled images supervised training needs to match it, read off the
+    supervised test AP at this fraction and the next larger one (log-linear in the count, per
+    seed, the seeds' median; only inside the measured range)."""
+    lines = []
+    by = {s["comparison"]: s for s in summary if s["percent"] == percent}
+    method, oracle = by.get("polish_teacher-supervised"), by.get("oracle-supervised")
+    if method and oracle and oracle["mean"] > 0:
+        lines.append(f"\nShare of the oracle's gain: {100 * method['mean'] / oracle['mean']:.0f}% "
+                     f"({100 * method['mean']:+.2f} of {100 * oracle['mean']:+.2f} AP).")
+    larger = sorted(r["percent"] for r in records if r["percent"] > percent and r["arm"] == "supervised")
+    if not larger:
+        return lines
+    def test_ap(arm: str, at: float) -> dict[int, dict]:  # noqa: E306
+        return {r["seed"]: r for r in records if r["arm"] == arm and r["percent"] == at and r.get("test_AP") is not None}
+    low, high, ours = test_ap("supervised", percent), test_ap("supervised", larger[0]), test_ap("polish_teacher", percent)
+    needed = []
+    for seed in sorted(set(low) & set(high) & set(ours)):
+        (n0, a0), (n1, a1) = ((r["labeled_images"], r["test_AP"]) for r in (low[seed], high[seed]))
+        target = ours[seed]["test_AP"]
+        if a1 > a0 and a0 <= target <= a1:
+            needed.append(math.exp(math.log(n0) + (target - a0) / (a1 - a0) * (math.log(n1) - math.log(n0))))
+        else:
+            needed.append(math.nan if target > a1 else n0)
+    if needed:
+        inside = sorted(n for n in needed if not math.isnan(n))
+        above = sum(math.isnan(n) for n in needed)
+        median = f"{statistics.median(inside):.0f}" if inside else "-"
+        lines.append(f"Labeled images supervised training needs to match polish_teacher's test AP (log-linear between "
+                     f"{percent:g}% and {larger[0]:g}%): median {median} over {len(inside)} seeds"
+                     + (f"; on {above} seeds more than the larger fraction holds" if above else "") + ".")
+    return lines
 
 
 def _mean(group: list[dict], key: str, digits: int = 3) -> str:

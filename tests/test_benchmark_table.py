@@ -109,3 +109,18 @@ def test_the_summary_bootstraps_paired_differences_from_the_runs_test_detections
     for record in records:
         record["detections"] = str(tmp_path / "elsewhere.json.gz")
     assert benchmark.summarize(records, replicates=100, previous=summary) == summary
+
+
+def test_oracle_share_and_labeled_images_saved():
+    benchmark = _benchmark()
+    summary = [{"testbed": "synthetic", "percent": 0.5, "comparison": "polish_teacher-supervised", "mean": 0.04},
+               {"testbed": "synthetic", "percent": 0.5, "comparison": "oracle-supervised", "mean": 0.10}]
+    records = []
+    for seed in (0, 1):
+        records += [{**_row("supervised", seed, 0, 0.40), "labeled_images": 20},
+                    {**_row("supervised", seed, 0, 0.50, percent=2.5), "labeled_images": 100},
+                    {**_row("polish_teacher", seed, 0, 0.45), "labeled_images": 20}]
+    lines = benchmark.derived_claims(records, summary, 0.5)
+    assert "Share of the oracle's gain: 40% (+4.00 of +10.00 AP)." in lines[0]
+    # Halfway in AP between 20 and 100 labeled images, log-linear: sqrt(20 * 100) = 45.
+    assert "median 45 over 2 seeds" in lines[1]
