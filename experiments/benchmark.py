@@ -325,12 +325,34 @@ def load_results(path: Path) -> tuple[dict[str, dict], list[dict]]:
     return {run_key(r): r for r in runs}, ([] if isinstance(document, list) else document.get("summary", []))
 
 
-def save_results(path: Path, records: dict[str, dict], summary: list[dict]) -> None:
+def save_results(path: Path, records: dict[str, dict], summary: list[dict], set_aside: list[dict] = ()) -> None:
+    """Write the json; ``set_aside`` records join its ``superseded`` list (kept, never dropped)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"runs": sorted(records.values(), key=lambda r: (r["percent"], r["seed"], r["arm"])), "summary": summary}
+    superseded = json.loads(path.read_text()).get("superseded", []) if path.is_file() else []
+    document = {"runs": sorted(records.values(), key=lambda r: (r["percent"], r["seed"], r["arm"])), "summary": summary,
+                "superseded": [*superseded, *set_aside]}
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(document, indent=1))
     os.replace(temporary, path)
+
+
+def cpu_of(machine: str | None) -> str | None:
+    """The part of a machine description that decides the rounding (CPU model, cores, AVX-512),
+    without the host name."""
+    return None if machine is None else machine.split(": ", 1)[-1]
+
+
+def set_aside_other_machines(records: dict[str, dict], todo: list[Run], here: str) -> list[dict]:
+    """A seed whose remaining arms run here, with arms already recorded on another CPU, cannot
+    be paired (CPUs round differently from the first step): its old records are moved to the
+    json's ``superseded`` list (never dropped) and the whole seed runs again here. Complete
+    seeds are kept whatever machine made them. Returns the records set aside."""
+    pending = {(run.percent, run.seed) for run in todo}
+    moved = []
+    for name, record in list(records.items()):
+        if (record["percent"], record["seed"]) in pending and cpu_of(record.get("machine")) not in (None, cpu_of(here)):
+            moved.append({**records.pop(name), "superseded_because": f"its seed continues on another CPU ({cpu_of(here)})"})
+    return moved
 
 
 def summarize(records: list[dict], replicates: int, previous: list[dict]) -> list[dict]:
@@ -541,7 +563,15 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.table_only:
         plan = Plan(args, plan_runs(args))
+        from ssod.tracking import machine_description
+
         todo = [run for run in plan.runs if run.name not in records]
+        moved = set_aside_other_machines(records, todo, machine_description())
+        if moved:
+            print("set aside (recorded on another CPU; their seeds run again here): "
+                  + ", ".join(run_key(r) for r in moved), flush=True)
+            save_results(json_path, records, summary, moved)
+            todo = [run for run in plan.runs if run.name not in records]
         print(f"{len(plan.runs)} runs planned, {len(plan.runs) - len(todo)} already recorded in {json_path}", flush=True)
         threads = max((os.cpu_count() or 1) // args.jobs, 1)
         keys = sorted({(run.percent, run.seed) for run in todo})

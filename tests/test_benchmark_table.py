@@ -124,3 +124,27 @@ def test_oracle_share_and_labeled_images_saved():
     assert "Share of the oracle's gain: 40% (+4.00 of +10.00 AP)." in lines[0]
     # Halfway in AP between 20 and 100 labeled images, log-linear: sqrt(20 * 100) = 45.
     assert "median 45 over 2 seeds" in lines[1]
+
+
+def test_a_seed_continued_on_another_cpu_runs_again_and_its_old_runs_are_kept_aside(tmp_path: Path):
+    benchmark = _benchmark()
+    here, there = "host-b: Intel Xeon, 2 cores, AVX-512", "host-a: AMD EPYC, 2 cores"
+    records = {}
+    for arm in ("supervised", "polish_teacher"):  # seed 0 unfinished on machine A
+        records[f"mb-{arm}-0.5pct-s0"] = {**_row(arm, 0, 0.5, 0.5), "machine": there}
+    for arm in benchmark.MAIN_ARMS:  # seed 1 complete on machine A: kept
+        records[f"mb-{arm}-0.5pct-s1"] = {**_row(arm, 1, 0.5, 0.5), "machine": there}
+    args = benchmark.parse_args(["--percents", "0.5", "--seeds", "0", "1", "--arms", *benchmark.MAIN_ARMS])
+    todo = [run for run in benchmark.plan_runs(args) if run.name not in records]
+    moved = benchmark.set_aside_other_machines(records, todo, here)
+    assert sorted(benchmark.run_key(r) for r in moved) == ["mb-polish_teacher-0.5pct-s0", "mb-supervised-0.5pct-s0"]
+    assert {r["seed"] for r in records.values()} == {1}
+    # The same CPU under another host name: nothing moves.
+    records["mb-supervised-0.5pct-s0"] = {**_row("supervised", 0, 0.5, 0.5), "machine": "host-c: Intel Xeon, 2 cores, AVX-512"}
+    assert benchmark.set_aside_other_machines(records, todo, here) == []
+    benchmark.save_results(tmp_path / "b.json", records, [], moved)
+    import json
+
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert [r["arm"] for r in saved["superseded"]] == ["supervised", "polish_teacher"]
+    assert all("another CPU" in r["superseded_because"] for r in saved["superseded"])
