@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The method benchmark (experiments/benchmark.py) on one GPU machine, in one go: the full
-# protocol (two labeled fractions, three paired seeds, every arm and ablation, the oracle),
-# eight small runs side by side on one H200 with 16 cores, sized for about 8 minutes.
+# The method benchmark (experiments/benchmark.py) on one GPU machine: the protocol of
+# experiments/results/method_benchmark.md (two labeled fractions, five paired seeds, the oracle,
+# the ablations at the main setting), eight small runs side by side on one GPU with 16 cores.
+# Resumable: what finished is in the json; the same command (with outputs/method_benchmark
+# carried back) runs only what is missing. Never run on a GPU yet: its duration is unknown.
 #
 # Usage, from the repository root:  bash experiments/gpu_benchmark.sh [OUT_DIR]
 # Missing Python packages may be given as wheels in .whl/ (installed to /tmp/site), the
