@@ -238,10 +238,12 @@ def ensure_burn_in(plan: Plan, percent: float, seed: int, threads: int) -> Path:
     output_dir = plan.output_dir(name)
     final = output_dir / "checkpoints" / f"step-{args.burn_in:08d}.pt"
     if not final.is_file():
+        # One evaluation, on validation, at its end: it only feeds the arms (the profile's
+        # eval_every is for their curves; the test split is theirs to read).
         train(name, [
             *common_overrides(args, percent, seed), "method=polish_teacher",
-            f"train.iterations={args.burn_in}", f"method.unsup_start={args.burn_in}",
-            f"train.eval_every={args.burn_in}", f"train.ckpt_every={args.burn_in}", *args.overrides,
+            f"train.iterations={args.burn_in}", f"method.unsup_start={args.burn_in}", *args.overrides,
+            f"train.eval_every={args.burn_in}", f"train.ckpt_every={args.burn_in}", "train.evaluate_test=false",
         ], output_dir, threads, Path(args.outputs) / "logs")
     return final
 

@@ -201,8 +201,11 @@ class TrainConfig:
     init_from: Optional[str] = None
     # With init_from: false takes only the weights (student and teacher) and starts the
     # schedule at step 0; true continues the checkpoint's schedule in a new run and folder:
-    # its step, learning rate, EMA counters and (when the parameters match) SGD momentum.
+    # its step, learning rate, EMA counters and SGD momentum (matched by parameter name).
     init_continue: bool = False
+    # Evaluate the held-out test split (data.test_json, or the synthetic num_test) once at the
+    # end; a burn-in that only feeds other runs skips it.
+    evaluate_test: bool = True
     max_consecutive_nonfinite: int = 5
     grad_clip_norm: Optional[float] = None
     num_vis_images: int = 4

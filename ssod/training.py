@@ -144,7 +144,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             set_rng_state(resumed["rng"])  # after the loaders: creating them draws from the RNG
         final_metrics = train_loop(cfg, method, data, training, loaders, tracker, interrupts, on_eval)
         status = final_metrics.status
-        if status == "FINISHED" and data.test is not None:
+        if status == "FINISHED" and data.test is not None and cfg.train.evaluate_test:
             final_metrics.update(_evaluate_test(cfg, data, training, tracker))
         if accelerator.is_main_process and status == "FINISHED":
             final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
@@ -162,7 +162,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             log.info("finished at step %d: teacher AP %.1f, student AP %.1f (COCO AP in %%, validation set); checkpoint %s",
                      training.state.step, 100 * final_metrics.get("val/teacher/bbox_AP", math.nan),
                      100 * final_metrics.get("val/student/bbox_AP", math.nan), final_checkpoint)
-            if data.test is not None:
+            if "test/teacher/bbox_AP" in final_metrics:
                 log.info("held-out test set: teacher AP %.1f, student AP %.1f (COCO AP in %%)",
                          100 * final_metrics.get("test/teacher/bbox_AP", math.nan),
                          100 * final_metrics.get("test/student/bbox_AP", math.nan))

@@ -92,6 +92,7 @@ def _train_burn_in(setup: StudySetup, directory: Path, trainer=None) -> None:
     cfg = compose([
         *setup.fixed_overrides, f"train.iterations={iterations}", f"method.unsup_start={iterations}",
         f"train.eval_every={iterations}", f"train.ckpt_every={iterations}", "train.progress=false",
+        "train.evaluate_test=false",
         override("train.output_dir", str(directory)), override("train.run_name", f"{setup.tune.study_name}-burn-in"),
         override("tracking.uri", setup.tracking_uri), override("tracking.experiment", setup.experiment), *resume,
     ])
