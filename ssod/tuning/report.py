@@ -142,6 +142,7 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: Optional
             "optuna.best_run_id": best_run or "",
             **{f"optuna.best_params.{name}": value for name, value in best.params.items()},
         })
+    summary.update(compute_cost(study, setup.tune.burn_in))
     fidelity = rung_fidelity(study)
     if fidelity:
         summary["fidelity"] = {str(step): value for step, value in fidelity.items()}
@@ -165,6 +166,19 @@ def rerun_command(setup: StudySetup, trial: FrozenTrial) -> str:
 
     fixed = [o for o in setup.fixed_overrides if not o.startswith("train.init_from=")]
     return join(["ssod-train", *fixed, *continue_overrides(setup), *to_overrides(trial.params)])
+
+
+def compute_cost(study: optuna.Study, burn_in: int) -> dict:
+    """Training iterations the study spent (the shared burn-in once, each trial up to its last
+    report) against the same trials each trained in full from the start, without a shared
+    burn-in or pruning; a trial's full length is the longest any trial reached."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    reached = [max(t.intermediate_values, default=0) for t in finished]
+    if not reached or not max(reached):
+        return {}
+    spent = burn_in + sum(reached)
+    full = len(finished) * (burn_in + max(reached))
+    return {"iterations_spent": spent, "iterations_if_full": full, "cost_ratio": spent / full}
 
 
 def rung_fidelity(study: optuna.Study) -> dict[int, float]:

@@ -73,6 +73,8 @@ def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> Non
     assert summary["best_checkpoint_dir"] == best.user_attrs["output_dir"]
     assert summary["rerun"].startswith("ssod-train experiment=synthetic") and "method.rf_cls_thr=" in summary["rerun"]
     assert set(summary["fidelity"]) == {str(step) for step in best.intermediate_values}
+    # No burn-in and no pruning in this study: the cost of full trials.
+    assert summary["cost_ratio"] == 1.0 and summary["iterations_spent"] == 3 * max(best.intermediate_values)
     first = study.trials[0]
     assert "resumed_from_step" not in first.user_attrs
     assert Path(first.user_attrs["output_dir"]).name.startswith("trial-0000-")
