@@ -362,21 +362,13 @@ def summarize(records: list[dict], replicates: int, previous: list[dict]) -> lis
     paired difference of test AP (the scored model's), its 95% bootstrap interval over seeds
     and test images, per-seed values. Comparisons whose detection files are not on this
     machine keep their previous record (the runs' files stay where they were made)."""
-    from ssod.bootstrap import ImageMatches, paired_bootstrap
-    from ssod.evaluation import coco_from_dataset, read_detections
+    from ssod.bootstrap import DetectionFiles, paired_bootstrap
 
     kept = {(s["testbed"], s["percent"], s["comparison"]): s for s in previous}
-    cache: dict[str, ImageMatches] = {}
-    ground_truth: dict[str, object] = {}
+    files = DetectionFiles()
 
-    def matches(record: dict) -> ImageMatches:
-        if record["detections"] not in cache:
-            image_ids, results = read_detections(record["detections"])
-            test_json = record["test_json"]
-            if test_json not in ground_truth:
-                ground_truth[test_json] = coco_from_dataset(json.loads(Path(test_json).read_text()))
-            cache[record["detections"]] = ImageMatches.from_coco(ground_truth[test_json], results, image_ids)
-        return cache[record["detections"]]
+    def matches(record: dict):
+        return files.matches(record["detections"], record["test_json"])
 
     summary = []
     for testbed, percent in sorted({(r["testbed"], r["percent"]) for r in records}):

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ssod.evaluation import empty_results
+from ssod.evaluation import coco_from_dataset, empty_results, read_detections
 
 
 @dataclass(frozen=True)
@@ -163,3 +165,20 @@ def paired_bootstrap(pairs: Mapping[int, tuple[ImageMatches, ImageMatches]], iou
     low, high = np.nanquantile(draws, [tail, 1 - tail])
     return Interval(mean=float(np.mean(list(per_seed.values()))), ci_low=float(low), ci_high=float(high),
                     positive=sum(v > 0 for v in per_seed.values()), seeds=len(seeds), per_seed=per_seed)
+
+
+@dataclass
+class DetectionFiles:
+    """``ImageMatches`` of kept detection files (``write_detections``) against their ground-truth
+    json, each file read and matched once however many comparisons use it."""
+
+    _truth: dict[str, COCO] = field(default_factory=dict)
+    _matches: dict[str, ImageMatches] = field(default_factory=dict)
+
+    def matches(self, detections: str, ground_truth_json: str) -> ImageMatches:
+        if detections not in self._matches:
+            if ground_truth_json not in self._truth:
+                self._truth[ground_truth_json] = coco_from_dataset(json.loads(Path(ground_truth_json).read_text()))
+            image_ids, results = read_detections(detections)
+            self._matches[detections] = ImageMatches.from_coco(self._truth[ground_truth_json], results, image_ids)
+        return self._matches[detections]

@@ -114,19 +114,12 @@ def _finished(output_dir: Path, iterations: int) -> Optional[dict]:
 
 
 def _summary(runs: list[dict], replicates: int) -> list[dict]:
-    from ssod.bootstrap import ImageMatches, paired_bootstrap
-    from ssod.evaluation import coco_from_dataset, read_detections
+    from ssod.bootstrap import DetectionFiles, paired_bootstrap
 
-    cache: dict[str, ImageMatches] = {}
-    truth: dict[str, object] = {}
+    files = DetectionFiles()
 
-    def matches(run: dict) -> ImageMatches:
-        if run["detections"] not in cache:
-            if run["test_json"] not in truth:
-                truth[run["test_json"]] = coco_from_dataset(json.loads(Path(run["test_json"]).read_text()))
-            image_ids, results = read_detections(run["detections"])
-            cache[run["detections"]] = ImageMatches.from_coco(truth[run["test_json"]], results, image_ids)
-        return cache[run["detections"]]
+    def matches(run: dict):
+        return files.matches(run["detections"], run["test_json"])
 
     by = {(r["config"], r["seed"]): r for r in runs}
     summary = []
