@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from ssod.meters import Meters, log_pictures
 from ssod.methods import Method
 from ssod.models.teacher import ema_momentum
 from ssod.run_state import RunState, log_bad_files, stop_if_too_many_bad
-from ssod.step import Training, agree_on_flags, apply_step, forward, to_device
+from ssod.step import LoaderWorkerDied, Training, agree_on_flags, apply_step, forward, to_device
 from ssod.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ def train_loop(cfg: DictConfig, method: Method, data: DataBundle, training: Trai
         _evaluate_finished_run(training, loaders, tracker, final, on_eval)
 
     for step in range(state.step, train.iterations):
-        labeled, unlabeled = _next_batch(loaders, method, step, state, training.accelerator.device)
+        labeled, unlabeled = _next_batch_or_stop(loaders, method, step, training)
         result, total = forward(training, labeled, unlabeled, method, method.loss_weights(step))
         flags = agree_on_flags(training, total, interrupts.requested)  # asked after the forward pass
         stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, flags.bad_files)
@@ -113,6 +115,32 @@ class IntervalClock:
             yield
         finally:
             self.start += time.perf_counter() - paused
+
+
+def _next_batch_or_stop(loaders: Loaders, method: Method, step: int, training: Training) -> tuple[list, list]:
+    """``_next_batch``; when a loader worker has died (``RuntimeError: DataLoader worker ...``),
+    the weights are whole (between steps): checkpoint, then ``LoaderWorkerDied``."""
+    try:
+        batch = _next_batch(loaders, method, step, training.state, training.accelerator.device)
+    except RuntimeError as error:
+        if "DataLoader worker" not in str(error):
+            raise
+        training.save()
+        raise LoaderWorkerDied(
+            f"a data loader worker died ({str(error).strip().splitlines()[0]}); checkpoint saved at step {step}: "
+            "continue with train.resume=auto (with fewer data.num_workers if the machine ran out of memory)") from error
+    _worker_deaths_at_fetch()
+    return batch
+
+
+def _worker_deaths_at_fetch() -> None:
+    """torch's loaders install a SIGCHLD handler that raises a dead worker's error wherever the
+    main process is, in the middle of an optimizer step too. Without it the loader finds the
+    dead worker at the next fetch (within 5 s), between steps, where a checkpoint is exact."""
+    handler = signal.getsignal(signal.SIGCHLD)
+    if getattr(handler, "__module__", "") == "torch.utils.data._utils.signal_handling" and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 def _next_batch(loaders: Loaders, method: Method, step: int, state: RunState, device) -> tuple[list, list]:

@@ -27,8 +27,17 @@ from ssod.teaching import StepResult
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run stopped itself with a checkpoint and a reason a person can act on (``ssod-train``
+    prints it as one line, exit status 1)."""
+
+
+class NonFiniteLossError(TrainingStopped):
     """Too many consecutive steps had a NaN or infinite loss."""
+
+
+class LoaderWorkerDied(TrainingStopped):
+    """A data loader worker process died (the out-of-memory killer, a signal)."""
 
 
 @dataclass

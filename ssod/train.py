@@ -14,6 +14,7 @@ The entry point only composes the config (Hydra) and calls ``ssod.training.run``
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from typing import Optional
@@ -25,6 +26,7 @@ from ssod.cli import USER_ERRORS, user_error_status
 from ssod.config import CONF_DIR
 from ssod.tracking import mask_console
 from ssod.loop import TRACKING_INCOMPLETE_STATUS
+from ssod.step import TrainingStopped
 from ssod.training import run
 
 
@@ -46,6 +48,11 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         metrics = run(cfg)
     except USER_ERRORS as error:
         sys.exit(user_error_status("ssod-train", error))
+    except TrainingStopped as error:  # stopped itself with a checkpoint and a reason: one line
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"ssod-train: error: {error}", file=sys.stderr)
+        sys.exit(1)
     if metrics.status == "KILLED":
         # Stopped by a signal after a checkpoint: not a success for the job scheduler; the
         # shell's convention, 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).

@@ -514,3 +514,29 @@ def test_a_cpu_run_leaves_no_device_choice_behind(make_config, mlflow_store):
     run(make_config("train.iterations=1", "train.cpu=true"))
     assert mlflow_store.only_run().info.status == "FINISHED"
     assert not AcceleratorState._shared_state and not PartialState._shared_state
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_saves_a_checkpoint_and_stops_with_one_line(tiny_args, trainer, mlflow_store,
+                                                                          tmp_path: Path):
+    """kill -9 of a DataLoader worker (what the out-of-memory killer does): the run saves its
+    weights, says so in one line (no traceback), ends FAILED with status 1, and resumes."""
+    import psutil
+
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    args = [*tiny_args(), "train.ckpt_every=2", "train.keep_checkpoints=5", "data.num_workers=1"]
+    process = trainer.start([*args, "train.iterations=100000"])
+    _wait_for(lambda: (checkpoints / "step-00000002.pt").exists(), process, what="the first checkpoint")
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)]
+    assert workers, "no loader worker to kill"
+    for worker in workers:
+        worker.kill()
+    assert process.wait(timeout=120) == 1, process.log_path.read_text()[-3000:]
+    output = process.log_path.read_text()
+    assert "ssod-train: error: a data loader worker died" in output and "Traceback" not in output
+    step = int(output.split("checkpoint saved at step ")[1].split(":")[0])
+    assert step >= 2 and load_checkpoint(checkpoints / f"step-{step:08d}.pt")["step"] == step
+    assert mlflow_store.only_run().info.status == "FAILED"
+    resumed = trainer.start([*args, f"train.iterations={step + 2}", "train.resume=auto"], log_name="resume.log")
+    assert resumed.wait(timeout=240) == 0, resumed.log_path.read_text()[-3000:]
+    assert mlflow_store.only_run().info.status == "FINISHED"
