@@ -29,12 +29,12 @@ from ssod.tuning.burn_in import with_shared_burn_in
 from ssod.tuning.report import best_trial, find_parent_run, rerun_command
 from ssod.tuning.settings import StudySetup
 from ssod.tuning.space import override, to_overrides
+from ssod.tuning.storage import ENQUEUED_ATTR
 
 log = logging.getLogger(__name__)
 
 CONFIGS = ("best", "default", "paper")
 COMPARISONS = (("best", "default"), ("best", "paper"), ("default", "paper"))
-ENQUEUED_ATTR = "ssod.enqueued"
 
 
 def configurations(study: optuna.Study) -> dict[str, dict]:

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ssod.config import flatten
 from ssod.tracking import Tracker, mask_secrets
 from ssod.tuning.settings import StudySetup
-from ssod.tuning.storage import INTERRUPTED_ATTR, INTERRUPTED_TRIALS, SURPLUS_ATTR
+from ssod.tuning.storage import ENQUEUED_ATTR, INTERRUPTED_ATTR, INTERRUPTED_TRIALS, SURPLUS_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ def best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
 
 # The trial attributes worth a column of trials.csv (the others are bookkeeping).
 TABLE_ATTRS = {
-    "user_attrs": ("mlflow_run_id", "output_dir", "resumed_from_step", "fail_reason", INTERRUPTED_ATTR, SURPLUS_ATTR),
+    "user_attrs": ("mlflow_run_id", "output_dir", "resumed_from_step", "fail_reason", INTERRUPTED_ATTR, SURPLUS_ATTR,
+                   ENQUEUED_ATTR),
     "system_attrs": ("failed_trial", "retry_history", INTERRUPTED_TRIALS),
 }
 

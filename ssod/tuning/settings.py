@@ -21,7 +21,7 @@ override fails now, not in trial 1) and resolves every path and URI once.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,11 +56,11 @@ class StudySetup:
     experiment: str
     storage_url: str = ""
     # The trials' base config value of every space key (what ``tune.enqueue`` leaves out).
-    space_defaults: Optional[dict[str, Any]] = None
+    space_defaults: dict[str, Any] = field(default_factory=dict)
 
     def enqueued_params(self) -> list[tuple[str, dict[str, Any]]]:
         """``tune.enqueue`` as (name, full parameter dict) pairs, in order."""
-        return [(name, {key: values.get(key, (self.space_defaults or {}).get(key)) for key in self.tune.space})
+        return [(name, {key: values.get(key, self.space_defaults.get(key)) for key in self.tune.space})
                 for name, values in self.tune.enqueue.items()]
 
 

@@ -41,6 +41,7 @@ RESOLVED_ENV = "_SSOD_TUNE_STORAGE"
 OWNER_ATTR = "worker"
 SURPLUS_ATTR = "surplus"
 INTERRUPTED_ATTR = "interrupted"  # stopped on request, not failed (see ssod.tuning.workers.StaleTrials)
+ENQUEUED_ATTR = "ssod.enqueued"  # a trial of tune.enqueue: its name (default, paper, ...)
 INTERRUPTED_TRIALS = "interrupted_trials"  # system attribute: the stopped trials of a retry chain
 
 

@@ -30,7 +30,7 @@ from ssod.tuning.burn_in import with_shared_burn_in
 from ssod.tuning.objective import Objective, TrialInterrupted, Trainer
 from ssod.tuning.report import mark_trial_run, parent_run, write_report
 from ssod.tuning.settings import PrunerSpec, SamplerSpec, StudySetup
-from ssod.tuning.storage import INTERRUPTED_ATTR, INTERRUPTED_TRIALS, RESOLVED_ENV, Usage, is_journal, open_storage, quiet_experimental, reap_dead_workers, usage
+from ssod.tuning.storage import ENQUEUED_ATTR, INTERRUPTED_ATTR, INTERRUPTED_TRIALS, RESOLVED_ENV, Usage, is_journal, open_storage, quiet_experimental, reap_dead_workers, usage
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,6 @@ def open_study(setup: StudySetup, worker_index: int = 0) -> optuna.Study:
     host = 0 if local else zlib.crc32(os.uname().nodename.encode()) % 1000 * 1_000_000
     study.sampler = build_sampler(tune.sampler, len(study.get_trials(deepcopy=False)) + 10_000 * worker_index + host)
     return study
-
-
-ENQUEUED_ATTR = "ssod.enqueued"
 
 
 def enqueue_named(study: optuna.Study, setup: StudySetup) -> None:
