@@ -32,7 +32,7 @@ from ssod.checkpoint import (
 )
 from ssod.config import eval_workers, flatten, validate
 from ssod.data.pipeline import DataBundle, build_data
-from ssod.data.sampling import infinite_loader
+from ssod.data.sampling import infinite_loader, shut_down_workers
 from ssod.data.splits import write_json_atomic, write_text_atomic
 from ssod.inference import eval_loader, shard
 from ssod.interrupts import Interrupts
@@ -94,7 +94,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     tracker = Tracker(uri, cfg.tracking.experiment, enabled=accelerator.is_main_process and cfg.tracking.enabled,
                       spool_dir=output_dir / SPOOL_DIR, system_metrics=_system_metrics(cfg.tracking))
     interrupts = Interrupts()
-    status, training, final_metrics = "FAILED", None, None
+    status, training, final_metrics, loaders = "FAILED", None, None, None
     # The run's log lines, kept beside its checkpoints (appended to by each resume) and in MLflow.
     console_log = _keep_console_log(output_dir / CONSOLE_LOG) if accelerator.is_main_process else None
     try:
@@ -181,6 +181,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         raise
     finally:
         interrupts.restore()
+        if loaders is not None:  # now: a process training run after run keeps no run's workers
+            shut_down_workers(loaders.labeled, loaders.unlabeled, loaders.val)
         if console_log is not None and tracker.run_id:  # a run that failed before its MLflow run exists has none
             console_log.flush()
             tracker.log_artifact(console_log.baseFilename)
@@ -440,8 +442,11 @@ def _evaluate_test(cfg: DictConfig, data: DataBundle, training: Training, tracke
                          pin_memory=pin)
     # The detections stay beside the checkpoints: the method benchmark bootstraps its
     # intervals over the test images from them, without the detector.
-    metrics = evaluate_both(training, loader, prefix="test", progress=cfg.train.progress,
-                            save_dir=training.ckpt_dir.parent / TEST_DETECTIONS)
+    try:
+        metrics = evaluate_both(training, loader, prefix="test", progress=cfg.train.progress,
+                                save_dir=training.ckpt_dir.parent / TEST_DETECTIONS)
+    finally:
+        shut_down_workers(loader)
     if accelerator.is_main_process:
         tracker.log_metrics(metrics, training.state.step)
     return metrics

@@ -120,6 +120,17 @@ def track_workers(loader_or_iterator):
     return loader_or_iterator
 
 
+def shut_down_workers(*loaders) -> None:
+    """End the workers of these DataLoaders or iterators now (None is skipped). A process that
+    trains several runs in turn (a tuning worker) would otherwise keep every run's persistent
+    workers alive, and memory with them, until it exits."""
+    for tracked in loaders:
+        iterator = getattr(tracked, "_iterator", None) or tracked  # a persistent loader keeps its iterator
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
+
+
 @atexit.register
 def _kill_loader_workers() -> None:
     """At interpreter exit, SIGKILL the workers of our DataLoaders still alive.
