@@ -540,18 +540,3 @@ def test_a_killed_loader_worker_saves_a_checkpoint_and_stops_with_one_line(tiny_
     resumed = trainer.start([*args, f"train.iterations={step + 2}", "train.resume=auto"], log_name="resume.log")
     assert resumed.wait(timeout=240) == 0, resumed.log_path.read_text()[-3000:]
     assert mlflow_store.only_run().info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_runs_in_one_process_leave_no_loader_workers_behind(make_config, tmp_path: Path):
-    """A tuning worker trains trial after trial in one process: each run's persistent loader
-    workers (training and validation) end with it, or memory runs out after a few trials."""
-    import psutil
-
-    before = {child.pid for child in psutil.Process().children(recursive=True)}
-    for index in range(2):
-        run(make_config("train.iterations=2", "data.num_workers=1", "data.eval_num_workers=1",
-                        f"train.output_dir={tmp_path / f'run-{index}'}", method="polish_teacher"))
-        left = [child for child in psutil.Process().children(recursive=True)
-                if child.pid not in before and child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
-        assert not left, f"run {index} left loader workers alive: {left}"

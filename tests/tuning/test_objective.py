@@ -240,3 +240,19 @@ def test_a_bad_override_is_one_error_line_and_status_2(project: Project, capsys,
         assert "Traceback" not in capsys.readouterr().err
         errors = [r for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and errors[0].exc_info is None
+
+
+def test_trials_in_one_worker_leave_no_loader_workers_behind(project: Project) -> None:
+    """Trial after trial in one process (completed and pruned ones): none keeps its loader
+    workers (a real study's worker was killed for memory after 7 trials)."""
+    import psutil
+
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    setup = prepare(project.overrides + ["tune.n_trials=3", "data.num_workers=1", "train.iterations=3",
+                                         "tune.pruner.name=threshold", "tune.pruner.lower=0.99"])
+    run_worker(setup)
+    states = {t.state for t in project.study(setup.storage_url).trials}
+    assert TrialState.PRUNED in states
+    left = [child for child in psutil.Process().children(recursive=True)
+            if child.pid not in before and child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"loader workers left alive after the study: {left}"
