@@ -186,7 +186,9 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
 
 def common_overrides(args: argparse.Namespace, percent: float, seed: int) -> list[str]:
     return [
-        "experiment=synthetic",
+        # The pre-registered settings: each arm names its weight, and no later recipe choice
+        # (conf/experiment_method/, e.g. a tuned default) changes what a planned arm means.
+        "experiment=synthetic", "~experiment_method",
         f"data.synthetic.num_train={args.num_train}",
         f"data.synthetic.num_test={args.num_test}",
         f"data.percent={percent}",

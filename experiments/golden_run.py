@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Each arm names its unsupervised weight (the methods' own: 3 and 4), so a recipe's choice
-# (conf/experiment_method/) does not change what the recorded losses mean.
+# Each arm names its unsupervised weight (the methods' own: 3 and 4), and no recipe choice
+# (conf/experiment_method/, removed with ~experiment_method) changes what the recorded losses mean.
 ARMS = {
     "supervised": ["method=supervised"],
     "soft_teacher": ["method=soft_teacher", "method.unsup_weight=4.0"],
@@ -31,7 +31,7 @@ ARMS = {
     "oracle": ["method=polish_teacher", "method.unsup_weight=3.0", "method.pseudo_labels=oracle"],
 }
 TINY = [
-    "experiment=synthetic", "data.synthetic.num_train=24", "data.synthetic.num_val=4", "data.percent=25",
+    "experiment=synthetic", "~experiment_method", "data.synthetic.num_train=24", "data.synthetic.num_val=4", "data.percent=25",
     "data.num_workers=0", "data.train_min_sizes=[96,128]", "data.train_max_size=160", "data.test_size=96",
     "data.test_max_size=160", "model.fpn_channels=32", "model.box_head_dim=64", "method.polish_hidden=64",
     "method.reg_samples=8", "method.cls_samples=[4,4]", "method.reg_jitter_times=4",
