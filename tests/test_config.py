@@ -12,7 +12,8 @@ def test_default_is_polish_teacher_on_synthetic():
     assert cfg.method.name == "polish_teacher"
     assert cfg.data.name == "synthetic"
     assert cfg.model.arch == "efficientnet_lite0_fpn" and cfg.model.weights_backbone == "IMAGENET"
-    assert cfg.method.rf_cls_thr == 0.9
+    assert cfg.method.rf_cls_thr == 0.7994  # the synthetic study's, conf/experiment_method/
+    assert compose(["~experiment_method"]).method.rf_cls_thr == 0.9  # the method's own
 
 
 def test_overrides_and_experiments():

@@ -252,7 +252,8 @@ def test_init_continue_goes_on_with_the_burn_in_schedule_in_a_new_run_and_report
     its schedule (step, learning rate, EMA counters) as a new MLflow run in its own folder;
     the test split is evaluated once, at the end, and never before."""
     caplog.set_level("INFO")  # the console's level under ssod-train (Hydra's job logging)
-    schedule = ("train.lr_steps=[3]", "train.warmup_iters=0", "data.val_max_images=2", "data.synthetic.num_test=3")
+    schedule = ("train.lr_steps=[3]", "train.lr_gamma=0.1", "train.warmup_iters=0", "data.val_max_images=2",
+                "data.synthetic.num_test=3")
     # The burn-in skips the test split, as the method benchmark's and a study's do.
     run(make_config(*schedule, "train.iterations=3", "method.unsup_start=3", "train.evaluate_test=false",
                     method="polish_teacher"))
