@@ -118,16 +118,20 @@ class IntervalClock:
 
 
 def _next_batch_or_stop(loaders: Loaders, method: Method, step: int, training: Training) -> tuple[list, list]:
-    """``_next_batch``; when a loader worker has died (``RuntimeError: DataLoader worker ...``),
-    the weights are whole (between steps): checkpoint, then ``LoaderWorkerDied``."""
+    """``_next_batch``; when a loader worker has died (``RuntimeError: DataLoader worker ...``,
+    or the loader's connection to it reset), the weights are whole (between steps):
+    checkpoint, then ``LoaderWorkerDied``."""
     try:
         batch = _next_batch(loaders, method, step, training.state, training.accelerator.device)
-    except RuntimeError as error:
-        if "DataLoader worker" not in str(error):
+    except (RuntimeError, ConnectionError, EOFError) as error:
+        # torch names a dead worker in a RuntimeError; reading its half-written batch from the
+        # queue can fail first, as a reset or closed connection.
+        if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
             raise
         training.save()
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LoaderWorkerDied(
-            f"a data loader worker died ({str(error).strip().splitlines()[0]}); checkpoint saved at step {step}: "
+            f"a data loader worker died ({reason}); checkpoint saved at step {step}: "
             "continue with train.resume=auto (with fewer data.num_workers if the machine ran out of memory)") from error
     _worker_deaths_at_fetch()
     return batch
