@@ -18,6 +18,7 @@ import json
 import logging
 from pathlib import Path
 
+from ssod.checkpoint import checkpoint_path
 from ssod.tuning.settings import StudySetup
 from ssod.tuning.space import override
 
@@ -61,7 +62,7 @@ def with_shared_burn_in(setup: StudySetup, trainer=None) -> StudySetup:
         return setup
     check_burn_in_space(setup)
     directory = burn_in_dir(setup)
-    checkpoint = directory / "checkpoints" / f"step-{tune.burn_in:08d}.pt"  # as continue_overrides names it
+    checkpoint = burn_in_checkpoint(setup)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.with_name(directory.name + ".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another worker training it: wait for it
@@ -77,9 +78,13 @@ def continue_overrides(setup: StudySetup) -> list[str]:
     """What makes a run continue the study's shared burn-in (none without one)."""
     if not setup.tune.burn_in:
         return []
-    checkpoint = burn_in_dir(setup) / "checkpoints" / f"step-{setup.tune.burn_in:08d}.pt"
-    return [override("train.init_from", str(checkpoint)), "train.init_continue=true",
+    return [override("train.init_from", str(burn_in_checkpoint(setup))), "train.init_continue=true",
             f"method.unsup_start={setup.tune.burn_in}"]
+
+
+def burn_in_checkpoint(setup: StudySetup) -> Path:
+    """The shared burn-in's final checkpoint (whether or not it exists yet)."""
+    return checkpoint_path(burn_in_dir(setup) / "checkpoints", setup.tune.burn_in)
 
 
 def _train_burn_in(setup: StudySetup, directory: Path, trainer=None) -> None:
