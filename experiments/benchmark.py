@@ -24,10 +24,17 @@ numbers between its markers. Protocol (``--profile`` sets the sizes; every flag 
   schedule, EMA counters, and SGD momentum matched by parameter name) for ``--iterations``
   more, its unsupervised weight ramping up over ``--unsup-warmup``; the supervised arm
   continues the same way with labeled images only.
-- Arms, each at its recipe's settings (``conf/experiment_method/``: unsupervised weight 1.0):
-  supervised, soft_teacher, polish_teacher, the oracle (hidden ground truth as pseudo labels
-  through the same path: the ceiling), and at the main setting the ablations pt_no_polish
-  (networks trained, neither used), pt_box_only, pt_cls_only. ``--ablation-seeds`` limits them.
+- Arms, each at unsupervised weight 1.0: supervised, soft_teacher, polish_teacher, the oracle
+  (hidden ground truth as pseudo labels through the same path: the ceiling), and at the main
+  setting the ablations pt_no_polish (networks trained, neither used), pt_box_only,
+  pt_cls_only. ``--ablation-seeds`` limits them.
+- Each method's own learning rate for the phase after the burn-in, chosen on validation with
+  the same budget for every method: supervised, soft_teacher and polish_teacher each train one
+  arm per ``--lr-grid`` value of ``train.lr_gamma`` (the factor on the burn-in's rate from its
+  end) at the main setting's first seed; the value with the best final validation teacher AP
+  is that method's for every seed and fraction (the oracle and the ablations take
+  polish_teacher's). The selection runs are ordinary arms (the chosen one is that seed's arm);
+  the test AP of the others is never read. ``--lr-grid`` with no value skips the selection.
 - The scored model is the teacher (the EMA detector, the model the paper reports), at the
   run's last step; the primary metric its COCO AP on the test split. Intervals: 95%, from a
   paired bootstrap over seeds and test images (``ssod.bootstrap``), from each run's kept test
@@ -35,8 +42,8 @@ numbers between its markers. Protocol (``--profile`` sets the sizes; every flag 
 
 Output: ``<out-dir>/method_benchmark.json``: ``runs`` (one record per finished run, written
 after each run; a run already recorded is skipped, an interrupted one resumes from its last
-checkpoint) and ``summary`` (one record per comparison: mean, ci_low, ci_high, seeds
-positive), and the table in ``<out-dir>/method_benchmark.md``. Runs land in the MLflow
+checkpoint), ``summary`` (one record per comparison: mean, ci_low, ci_high, seeds
+positive) and ``lr_selection`` (the grid, each selection run's validation AP, the choice), and the table in ``<out-dir>/method_benchmark.md``. Runs land in the MLflow
 experiment ``--experiment`` of the project's store. ``--jobs N`` runs N trainings side by
 side (a GPU machine with many cores); each gets ``cores / N`` threads. Extra Hydra overrides
 after ``--`` apply to every run.
@@ -75,6 +82,8 @@ ARMS = {
     "soft_teacher_paper": ["method=soft_teacher", "method.unsup_weight=4.0"],
 }
 MAIN_ARMS = ("supervised", "polish_teacher", "soft_teacher", "oracle")
+# The methods whose phase learning rate is chosen on validation (an equal budget each).
+SELECTED_METHODS = ("supervised", "soft_teacher", "polish_teacher")
 ABLATIONS = ("pt_no_polish", "pt_box_only", "pt_cls_only")
 DEFAULT_ARMS = (*MAIN_ARMS, *ABLATIONS)
 # The comparisons of the summary: (method, baseline).
@@ -91,11 +100,11 @@ PROFILES = {
     # oracle has room: +16.7 AP in ../shared/docs/BENCHMARKS.md), then 2.5%; 5 seeds; arms of
     # 900 iterations after a 400-iteration burn-in, a validation curve every 150.
     "cpu": dict(num_train=4000, num_test=2000, percents=[0.5, 2.5], seeds=[0, 1, 2, 3, 4], burn_in=400,
-                iterations=900, unsup_warmup=50, ablation_seeds=5, jobs=1,
+                iterations=900, unsup_warmup=50, ablation_seeds=5, jobs=1, lr_grid=[0.1, 0.3, 1.0],
                 extra=["train.eval_every=150", *TIGHT_BOXES]),
     # One GPU machine with 16 cores: the same protocol, 8 runs side by side.
     "gpu": dict(num_train=4000, num_test=2000, percents=[0.5, 2.5], seeds=[0, 1, 2, 3, 4], burn_in=400,
-                iterations=900, unsup_warmup=50, ablation_seeds=5, jobs=8,
+                iterations=900, unsup_warmup=50, ablation_seeds=5, jobs=8, lr_grid=[0.1, 0.3, 1.0],
                 extra=["train.eval_every=150", *TIGHT_BOXES, "data.num_workers=1"]),
 }
 
@@ -126,10 +135,17 @@ class Run:
     arm: str
     percent: float
     seed: int
+    lr_gamma: float | None = None  # None: the config's
 
     @property
     def name(self) -> str:
-        return f"mb-{self.arm}-{self.percent:g}pct-s{self.seed}"
+        rate = "" if self.lr_gamma is None else f"-lr{self.lr_gamma:g}"
+        return f"mb-{self.arm}-{self.percent:g}pct-s{self.seed}{rate}"
+
+
+def lr_method(arm: str) -> str:
+    """The method whose chosen phase learning rate an arm takes."""
+    return arm if arm == "supervised" else "soft_teacher" if arm.startswith("soft_teacher") else "polish_teacher"
 
 
 @dataclass
@@ -155,6 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, help="iterations of each arm after the burn-in")
     parser.add_argument("--unsup-warmup", type=int)
     parser.add_argument("--jobs", type=int)
+    parser.add_argument("--lr-grid", type=float, nargs="*",
+                        help="train.lr_gamma values tried per method on validation (none: no selection)")
     parser.add_argument("--experiment", default="ssod-method-benchmark", help="MLflow experiment name")
     parser.add_argument("--out-dir", default="experiments/results")
     parser.add_argument("--outputs", default="outputs/method_benchmark", help="the runs' output folders")
@@ -182,6 +200,28 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
                     continue
                 runs.append(Run(arm, percent, seed))
     return runs
+
+
+def selection_runs(args: argparse.Namespace) -> list[Run]:
+    """The phase-learning-rate selection: every method, every grid value, at the main setting's
+    first seed (supervised first: the cheapest)."""
+    return [Run(method, args.percents[0], args.seeds[0], gamma)
+            for method in SELECTED_METHODS for gamma in (args.lr_grid or [])]
+
+
+def choose_lr(entries: list[dict]) -> dict[str, float]:
+    """Per method, the grid value with the highest final validation teacher AP (a tie: the
+    first in the grid)."""
+    chosen = {}
+    for method in SELECTED_METHODS:
+        rows = [e for e in entries if e["method"] == method and e.get("val_teacher_AP") is not None]
+        if rows:
+            chosen[method] = max(rows, key=lambda e: e["val_teacher_AP"])["lr_gamma"]
+    return chosen
+
+
+def with_chosen_lr(runs: list[Run], chosen: dict[str, float]) -> list[Run]:
+    return [Run(run.arm, run.percent, run.seed, chosen.get(lr_method(run.arm))) for run in runs]
 
 
 def common_overrides(args: argparse.Namespace, percent: float, seed: int) -> list[str]:
@@ -256,6 +296,7 @@ def run_arm(plan: Plan, run: Run, burn_in: Path, threads: int) -> dict:
     mid = args.burn_in + args.iterations // 2
     overrides = [
         *common_overrides(args, run.percent, run.seed), *(o.format(mid=mid) for o in ARMS[run.arm]),
+        *([] if run.lr_gamma is None else [f"train.lr_gamma={run.lr_gamma}"]),
         f"train.init_from={burn_in.resolve()}", "train.init_continue=true",
         f"train.iterations={total}", f"method.unsup_start={args.burn_in}", f"method.unsup_warmup={args.unsup_warmup}",
         f"train.eval_every={max(args.iterations // 2, 1)}", f"train.ckpt_every={max(args.iterations // 2, 1)}",
@@ -279,7 +320,7 @@ def record(plan: Plan, run: Run, iterations: int) -> dict:
     if metrics.get("step") != iterations:
         raise LookupError(f"{run.name}: not finished ({path})")
     entry = {"testbed": TESTBED, "arm": run.arm, "method": ARMS[run.arm][0].split("=")[1], "percent": run.percent,
-             "seed": run.seed, "model_scored": "teacher", "test_AP": metrics.get("test/teacher/bbox_AP"),
+             "seed": run.seed, "lr_gamma": run.lr_gamma, "model_scored": "teacher", "test_AP": metrics.get("test/teacher/bbox_AP"),
              "iterations": iterations, "burn_in": args.burn_in, "mlflow_run_id": metrics.get("mlflow_run_id"),
              "labeled_images": metrics.get("data/train/images"),
              # Written by the run itself: the machine that trained it, not the one collecting.
@@ -317,7 +358,7 @@ def _histories(args: argparse.Namespace, run_id: str | None) -> dict[str, list[t
 
 
 def run_key(record: dict) -> str:
-    return Run(record["arm"], record["percent"], record["seed"]).name
+    return Run(record["arm"], record["percent"], record["seed"], record.get("lr_gamma")).name
 
 
 def load_results(path: Path) -> tuple[dict[str, dict], list[dict]]:
@@ -329,12 +370,22 @@ def load_results(path: Path) -> tuple[dict[str, dict], list[dict]]:
     return {run_key(r): r for r in runs}, ([] if isinstance(document, list) else document.get("summary", []))
 
 
-def save_results(path: Path, records: dict[str, dict], summary: list[dict], set_aside: list[dict] = ()) -> None:
-    """Write the json; ``set_aside`` records join its ``superseded`` list (kept, never dropped)."""
+def load_selection(path: Path) -> dict | None:
+    """The json's ``lr_selection`` (None before the selection has finished)."""
+    return json.loads(path.read_text()).get("lr_selection") if path.is_file() else None
+
+
+def save_results(path: Path, records: dict[str, dict], summary: list[dict], set_aside: list[dict] = (),
+                 selection: dict | None = None) -> None:
+    """Write the json; ``set_aside`` records join its ``superseded`` list (kept, never dropped);
+    the stored ``lr_selection`` stays unless ``selection`` replaces it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    superseded = json.loads(path.read_text()).get("superseded", []) if path.is_file() else []
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = old if isinstance(old, dict) else {}
     document = {"runs": sorted(records.values(), key=lambda r: (r["percent"], r["seed"], r["arm"])), "summary": summary,
-                "superseded": [*superseded, *set_aside]}
+                "superseded": [*old.get("superseded", []), *set_aside]}
+    if selection or old.get("lr_selection"):
+        document["lr_selection"] = selection or old["lr_selection"]
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(document, indent=1))
     os.replace(temporary, path)
@@ -504,6 +555,21 @@ def derived_claims(records: list[dict], summary: list[dict], percent: float) -> 
     return lines
 
 
+def selection_table(selection: dict | None) -> str:
+    """Each method's phase learning rate: the validation AP of every grid value, the choice."""
+    if not selection:
+        return ""
+    grid = selection["grid"]
+    lines = [f"\n### Phase learning rate, chosen on validation ({selection['percent']:g}% labeled, seed "
+             f"{selection['seed']}, final validation teacher AP)\n",
+             "| method | " + " | ".join(f"lr_gamma {g:g}" for g in grid) + " | chosen |", "|" + " --- |" * (len(grid) + 2)]
+    for method in SELECTED_METHODS:
+        by_gamma = {r["lr_gamma"]: r.get("val_teacher_AP") for r in selection["runs"] if r["method"] == method}
+        cells = [f"{100 * by_gamma[g]:.1f}" if by_gamma.get(g) is not None else "-" for g in grid]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {selection['chosen'].get(method, '-')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _mean(group: list[dict], key: str, digits: int = 3) -> str:
     values = [r[key] for r in group if r.get(key) is not None]
     return f"{statistics.fmean(values):.{digits}f}" if values else "-"
@@ -516,7 +582,7 @@ GENERATED_END = "<!-- end of the generated part -->"
 
 
 def write_markdown(args: argparse.Namespace, records: list[dict], summary: list[dict], path: Path,
-                   wall: float | None) -> str:
+                   wall: float | None, selection: dict | None = None) -> str:
     """Write the table into ``path``: between the markers of an existing file (keeping what
     surrounds them), or as a new file. A file without the markers, edited by hand, is kept
     beside as ``<name>.before-markers`` before it is replaced."""
@@ -531,7 +597,7 @@ def write_markdown(args: argparse.Namespace, records: list[dict], summary: list[
         f"`{' '.join(args.overrides) or '-'}`. AP in percent; ± is the standard deviation over seeds; paired "
         "differences are per seed (same split, same burn-in); the intervals resample seeds and test images.\n"
         + (f"\nWall time of this invocation: {wall / 60:.0f} min on {os.cpu_count()} CPU cores.\n" if wall else "")
-        + table(records, summary) + f"\n{GENERATED_END}"
+        + selection_table(selection) + table(records, summary) + f"\n{GENERATED_END}"
     )
     before, after = "# Method benchmark (synthetic shapes)\n\n", "\n"
     old = path.read_text() if path.is_file() else None
@@ -555,12 +621,51 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     json_path, md_path = out_dir / "method_benchmark.json", out_dir / "method_benchmark.md"
     records, summary = load_results(json_path)
+    selection = load_selection(json_path)
     started = time.perf_counter()
     failed = []
     if not args.table_only:
-        plan = Plan(args, plan_runs(args))
         from ssod.tracking import machine_description
 
+        threads = max((os.cpu_count() or 1) // args.jobs, 1)
+        locks: dict[tuple[float, int], threading.Lock] = {}
+
+        def burn_in_then_arm(plan: Plan, run: Run) -> dict:
+            # A burn-in is trained by the first arm of its (fraction, seed) that needs it, so
+            # that one job goes seed by seed; arms side by side wait for it rather than train it twice.
+            with locks.setdefault((run.percent, run.seed), threading.Lock()):
+                burn_in = ensure_burn_in(plan, run.percent, run.seed, threads)
+            return run_arm(plan, run, burn_in, threads)
+
+        def run_all(plan: Plan, runs: list[Run], done) -> None:
+            prepare_data(args, sorted({(run.percent, run.seed) for run in runs}))
+            with ThreadPoolExecutor(args.jobs) as pool:
+                futures = {pool.submit(burn_in_then_arm, plan, run): run for run in runs}
+                for future, run in futures.items():
+                    try:
+                        done(run, future.result())
+                    except Exception as error:  # the others go on; the failure is reported at the end
+                        failed.append(f"{run.name}: {error}")
+
+        plan = Plan(args, plan_runs(args))
+        wanted = selection_runs(args)
+        if wanted and (selection is None or selection.get("grid") != args.lr_grid):
+            entries = {}
+            print(f"choosing each method's phase learning rate on validation: train.lr_gamma in {args.lr_grid}, "
+                  f"{len(wanted)} runs", flush=True)
+            run_all(plan, wanted, lambda run, entry: entries.__setitem__(run.name, entry))
+            if len(entries) == len(wanted):
+                rows = [{key: entry.get(key) for key in ("method", "lr_gamma", "val_teacher_AP", "val_curve",
+                                                        "mlflow_run_id", "machine")} for entry in entries.values()]
+                selection = {"grid": args.lr_grid, "percent": wanted[0].percent, "seed": wanted[0].seed,
+                             "metric": "val_teacher_AP", "runs": rows, "chosen": choose_lr(rows)}
+                save_results(json_path, records, summary, selection=selection)
+                print(f"chosen: {selection['chosen']}", flush=True)
+        if wanted and (selection is None or selection.get("grid") != args.lr_grid):
+            print("the learning-rate selection did not finish; no arm runs before it (run the command again):\n  "
+                  + "\n  ".join(failed), file=sys.stderr)
+            return 1
+        plan.runs = with_chosen_lr(plan.runs, selection["chosen"] if wanted else {})
         todo = [run for run in plan.runs if run.name not in records]
         moved = set_aside_other_machines(records, todo, machine_description())
         if moved:
@@ -569,33 +674,18 @@ def main(argv: list[str] | None = None) -> int:
             save_results(json_path, records, summary, moved)
             todo = [run for run in plan.runs if run.name not in records]
         print(f"{len(plan.runs)} runs planned, {len(plan.runs) - len(todo)} already recorded in {json_path}", flush=True)
-        threads = max((os.cpu_count() or 1) // args.jobs, 1)
-        keys = sorted({(run.percent, run.seed) for run in todo})
-        prepare_data(args, keys)
-        # A burn-in is trained by the first arm of its (fraction, seed) that needs it, so that
-        # one job goes seed by seed; arms side by side wait for it rather than train it twice.
-        locks = {key: threading.Lock() for key in keys}
 
-        def burn_in_then_arm(run: Run) -> dict:
-            with locks[(run.percent, run.seed)]:
-                burn_in = ensure_burn_in(plan, run.percent, run.seed, threads)
-            return run_arm(plan, run, burn_in, threads)
+        def keep(run: Run, entry: dict) -> None:
+            records[run.name] = entry
+            save_results(json_path, records, summary)
 
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {pool.submit(burn_in_then_arm, run): run for run in todo}
-            for future, run in futures.items():
-                try:
-                    records[run.name] = future.result()
-                except Exception as error:  # the others go on; the failure is reported at the end
-                    failed.append(f"{run.name}: {error}")
-                    continue
-                save_results(json_path, records, summary)
+        run_all(plan, todo, keep)
         if failed:
             print("failed runs (run the command again to retry them):\n  " + "\n  ".join(failed), file=sys.stderr)
     summary = summarize(list(records.values()), args.replicates, summary)
     save_results(json_path, records, summary)
     wall = None if args.table_only else time.perf_counter() - started
-    print(write_markdown(args, list(records.values()), summary, md_path, wall))
+    print(write_markdown(args, list(records.values()), summary, md_path, wall, selection))
     return 1 if failed else 0
 
 
