@@ -148,3 +148,34 @@ def test_a_seed_continued_on_another_cpu_runs_again_and_its_old_runs_are_kept_as
     saved = json.loads((tmp_path / "b.json").read_text())
     assert [r["arm"] for r in saved["superseded"]] == ["supervised", "polish_teacher"]
     assert all("another CPU" in r["superseded_because"] for r in saved["superseded"])
+
+
+def test_each_method_gets_the_same_learning_rate_grid_and_its_arms_take_the_rate_chosen_on_validation(tmp_path: Path):
+    benchmark = _benchmark()
+    args = benchmark.parse_args(["--profile", "cpu", "--seeds", "3", "4", "--lr-grid", "0.1", "1.0"])
+    wanted = benchmark.selection_runs(args)
+    assert [(run.arm, run.lr_gamma) for run in wanted] == [
+        (method, gamma) for method in benchmark.SELECTED_METHODS for gamma in (0.1, 1.0)]
+    assert {(run.percent, run.seed) for run in wanted} == {(0.5, 3)}  # the main setting's first seed
+    rows = [{"method": run.arm, "lr_gamma": run.lr_gamma, "val_teacher_AP": value}
+            for run, value in zip(wanted, [0.40, 0.45, 0.50, 0.50, 0.52, 0.48])]
+    chosen = benchmark.choose_lr(rows)
+    assert chosen == {"supervised": 1.0, "soft_teacher": 0.1, "polish_teacher": 0.1}  # a tie: the first
+    runs = benchmark.with_chosen_lr(benchmark.plan_runs(args), chosen)
+    assert {run.arm: run.lr_gamma for run in runs} == {
+        "supervised": 1.0, "soft_teacher": 0.1, "polish_teacher": 0.1, "oracle": 0.1, "pt_no_polish": 0.1,
+        "pt_box_only": 0.1, "pt_cls_only": 0.1}
+    # The chosen selection run is the seed's arm: the same name, so it is not trained twice.
+    assert benchmark.Run("supervised", 0.5, 3, 1.0).name in {run.name for run in runs}
+    assert benchmark.run_key({"arm": "supervised", "percent": 0.5, "seed": 3, "lr_gamma": 1.0}) == "mb-supervised-0.5pct-s3-lr1"
+    # The selection is kept in the json across later writes, and shown in the report.
+    selection = {"grid": [0.1, 1.0], "percent": 0.5, "seed": 3, "runs": rows, "chosen": chosen}
+    path = tmp_path / "b.json"
+    benchmark.save_results(path, {}, [], selection=selection)
+    benchmark.save_results(path, {}, [])
+    assert benchmark.load_selection(path) == selection
+    text = benchmark.selection_table(selection)
+    assert "| supervised | 40.0 | 45.0 | 1.0 |" in text and "| polish_teacher | 52.0 | 48.0 | 0.1 |" in text
+    # Without a grid there is no selection and the arms keep the config's rate.
+    bare = benchmark.parse_args(["--seeds", "0", "--lr-grid"])
+    assert benchmark.selection_runs(bare) == [] and benchmark.with_chosen_lr(benchmark.plan_runs(bare), {})[0].lr_gamma is None
