@@ -165,11 +165,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``) onto the CPU."""
+    """Load a checkpoint safely (``weights_only=True``) onto the CPU. A file that does not
+    load is a ``CheckpointError`` of one line: torch's message cut to its first line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        first = first if len(first) <= 240 else first[:237] + "..."
+        raise CheckpointError(f"could not load checkpoint {path} (truncated, corrupt or not a checkpoint of ours): "
+                              f"{first}") from error
 
 
 def find_resume_checkpoint(resume: Optional[str], directory: Path) -> Optional[Path]:
@@ -187,7 +191,10 @@ def load_newest_loadable(directory: Path) -> tuple[Optional[Path], Optional[dict
 
     One that does not load (corrupt, truncated, unsafe) is moved to ``<dir>/unloadable/``,
     never deleted, with a warning, and the next older one is tried: a scheduler that always
-    passes ``auto`` must not crash-loop on one bad file. (None, None) when none is left.
+    passes ``auto`` must not crash-loop on one bad file. (None, None) for a folder that never
+    had a checkpoint; when every checkpoint it had is unloadable a ``CheckpointError``: a
+    silent new start from step 0 would throw the run away (and every later ``auto`` would go
+    on from that start).
     """
     for _, path in reversed(list_checkpoints(directory)):
         try:
@@ -200,6 +207,12 @@ def load_newest_loadable(directory: Path) -> tuple[Optional[Path], Optional[dict
             except FileNotFoundError:
                 continue  # another process of the same job moved it first
             log.warning("%s; moved it to %s and trying the next older checkpoint", error, aside / path.name)
+    aside = Path(directory) / "unloadable"
+    unloadable = sorted(aside.glob("step-*.pt")) if aside.is_dir() else []
+    if unloadable:
+        raise CheckpointError(
+            f"train.resume=auto: no checkpoint in {directory} loads ({len(unloadable)} unloadable, kept in {aside}); "
+            f"to start this run over from step 0 move {aside} away, or name an older copy with train.resume=<file>")
     return None, None
 
 

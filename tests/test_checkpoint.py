@@ -278,5 +278,22 @@ def test_auto_resume_skips_an_unloadable_newest_checkpoint_and_keeps_it_aside(tm
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 2]
     for step in (1, 2):
         checkpoint_path(tmp_path, step).write_bytes(b"garbage")
-    assert checkpoint.load_newest_loadable(tmp_path) == (None, None)
+    # None loads: refused in one line, not a silent new start from step 0; every later try too.
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match=r"^train.resume=auto: no checkpoint in .* loads \(3 unloadable, kept in "
+                                                  r".*unloadable\); to start this run over") as refused:
+            checkpoint.load_newest_loadable(tmp_path)
+        assert "\n" not in str(refused.value)
     assert sorted(p.name for p in (tmp_path / "unloadable").iterdir()) == [f"step-0000000{i}.pt" for i in (1, 2, 3)]
+    # A folder that never had a checkpoint starts fresh.
+    assert checkpoint.load_newest_loadable(tmp_path / "new") == (None, None)
+
+
+def test_an_unloadable_checkpoint_is_named_in_one_line(tmp_path: Path):
+    path = checkpoint_path(tmp_path, 4)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load_checkpoint(path)
+    message = str(refused.value)
+    assert message.startswith(f"could not load checkpoint {path} (truncated, corrupt or not a checkpoint of ours): ")
+    assert "\n" not in message and len(message) < 400

@@ -507,6 +507,22 @@ def test_resuming_from_a_checkpoint_with_a_pickled_object_is_refused(make_config
     assert not AcceleratorState._shared_state
 
 
+def test_auto_resume_with_every_checkpoint_unloadable_stops_instead_of_starting_over(make_config, mlflow_store,
+                                                                                      tmp_path: Path):
+    """The only checkpoint truncated: ``train.resume=auto`` used to start a new MLflow run from
+    step 0 and exit 0, throwing the run's progress away without a word in its console.log."""
+    run(make_config("train.iterations=2", "train.ckpt_every=2"))
+    first = mlflow_store.only_run()
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    (only,) = sorted(checkpoints.glob("step-*.pt"))
+    only.write_bytes(only.read_bytes()[:1000])
+    for _ in range(2):  # a scheduler's every retry is refused alike
+        with pytest.raises(CheckpointError, match=r"train.resume=auto: no checkpoint in .* loads \(1 unloadable"):
+            run(make_config("train.iterations=4", "train.resume=auto"))
+    assert [r.info.run_id for r in mlflow_store.runs()] == [first.info.run_id]
+    assert (checkpoints / "unloadable" / only.name).is_file()
+
+
 def test_a_cpu_run_leaves_no_device_choice_behind(make_config, mlflow_store):
     """``train.cpu=true`` must not stick to the process: the next run here may use a GPU."""
     from accelerate.state import AcceleratorState, PartialState
