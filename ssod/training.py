@@ -131,8 +131,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if accelerator.is_main_process:
             point_latest(output_dir)  # the newest run that started
         for context, dataset in data.named_sets():
-            log.info("%s set: %d images, %d boxes; %d degenerate boxes dropped (%s)", context, len(dataset),
-                     dataset.box_count, dataset.degenerate_boxes, dataset.coco.source_path)
+            log.info("%s set: %d images, %d boxes; %d degenerate boxes dropped, %d cut to the image's border (%s)",
+                     context, len(dataset), dataset.box_count, dataset.degenerate_boxes, dataset.clipped_boxes,
+                     dataset.coco.source_path)
         description = run_description(cfg, method.title, method.oracle, job)
         if not resumed or tracker.branched_from:
             tracker.describe(description)
@@ -366,7 +367,7 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     for context, dataset in data.named_sets():
         details = {"images": len(dataset), "boxes": dataset.box_count, "degenerate_boxes": dataset.degenerate_boxes,
-                   "image_dir": str(dataset.image_dir)}
+                   "clipped_boxes": dataset.clipped_boxes, "image_dir": str(dataset.image_dir)}
         tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
                             context, details)
     tracker.log_metrics(data.counts(), 0)

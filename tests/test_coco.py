@@ -15,6 +15,7 @@ from ssod.data.coco import (
     CategoryMap,
     CocoDetection,
     DatasetError,
+    box_counts,
     annotations_to_target,
     list_collate,
     load_coco,
@@ -115,6 +116,31 @@ def test_boxes_are_clipped_and_degenerate_ones_dropped_and_counted():
     assert target["boxes"].tolist() == [[0, 0, 10, 10], [30, 20, WIDTH, HEIGHT]]
     assert target["labels"].tolist() == [1, 1]
     assert dropped == 4
+
+
+def test_boxes_reaching_past_the_border_are_counted_at_start(tmp_path: Path):
+    anns = [
+        _ann(1, 1, [-5, -5, 15, 15], ann_id=1),  # cut at the top left
+        _ann(1, 1, [-500, -500, 2000, 2000], ann_id=2),  # far outside: becomes the whole image
+        _ann(1, 7, [0.5, 0, WIDTH, HEIGHT], ann_id=3),  # overshoots by rounding only: not counted
+        _ann(1, 7, [WIDTH + 5, 3, 10, 10], ann_id=4),  # wholly outside: degenerate, not clipped
+        _ann(2, 7, [3, 3, 10, 10], ann_id=5),
+    ]
+    coco = load_coco(_write(tmp_path, _dataset_json(anns)))
+    assert box_counts(coco, [1, 2, 3]) == (4, 1, 2)
+    assert box_counts(coco, [2]) == (1, 0, 0)
+
+
+def test_an_image_file_of_another_size_than_the_json_says_is_skipped_and_named(tmp_path: Path):
+    coco = load_coco(_write(tmp_path, _dataset_json([_ann(2, 1, [1, 1, 5, 5])])))
+    images = _images(tmp_path)
+    Image.new("RGB", (1, 1)).save(images / "2.png")  # declared 40x30
+    dataset = CocoDetection(coco, images, _category_map(), lambda image, target, generator: image)
+    image, meta = dataset[(1, 0)]
+    assert meta["image_id"] == 3 and meta["bad_image_ids"] == [2]
+    (entry,) = meta["bad_files"]
+    assert entry.startswith(f"{images / '2.png'}: the file is 1x1 but {tmp_path / 'data.json'} says 40x30")
+    assert "boxes would not line up" in entry
 
 
 @pytest.mark.parametrize(

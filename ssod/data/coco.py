@@ -12,7 +12,9 @@ whatever the number of DataLoader workers, and after a resume.
 Faults: a missing or malformed json, an empty ``images`` list or an unknown category id
 is an error at start naming the file. A corrupt image met while training is skipped (the
 next image is used instead) and reported in the sample's ``bad_files`` so the loop can
-count and log it.
+count and log it; so is an image whose file is not the size the json gives (its boxes would
+not line up). Boxes that reach past the image's border are cut to it and counted at start
+(``clipped_boxes``), those left with no area dropped and counted (``degenerate_boxes``).
 """
 
 from __future__ import annotations
@@ -136,10 +138,21 @@ def annotations_to_target(anns: list[dict], category_map: CategoryMap, width: in
     return {"boxes": boxes[keep], "labels": labels[keep]}, int((~keep).sum())
 
 
-def box_counts(coco: COCO, image_ids: list[int]) -> tuple[int, int]:
-    """(usable boxes, degenerate boxes) of ``image_ids``, by the rules of
+class ImageSizeMismatch(ValueError):
+    """An image file whose size is not the json's width x height (an ``IMAGE_ERRORS``: skipped
+    and counted like an unreadable file)."""
+
+
+# How far past the border a box may reach before it counts as clipped (COCO's own boxes
+# overshoot by rounding).
+CLIP_TOLERANCE_PX = 1.0
+
+
+def box_counts(coco: COCO, image_ids: list[int]) -> tuple[int, int, int]:
+    """(usable boxes, degenerate boxes, clipped boxes) of ``image_ids``, by the rules of
     ``annotations_to_target``, with the image sizes the json gives (known before any image
-    is read; images without a size count their boxes as usable)."""
+    is read; images without a size count their boxes as usable, none as clipped). Clipped:
+    usable boxes that reach more than ``CLIP_TOLERANCE_PX`` past the border and are cut to it."""
     rows, sizes = [], []
     for image_id in image_ids:
         info = coco.imgs[image_id]
@@ -149,13 +162,16 @@ def box_counts(coco: COCO, image_ids: list[int]) -> tuple[int, int]:
                 rows.append(a["bbox"])
                 sizes.append(size)
     if not rows:
-        return 0, 0
+        return 0, 0, 0
     xywh, limits = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4), torch.tensor(sizes, dtype=torch.float64)
     x1, y1 = xywh[:, 0].clamp(min=0), xywh[:, 1].clamp(min=0)
     x2 = torch.minimum(xywh[:, 0] + xywh[:, 2], limits[:, 0])
     y2 = torch.minimum(xywh[:, 1] + xywh[:, 3], limits[:, 1])
     keep = torch.isfinite(xywh).all(dim=1) & (x2 > x1) & (y2 > y1)
-    return int(keep.sum()), int((~keep).sum())
+    over = torch.stack([-xywh[:, 0], -xywh[:, 1], xywh[:, 0] + xywh[:, 2] - limits[:, 0],
+                        xywh[:, 1] + xywh[:, 3] - limits[:, 1]], dim=1).amax(dim=1)
+    clipped = keep & (over > CLIP_TOLERANCE_PX)
+    return int(keep.sum()), int((~keep).sum()), int(clipped.sum())
 
 
 def read_rgb(path: Path) -> torch.Tensor:
@@ -199,7 +215,7 @@ class CocoDetection(Dataset):
         self.image_ids = ids
         self.degenerate_dropped = 0
         # Known at start from the json: logged by training (data/<set>/boxes, .../degenerate_boxes).
-        self.box_count, self.degenerate_boxes = box_counts(coco, ids)
+        self.box_count, self.degenerate_boxes, self.clipped_boxes = box_counts(coco, ids)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -207,7 +223,7 @@ class CocoDetection(Dataset):
     def keep_first(self, count: int) -> None:
         """Only the first ``count`` images (``data.val_max_images``), their boxes recounted."""
         self.image_ids = self.image_ids[:count]
-        self.box_count, self.degenerate_boxes = box_counts(self.coco, self.image_ids)
+        self.box_count, self.degenerate_boxes, self.clipped_boxes = box_counts(self.coco, self.image_ids)
 
     def load(self, index: int) -> tuple[torch.Tensor, dict, dict]:
         """Decode image ``index`` -> (uint8 [3,H,W], target, meta); raises on a bad file."""
@@ -216,6 +232,10 @@ class CocoDetection(Dataset):
         path = self.image_dir / info["file_name"]
         image = read_rgb(path)
         height, width = image.shape[-2:]
+        declared = (info.get("width"), info.get("height"))
+        if all(isinstance(v, (int, float)) and v > 0 for v in declared) and (width, height) != declared:
+            raise ImageSizeMismatch(f"the file is {width}x{height} but {self.coco.source_path} says "
+                                    f"{declared[0]}x{declared[1]} (width x height): its boxes would not line up")
         target, dropped = annotations_to_target(self.coco.imgToAnns.get(image_id, []), self.category_map, width, height)
         self.degenerate_dropped += dropped
         target["image_id"] = image_id

@@ -82,11 +82,12 @@ class DataBundle:
         return [(name, dataset) for name, dataset in sets if dataset is not None]
 
     def counts(self) -> dict[str, float]:
-        """``data/<set>/{images,boxes,degenerate_boxes}`` of the sets a run reads."""
+        """``data/<set>/{images,boxes,degenerate_boxes,clipped_boxes}`` of the sets a run reads."""
         counts = {}
         for name, dataset in self.named_sets():
             counts.update({f"data/{name}/images": len(dataset), f"data/{name}/boxes": dataset.box_count,
-                           f"data/{name}/degenerate_boxes": dataset.degenerate_boxes})
+                           f"data/{name}/degenerate_boxes": dataset.degenerate_boxes,
+                           f"data/{name}/clipped_boxes": dataset.clipped_boxes})
         return counts
 
 

@@ -103,6 +103,7 @@ def test_a_messy_dataset_trains_with_bad_images_skipped_counted_and_listed(messy
         str(messy_dataset["images"] / "missing.jpg"), str(messy_dataset["images"] / "truncated.jpg")]
     # The two degenerate boxes (outside, zero width) are counted at start, not only dropped.
     assert mlflow_store.history(run_id, "data/train/degenerate_boxes") == {0: [2.0]}
+    assert mlflow_store.history(run_id, "data/train/clipped_boxes") == {0: [1.0]}  # the one partly outside
     assert mlflow_store.history(run_id, "data/train/boxes") == {0: [7.0]}
     assert mlflow_store.history(run_id, "data/eval/boxes") == {0: [4.0]}
 
