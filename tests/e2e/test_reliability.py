@@ -455,6 +455,15 @@ def test_sigkill_during_a_checkpoint_write_then_resume_ends_like_an_uninterrupte
     for part in ("student", "teacher"):
         for name, value in straight[part].items():
             assert torch.equal(resumed[part][name], value), f"{part}.{name} differs after the resume"
+    # And the same logged numbers, bit for bit: the killed process's steps 3-4 (kept, not
+    # logged again) and the resumed process's 5-6 are the straight run's.
+    # Timings and the system monitor are the only numbers that may differ.
+    (straight_run,) = mlflow_store.runs("straight")
+    keys = [key for key in straight_run.data.metrics
+            if not key.startswith("system/") and not key.endswith(("sec_per_iter", "seconds"))]
+    assert {"train/loss", "train/lr", "val/teacher/bbox_AP", "val/student/bbox_AP"} <= set(keys)
+    for key in keys:
+        assert mlflow_store.history(run_.info.run_id, key) == mlflow_store.history(straight_run.info.run_id, key), key
 
 
 # --- checkpoints: full disk, unsafe files --------------------------------------------------
