@@ -22,6 +22,7 @@ from ssod.models.efficientnet import WeightsError
 from ssod.tracking import (
     SPOOL_DIR,
     TrackingUnreachable,
+    bound_requests,
     check_reachable,
     default_tracking_uri,
     mask_console,
@@ -53,7 +54,9 @@ def user_error_status(prog: str, error: Exception) -> int:
 
 def sync_main(argv: Optional[list[str]] = None) -> int:
     """``ssod-sync OUTPUT_DIR [--uri URI]``: send what runs in OUTPUT_DIR could not send to
-    MLflow when they ended (their ``tracking-spool``: metric values, tags, the run's end).
+    MLflow when they ended (their ``tracking-spool``: metric values, tags such as the
+    description, artifacts such as console.log, final_metrics.json and the checkpoint, the
+    run's end).
     The next training in that folder does the same at its start."""
     return one_line_errors("ssod-sync", _sync, argv)
 
@@ -73,6 +76,7 @@ def _sync(argv: Optional[list[str]]) -> int:
         return 0
     uri = args.uri or default_tracking_uri(Path.cwd())
     check_reachable(uri)
+    bound_requests()
     done, left = replay_spool(spool, uri)
     print(f"ssod-sync: {done} spooled run(s) sent to {mask_secrets(uri)}; {left} left in {spool}")
     return 1 if left else 0

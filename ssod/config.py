@@ -231,6 +231,12 @@ class TrackingConfig:
     # mlflow.pytorch.load_model), registered as a version of registered_model_name when set.
     log_model: bool = True
     registered_model_name: str = ""
+    # How long one MLflow HTTP call waits on a server that does not answer: attempts of
+    # request_timeout_s seconds, request_retries after the first (null: MLflow's
+    # MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES when set, else 5 s and 1).
+    # What a failed call did not send is held or spooled, never lost (ssod.tracking).
+    request_timeout_s: Optional[int] = None
+    request_retries: Optional[int] = None
 
 
 @dataclass
@@ -363,6 +369,8 @@ _RULES = {
     "train.max_consecutive_nonfinite": _at_least(1),
     "train.grad_clip_norm": _POSITIVE,
     "train.num_vis_images": _at_least(0),
+    "tracking.request_timeout_s": _at_least(1),
+    "tracking.request_retries": ((lambda v: 0 <= v <= 10), "in [0, 10]"),
     "train.mixed_precision": ((lambda v: v in ("no", "fp16", "bf16", "fp8")), "no, fp16, bf16 or fp8 (or null: the launcher's)"),
     "method.pseudo_labels": ((lambda v: v in ("teacher", "oracle")), "teacher or oracle"),
     "method.polish_use": ((lambda v: v in ("both", "boxes", "categories", "none")), "both, boxes, categories or none"),

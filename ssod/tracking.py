@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -149,6 +150,33 @@ def mask_console() -> None:
             setattr(sys, name, MaskedStream(stream))
 
 
+# What one MLflow HTTP call may cost when neither the config nor the environment says:
+# seconds per attempt (connect, then read), retries after the first attempt, and the
+# backoff factor between retries (urllib3 sleeps 0 s before the first retry). MLflow's own
+# defaults (120 s, 7 retries, factor 2) block a call to a dead server for about 4 minutes.
+_REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": 5, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1,
+                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1}
+# The variables as the user set them, read once: a later ``bound_requests`` must not take
+# the values an earlier one set for the user's.
+_USER_REQUEST_SETTINGS = {name: os.environ.get(name) for name in _REQUEST_DEFAULTS}
+
+
+def bound_requests(timeout_s: Optional[int] = None, retries: Optional[int] = None) -> None:
+    """Bound how long an MLflow HTTP call (this process's, its system metrics monitor's too)
+    waits on a tracking server that does not answer: attempts of at most ``timeout_s``
+    seconds each, ``retries`` after the first. A value given here wins; None leaves the
+    user's ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (and
+    ``..._BACKOFF_FACTOR``) when set, else takes ``_REQUEST_DEFAULTS`` (5 s, 1 retry): a
+    failed call then returns within about ``(retries + 1) * timeout_s`` seconds (twice that
+    when both the connection and the answer are slow). MLflow reads them at every call."""
+    given = {"MLFLOW_HTTP_REQUEST_TIMEOUT": timeout_s, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": retries}
+    for name, default in _REQUEST_DEFAULTS.items():
+        value = given.get(name)
+        if value is None:
+            value = _USER_REQUEST_SETTINGS[name] or default
+        os.environ[name] = str(value)
+
+
 class TrackingUnreachable(RuntimeError):
     """The tracking server does not answer at start."""
 
@@ -169,8 +197,8 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         raise TrackingUnreachable(
             f"MLflow tracking server {mask_secrets(uri)} is unreachable ({error.strerror or error}): start it, "
             "point tracking.uri / MLFLOW_TRACKING_URI at one that runs, or train without tracking "
-            "(tracking.enabled=false); MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT "
-            "set how long MLflow itself retries during a run"
+            "(tracking.enabled=false); tracking.request_timeout_s and tracking.request_retries (or "
+            "MLFLOW_HTTP_REQUEST_TIMEOUT and MLFLOW_HTTP_REQUEST_MAX_RETRIES) bound how long a call waits during a run"
         ) from None
 
 
@@ -195,10 +223,12 @@ class Tracker:
     ``start``, ``log_params`` and ``log_dataset`` fail loudly (a run that cannot be tracked
     should not start). Once training runs, a tracking error (a server outage, a locked
     database) is a warning, never the end of the run: metric values are held and sent
-    with the next call; a text, image or artifact that failed is skipped. After such a
-    failure the server is not called for ``_PAUSE_S`` seconds (values are held, the rest
-    skipped); ``end`` tries once more. Values the server refuses (an invalid key, a
-    deleted run) are dropped, not held. ``failures`` counts what did not get through.
+    with the next call; a tag, text, image or file artifact that failed is kept for the
+    end (texts and images as files in the spool folder). After such a failure the server
+    is not called for ``_PAUSE_S`` seconds (values are held, the rest kept); ``end`` tries
+    once more, and spools what still did not get through. How long one call may wait is
+    bounded by ``bound_requests``. Values the server refuses (an invalid key, a deleted
+    run) are dropped, not held. ``failures`` counts what did not get through.
     """
 
     def __init__(self, uri: str, experiment: str, enabled: bool = True, spool_dir: Optional[Path] = None,
@@ -225,6 +255,10 @@ class Tracker:
         self.client = None
         self.failures = 0
         self._pending: list = []
+        # Tags (key -> value, masked) and artifacts ((local file, artifact folder or None))
+        # not sent while the server was down: tried again by ``end``, spooled if still unsent.
+        self._unsent_tags: dict[str, str] = {}
+        self._unsent_files: list[tuple[str, Optional[str]]] = []
         self._paused_until = 0.0
         if enabled:
             from mlflow.tracking import MlflowClient
@@ -441,7 +475,11 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
             for key, value in tags.items():
-                self._best_effort(f"tag {key}", self.client.set_tag, self.run_id, key, mask_secrets(str(value)))
+                masked = mask_secrets(str(value))
+                if self._best_effort(f"tag {key}", self.client.set_tag, self.run_id, key, masked) is False:
+                    self._unsent_tags[key] = masked
+                else:  # sent (or refused): an older unsent value must not overwrite it later
+                    self._unsent_tags.pop(key, None)
 
     def delete_tag(self, key: str) -> None:
         """Remove ``key`` from the run's tags if it has it (best effort, as ``set_tags``)."""
@@ -454,20 +492,52 @@ class Tracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
-            self._best_effort(artifact_file, self.client.log_text, self.run_id, mask_secrets(text), artifact_file)
+            masked = mask_secrets(text)
+            if self._best_effort(artifact_file, self.client.log_text, self.run_id, masked, artifact_file) is False:
+                local = self._unsent_copy(artifact_file)
+                if local is not None:
+                    local.write_text(masked, encoding="utf-8")
+                    self._keep_unsent(local, artifact_file)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         if self.enabled:
             self.log_text(strict_json(data, sort_keys=True), artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        """The file ``path`` under the run's ``artifact_path``. Not sent, it is sent by ``end``
+        or from the spool as the file is then (console.log with its last lines)."""
         if self.enabled:
-            self._best_effort(str(path), self.client.log_artifact, self.run_id, str(path), artifact_path)
+            if self._best_effort(str(path), self.client.log_artifact, self.run_id, str(path), artifact_path) is False:
+                entry = (str(Path(path).resolve()), artifact_path)
+                if entry not in self._unsent_files:
+                    self._unsent_files.append(entry)
 
     def log_image(self, image, artifact_file: str) -> None:
         """``image``: a PIL image or a uint8 HxWx3 array."""
         if self.enabled:
-            self._best_effort(artifact_file, self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+            if self._best_effort(artifact_file, self.client.log_image, self.run_id, image,
+                                 artifact_file=artifact_file) is False:
+                local = self._unsent_copy(artifact_file)
+                if local is not None:
+                    from PIL import Image
+
+                    (image if hasattr(image, "save") else Image.fromarray(image)).save(local)
+                    self._keep_unsent(local, artifact_file)
+
+    def _unsent_copy(self, artifact_file: str) -> Optional[Path]:
+        """Where a text or image not sent is kept: ``<spool_dir>/<run id>/<artifact_file>``
+        (None without a spool folder: it is then lost, as the warning said)."""
+        if self.spool_dir is None or not self.run_id:
+            return None
+        local = unsent_folder(self.spool_dir, self.run_id) / artifact_file
+        local.parent.mkdir(parents=True, exist_ok=True)
+        return local
+
+    def _keep_unsent(self, local: Path, artifact_file: str) -> None:
+        folder = str(Path(artifact_file).parent)
+        entry = (str(local), None if folder == "." else folder)
+        if entry not in self._unsent_files:
+            self._unsent_files.append(entry)
 
     def current_tag(self, key: str) -> Optional[str]:
         """The run's tag ``key`` as the server has it now (None: unset, or not reachable)."""
@@ -475,7 +545,9 @@ class Tracker:
             return None
         try:
             return self.client.get_run(self.run_id).data.tags.get(key)
-        except tracking_errors():
+        except tracking_errors() as error:
+            if not _permanent(error):
+                self._pause()  # the calls that follow (the tags to set) must not wait on it too
             return None
 
     def describe(self, text: str, only_if_ours: bool = False) -> None:
@@ -565,42 +637,55 @@ class Tracker:
             self.client.log_inputs(self.run_id, datasets=[entity])
 
     def end(self, status: str) -> None:
-        """Close the run as FINISHED, FAILED or KILLED (held metric values are sent first).
+        """Close the run as FINISHED, FAILED or KILLED (held metric values, unsent tags and
+        artifacts are sent first).
 
-        What still does not get through (held values, the checkpoint tag, the run's end) is
-        written to the spool (``spooled`` names the file) instead of being lost: the run is
-        then left RUNNING on the server until the spool is replayed."""
+        What still does not get through (held values, tags such as the checkpoint step and
+        the description, artifacts, the run's end) is written to the spool (``spooled``
+        names the file) instead of being lost: the run is then left RUNNING on the server
+        until the spool is replayed. A failure here never raises: it must not hide the
+        error that may be ending the run."""
         self._stop_monitor()  # before the end: it stops by itself on a run that is not RUNNING
         if self.enabled and self.run_id:
             self._paused_until = 0.0  # the last chance: try once more
             self._flush(f"sending held metric values before ending the run {status}")
-            tags = {CHECKPOINT_STEP_TAG: str(self._checkpoint_step)} if self._checkpoint_step is not None else {}
+            if self._checkpoint_step is not None:
+                self._unsent_tags[CHECKPOINT_STEP_TAG] = str(self._checkpoint_step)
             ended = False
             if not self._pending:
-                if tags:
-                    self.set_tags(tags)
-                # A failure here must not hide the error that may be ending the run.
-                ended = self._best_effort(f"ending the run {status}", self.client.set_terminated, self.run_id,
-                                          status=status)
+                self.set_tags(dict(self._unsent_tags))
+                files, self._unsent_files = self._unsent_files, []
+                for local, artifact_path in files:
+                    self.log_artifact(local, artifact_path)
+                if not self._unsent_tags and not self._unsent_files:
+                    ended = self._best_effort(f"ending the run {status}", self.client.set_terminated, self.run_id,
+                                              status=status)
             else:
                 self.failures += 1  # not ended: its values must arrive first
+            if ended and self.spool_dir is not None:
+                shutil.rmtree(unsent_folder(self.spool_dir, self.run_id), ignore_errors=True)  # all of it was sent
             if not ended and self.spool_dir is not None:
-                self.spooled = write_spool(self.spool_dir, self.run_id, self._pending, tags, status)
-                self._pending = []
+                self.spooled = write_spool(self.spool_dir, self.run_id, self._pending, self._unsent_tags,
+                                           self._unsent_files, status)
+                self._pending, self._unsent_tags, self._unsent_files = [], {}, []
 
-    def _best_effort(self, what: str, call, *args, **kwargs) -> bool:
-        """``call(...)``, a warning instead of an error; returns whether it went through."""
+    def _best_effort(self, what: str, call, *args, **kwargs) -> Optional[bool]:
+        """``call(...)``, a warning instead of an error. Returns True when it went through,
+        False when the server did not take it (down, or left alone after a failure: worth
+        another try), None when it refused it (sending it again cannot work)."""
         if self._paused():
             self.failures += 1
-            log.debug("MLflow paused after a failure: %s skipped", what)
+            log.debug("MLflow paused after a failure: %s kept for later", what)
             return False
         try:
             call(*args, **kwargs)
             return True
         except tracking_errors() as error:
-            if not _permanent(error):
-                self._pause()
-            self._warn(what, error, "skipped")
+            if _permanent(error):
+                self._warn(what, error, "dropped")
+                return None
+            self._pause()
+            self._warn(what, error, "kept for later")
             return False
 
     def _paused(self) -> bool:
@@ -614,23 +699,35 @@ class Tracker:
         log.warning("MLflow: %s failed (%s: %s); training goes on, %s", what, type(error).__name__, mask_secrets(str(error)), outcome)
 
 
-def write_spool(spool_dir: Path, run_id: str, metrics: list, tags: Mapping[str, str], status: str) -> Path:
+def unsent_folder(spool_dir: Path, run_id: str) -> Path:
+    """Where the texts and images a run could not send are kept (beside ``<run_id>.json``)."""
+    return Path(spool_dir) / run_id
+
+
+def write_spool(spool_dir: Path, run_id: str, metrics: list, tags: Mapping[str, str],
+                files: list[tuple[str, Optional[str]]], status: str) -> Path:
     """Write what a run could not send to ``<spool_dir>/<run_id>.json`` (merged with an
-    earlier spool of the same run). No tracking URI is stored (it may hold a password):
-    the replay sends to the store it is given."""
-    path = spool_dir / f"{run_id}.json"
-    earlier = json.loads(path.read_text())["metrics"] if path.is_file() else []
-    payload = {"run_id": run_id, "status": status, "tags": dict(tags),
-               "metrics": earlier + [[m.key, m.value, m.timestamp, m.step] for m in metrics]}
+    earlier spool of the same run): metric values, tags, artifacts (a local file and the
+    run's folder for it) and the status to end with. No tracking URI is stored (it may hold
+    a password): the replay sends to the store it is given."""
+    path = Path(spool_dir) / f"{run_id}.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    artifacts = [list(entry) for entry in earlier.get("artifacts", [])]
+    artifacts += [[local, folder] for local, folder in files if [local, folder] not in artifacts]
+    payload = {"run_id": run_id, "status": status, "tags": {**earlier.get("tags", {}), **dict(tags)},
+               "metrics": earlier.get("metrics", []) + [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+               "artifacts": artifacts}
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(payload, path)
     return path
 
 
 def replay_spool(spool_dir: Path, uri: str) -> tuple[int, int]:
     """Send every spooled run of ``spool_dir`` to the store at ``uri``: its metric values,
-    tags, and its end (the status it ended with). A file is removed once all of it went
-    through, kept otherwise. Returns (runs completed, runs left)."""
-    from mlflow.entities import Metric
+    artifacts, tags, and its end (the status it ended with). A file is removed once all of
+    it went through, kept otherwise; what went through is taken out of it at once, so a
+    later try sends nothing twice. What the store refuses (a deleted run) or a file that is
+    gone is dropped with a warning. Returns (runs completed, runs left)."""
     from mlflow.tracking import MlflowClient
 
     files = sorted(Path(spool_dir).glob("*.json")) if Path(spool_dir).is_dir() else []
@@ -640,22 +737,63 @@ def replay_spool(spool_dir: Path, uri: str) -> tuple[int, int]:
     done = 0
     for path in files:
         payload = json.loads(path.read_text())
-        run_id = payload["run_id"]
         try:
-            metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in payload["metrics"]]
-            for start in range(0, len(metrics), 500):
-                client.log_batch(run_id, metrics=metrics[start : start + 500])
-            for key, value in payload["tags"].items():
-                client.set_tag(run_id, key, value)
-            client.set_terminated(run_id, status=payload["status"])
+            _replay_run(client, path, payload)
         except tracking_errors() as error:
-            log.warning("MLflow: the spooled run %s (%s) could not be sent (%s: %s); kept for the next try",
-                        run_id, path, type(error).__name__, mask_secrets(str(error)))
+            log.warning("MLflow: the spooled run %s (%s) could not be sent (%s: %s); the rest is kept for the next try",
+                        payload["run_id"], path, type(error).__name__, mask_secrets(str(error)))
             continue
         path.unlink()
+        shutil.rmtree(unsent_folder(path.parent, payload["run_id"]), ignore_errors=True)
         done += 1
-        log.info("MLflow: sent the spooled run %s (%d metric values, ended %s)", run_id, len(metrics), payload["status"])
     return done, len(files) - done
+
+
+def _replay_run(client, path: Path, payload: dict) -> None:
+    """Send one spooled run (``write_spool``'s payload), rewriting ``path`` after each part."""
+    from mlflow.entities import Metric
+
+    run_id = payload["run_id"]
+    sent = 0
+    while payload["metrics"]:
+        chunk = [Metric(key, value, timestamp, step) for key, value, timestamp, step in payload["metrics"][:500]]
+        try:
+            client.log_batch(run_id, metrics=chunk)
+        except tracking_errors() as error:
+            if not _permanent(error):
+                raise
+            for metric in chunk:  # only the refused values are lost
+                _refused_is_dropped(f"{metric.key} at step {metric.step} of run {run_id}", client.log_batch, run_id,
+                                    metrics=[metric])
+        payload["metrics"] = payload["metrics"][len(chunk):]
+        sent += len(chunk)
+        write_json_atomic(payload, path)
+    artifacts = payload.setdefault("artifacts", [])
+    count = len(artifacts)
+    while artifacts:
+        local, folder = artifacts[0]
+        if Path(local).is_file():
+            _refused_is_dropped(f"artifact {local}", client.log_artifact, run_id, local, folder)
+        else:
+            log.warning("MLflow: the spooled artifact %s of run %s is gone; not sent", local, run_id)
+        artifacts.pop(0)
+        write_json_atomic(payload, path)
+    for key, value in payload["tags"].items():
+        _refused_is_dropped(f"tag {key} of run {run_id}", client.set_tag, run_id, key, value)
+    _refused_is_dropped(f"the end of run {run_id}", client.set_terminated, run_id, status=payload["status"])
+    log.info("MLflow: sent the spooled run %s (%d metric values, %d artifacts, %d tags; ended %s)", run_id, sent,
+             count, len(payload["tags"]), payload["status"])
+
+
+def _refused_is_dropped(what: str, call, *args, **kwargs) -> None:
+    """``call(...)``; what the store refuses (sending it again cannot work) is dropped with a
+    warning, any other error raised (the server is down: try again later)."""
+    try:
+        call(*args, **kwargs)
+    except tracking_errors() as error:
+        if not _permanent(error):
+            raise
+        log.warning("MLflow: %s refused (%s); dropped", what, mask_secrets(str(error)))
 
 
 # A run's spool folder, inside its output folder.

@@ -45,6 +45,7 @@ from ssod.step import Training, forget_accelerator
 from ssod.tracking import (
     SPOOL_DIR,
     Tracker,
+    bound_requests,
     check_reachable,
     default_tracking_uri,
     machine_description,
@@ -69,6 +70,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     method = build_method(OmegaConf.to_object(cfg.method))
     project_dir = Path.cwd()
     uri = cfg.tracking.uri or default_tracking_uri(project_dir)
+    # Every MLflow call of this process waits on a server that went away for seconds, not
+    # for minutes of MLflow's retries: a stop request is acted on within the step.
+    bound_requests(cfg.tracking.request_timeout_s, cfg.tracking.request_retries)
     if int(os.environ.get("RANK", "0")) == 0 and cfg.tracking.enabled:
         check_reachable(uri)  # seconds, not minutes of MLflow's retries
     job = HydraJob.current()
@@ -192,8 +196,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             # The last line a user sees: the run is not fully in MLflow yet.
             if final_metrics is not None:
                 final_metrics.tracking_incomplete = True
-            log.error("tracking incomplete: the MLflow server did not take the run's last metric values and its end "
-                      "(%s); they are kept in %s and sent by the next run in this folder or by `ssod-sync %s`",
+            log.error("tracking incomplete: the MLflow server did not take the run's last metric values, tags or "
+                      "artifacts and its end (%s); they are kept in %s and sent by the next run in this folder or by `ssod-sync %s`",
                       status, tracker.spooled, output_dir)
         if console_log is not None:
             logging.getLogger().removeHandler(console_log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +354,76 @@ def test_a_training_whose_server_is_down_at_the_end_says_so_exits_3_and_ssod_syn
     run_info = mlflow_store.only_run()
     assert run_info.info.status == "FINISHED" and "val/teacher/bbox_AP" in run_info.data.metrics
     assert not list((tmp_path / "outputs" / "tracking-spool").glob("*.json"))
+
+
+def test_tags_texts_pictures_and_files_the_server_never_took_are_spooled_and_sent_by_the_replay(
+        mlflow_uri: str, mlflow_store, monkeypatch, tmp_path: Path):
+    """What is not sent during an outage (the description, console.log, final_metrics.json, a
+    picture) reaches the run when the spool is replayed, as if the server had been there."""
+    from mlflow.tracking import MlflowClient
+
+    from ssod.tracking import NOTE_TAG, replay_spool
+
+    spool = tmp_path / "out" / "tracking-spool"
+    console = tmp_path / "out" / "console.log"
+    console.parent.mkdir()
+    console.write_text("first line\n")
+    tracker = Tracker(mlflow_uri, "unit", spool_dir=spool)
+    run_id = tracker.start("name")
+    with monkeypatch.context() as patch:
+        _server_down(patch, MlflowClient)
+        tracker.log_metrics({"train/loss": 2.0}, 2)
+        tracker.describe("Finished at step 2: teacher AP 50.0")
+        tracker.log_dict({"val/AP": 0.5}, "final_metrics.json")
+        tracker.log_image(np.zeros((4, 6, 3), dtype=np.uint8), "pseudo_labels/step_00000002_0.png")
+        tracker.log_artifact(console)
+        tracker.end("FINISHED")
+    console.write_text("first line\nlast line\n")  # sent as the file is at the replay
+    assert mlflow_store.artifacts(run_id) == [] and mlflow_store.client.get_run(run_id).info.status == "RUNNING"
+    assert replay_spool(spool, mlflow_uri) == (1, 0) and list(spool.iterdir()) == []
+    run = mlflow_store.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[NOTE_TAG] == "Finished at step 2: teacher AP 50.0"
+    assert sorted(mlflow_store.artifacts(run_id)) == ["console.log", "final_metrics.json",
+                                                      "pseudo_labels/step_00000002_0.png"]
+    assert mlflow_store.read_text(run_id, "console.log").endswith("last line\n")
+    assert json.loads(mlflow_store.read_text(run_id, "final_metrics.json")) == {"val/AP": 0.5}
+    assert mlflow_store.history(run_id, "train/loss") == {2: [2.0]}
+
+
+def test_a_replay_cut_short_sends_nothing_twice(mlflow_uri: str, mlflow_store, monkeypatch, tmp_path: Path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ssod.tracking import replay_spool
+
+    spool = tmp_path / "tracking-spool"
+    tracker = Tracker(mlflow_uri, "unit", spool_dir=spool)
+    run_id = tracker.start("name")
+    with monkeypatch.context() as patch:
+        _server_down(patch, MlflowClient)
+        tracker.log_metrics({"train/loss": 1.0}, 1)
+        tracker.log_text("x\n", "bad_images.txt")
+        tracker.end("KILLED")
+    with monkeypatch.context() as patch:  # the server goes away again after the metric values
+        patch.setattr(MlflowClient, "log_artifact", lambda *a, **k: (_ for _ in ()).throw(MlflowException("503")))
+        assert replay_spool(spool, mlflow_uri) == (0, 1)
+    assert replay_spool(spool, mlflow_uri) == (1, 0)
+    assert mlflow_store.history(run_id, "train/loss") == {1: [1.0]}
+    assert mlflow_store.artifacts(run_id) == ["bad_images.txt"]
+    assert mlflow_store.client.get_run(run_id).info.status == "KILLED"
+
+
+def test_mlflow_http_calls_are_bounded_by_the_config_else_the_environment_else_seconds(monkeypatch):
+    import ssod.tracking as tracking
+
+    names = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tracking, "_USER_REQUEST_SETTINGS", dict.fromkeys(names))
+    tracking.bound_requests()
+    assert [os.environ[name] for name in names] == ["5", "1", "1"]  # not MLflow's 120 s, 7 retries, factor 2
+    monkeypatch.setattr(tracking, "_USER_REQUEST_SETTINGS", {**dict.fromkeys(names), "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"})
+    tracking.bound_requests(retries=3)
+    assert [os.environ[name] for name in names] == ["30", "3", "1"]  # the user's variable, the config's value
+    tracking.bound_requests(timeout_s=2)
+    assert [os.environ[name] for name in names] == ["2", "1", "1"]  # a config value wins; an earlier one is not kept
