@@ -4,6 +4,8 @@
 #   .ci/postgres.sh start DIR   # initdb in DIR, start on a free port, create database
 #                               # `optuna`; prints its SQLAlchemy URL on stdout
 #   .ci/postgres.sh stop DIR    # stop the server (DIR can then be deleted)
+#   .ci/postgres.sh down DIR    # stop it for a while (an outage)...
+#   .ci/postgres.sh up DIR      # ...and start it again, same port and data
 #
 # Installs Debian's `postgresql` package first if no server binaries are found (needs
 # root and apt-get). PostgreSQL refuses to run as root, so as root the server runs as the
@@ -11,7 +13,7 @@
 # is random and lives only in the printed URL; connections need it (scram-sha-256).
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|down|up DIR" >&2; exit 2; }
 [ $# -eq 2 ] || usage
 action=$1
 dir=$(mkdir -p "$2" && cd "$2" && pwd)
@@ -62,6 +64,7 @@ case "$action" in
       --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 >"$dir/initdb.log" 2>&1 \
       || { cat "$dir/initdb.log" >&2; exit 4; }
     rm -f "$dir/pwfile"
+    echo "$port" > "$dir/port"
     as_server_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
       -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c fsync=off" start >&2 \
       || { cat "$dir/server.log" >&2; exit 5; }
@@ -69,9 +72,16 @@ case "$action" in
       -c "CREATE DATABASE optuna" >&2
     echo "postgresql+psycopg2://ssod:${password}@127.0.0.1:${port}/optuna"
     ;;
-  stop)
+  stop|down)
     [ -d "$dir/data" ] || exit 0
     as_server_user "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >&2 || true
+    ;;
+  up)
+    [ -f "$dir/port" ] || { echo "$dir: no server started here (run start first)" >&2; exit 6; }
+    port=$(cat "$dir/port")
+    as_server_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+      -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$dir -c fsync=off" start >&2 \
+      || { cat "$dir/server.log" >&2; exit 5; }
     ;;
   *)
     usage

@@ -35,7 +35,7 @@ from ssod.tuning.child import child_main
 from ssod.tuning.confirm import confirm, markdown
 from ssod.tuning.report import find_parent_run, write_report
 from ssod.tuning.settings import StudySetup, load_setup
-from ssod.tuning.storage import check_not_mlflow, is_journal, open_storage, resolve_storage_url, usage
+from ssod.tuning.storage import StorageUnavailable, check_not_mlflow, is_journal, open_storage, resolve_storage_url, usage
 from ssod.tuning.workers import launch, run_worker
 
 log = logging.getLogger("ssod.tune")
@@ -144,7 +144,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         setup.tune.study_name, mask_secrets(setup.storage_url), mask_secrets(setup.tracking_uri), setup.study_dir,
     )
     if command == "worker":
-        run_worker(setup, args.index)
+        try:
+            run_worker(setup, args.index)
+        except StorageUnavailable as error:  # its launcher restarts it (tune.max_worker_restarts)
+            log.error("%s", error)
+            return 1
         return 0
     named = any(o.lstrip("+").startswith(("tune=", "tune.study_name=")) for o in args.overrides)
     if command == "report":

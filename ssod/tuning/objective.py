@@ -38,7 +38,16 @@ from ssod.tuning.report import mark_trial_run, trial_tags
 from ssod.tuning.settings import StudySetup
 from ssod.tuning.space import override
 from ssod.tuning.space import suggest, to_overrides
-from ssod.tuning.storage import INTERRUPTED_ATTR, OWNER_ATTR, SURPLUS_ATTR, owner_record, quiet_experimental, within_budget
+from ssod.tuning.storage import (
+    INTERRUPTED_ATTR,
+    OWNER_ATTR,
+    SURPLUS_ATTR,
+    StorageUnavailable,
+    owner_record,
+    quiet_experimental,
+    storage_gave_up,
+    within_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +135,11 @@ class Objective:
         except optuna.TrialPruned:
             state = "PRUNED"
             raise
+        except StorageUnavailable:
+            # Not the trial's fault: its MLflow run ends KILLED, marked interrupted, and the
+            # trial (RUNNING in the database) is re-queued once its heartbeat is found stale.
+            state = "INTERRUPTED"
+            raise
         except (TrialInterrupted, KeyboardInterrupt):
             state = "INTERRUPTED"  # FAIL for Optuna; the worker re-queues it
             self.stop.set()
@@ -192,7 +206,7 @@ class Objective:
     def _finish(self, trial: optuna.Trial, state: str, params: dict, trial_dir: Optional[Path]) -> None:
         try:
             run_id = mark_trial_run(self.setup, trial.number, state, params)
-            if run_id:
+            if run_id and storage_gave_up(trial.study) is None:
                 trial.set_user_attr("mlflow_run_id", run_id)
         except Exception:  # noqa: BLE001 - a tracking hiccup must not change the trial's outcome
             log.exception("trial %d: could not record its state in MLflow", trial.number)

@@ -112,6 +112,18 @@ def mark_trial_run(setup: StudySetup, trial_number: int, state: str, params: Opt
     return run_id
 
 
+def end_parent_run(setup: StudySetup, parent_run_id: Optional[str], status: str, note: str) -> None:
+    """End the study's run ``status`` without the study (its database is away), with ``note``
+    ahead of its description (best effort: a tracking failure is a warning)."""
+    if not parent_run_id:
+        return
+    tracker = _tracker(setup)
+    tracker.run_id = parent_run_id
+    described = tracker.current_tag("mlflow.note.content") or ""
+    tracker.describe(f"{note}\n\n{described}".strip())
+    tracker.end(status)
+
+
 def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: Optional[str], status: Optional[str] = None) -> dict:
     """Best trial, counts, trials table and plots onto the parent run, then close it with
     ``status`` (FINISHED when the budget is spent, KILLED when stopped; None: still open).

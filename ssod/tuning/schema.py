@@ -97,6 +97,11 @@ class TuneConfig:
     keep_checkpoints: bool = False
     heartbeat_interval: int = 10
     grace_period: int = 60
+    # How long a worker waits out an RDB storage that stopped answering (a database restart,
+    # a network cut), retrying every call, before it gives up in one line. A trial whose
+    # heartbeat stopped for longer than grace_period may be failed and re-queued by another
+    # worker once the database is back: keep grace_period above the outages to ride out.
+    storage_outage_s: float = 120.0
     max_retry: int = 2
     launcher: str = "inprocess"
     processes_per_trial: int = 1

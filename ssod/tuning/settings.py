@@ -134,6 +134,8 @@ def tune_config(node: Any) -> TuneConfig:
         problems.append(f"pruner.name={tune.pruner.name!r}: successive_halving, hyperband, median, threshold or none")
     if tune.n_trials < 1 or tune.processes_per_trial < 1:
         problems.append("n_trials and processes_per_trial must be at least 1")
+    if tune.storage_outage_s < 0:
+        problems.append(f"storage_outage_s={tune.storage_outage_s}: seconds, 0 or more")
     if tune.grace_period <= tune.heartbeat_interval:
         problems.append("grace_period must be longer than heartbeat_interval")
     if problems:

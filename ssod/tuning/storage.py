@@ -102,8 +102,115 @@ def check_not_mlflow(storage_url: str, tracking_uri: str) -> None:
         )
 
 
-def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale: Callable) -> optuna.storages.BaseStorage:
-    """A journal file storage, or an RDB storage that re-queues stale trials via ``on_stale``."""
+class StorageUnavailable(RuntimeError):
+    """The study's database did not answer for ``tune.storage_outage_s``."""
+
+
+def _transient(error: BaseException) -> bool:
+    """A database that went away or is busy (connection refused or cut, a restart, SQLite's
+    lock), anywhere in the chain of causes; not a refused statement (integrity, bad data)."""
+    from sqlalchemy import exc
+
+    seen, depth = error, 0
+    while seen is not None and depth < 10:
+        if isinstance(seen, (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)):
+            return True
+        if isinstance(seen, exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    return False
+
+
+class PatientRDBStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` whose every call rides out a database outage of up to ``outage_s``:
+    a call that fails because the server went away is tried again (backoff 0.5 s doubling to
+    10 s) until it answers or ``outage_s`` has passed since the first failure, then raises
+    ``StorageUnavailable`` in one line. Without it, Optuna ends a worker within a second of a
+    PostgreSQL restart, leaving its trial RUNNING (an ``UnboundLocalError`` from deep in
+    ``study.optimize``), and a launcher burns its worker restarts in seconds. The heartbeat
+    thread goes through the same calls."""
+
+    def __init__(self, url: str, *args, outage_s: float = 120.0, **kwargs) -> None:
+        self.outage_s = outage_s
+        # Set once the storage gave up: every later call fails at once (the worker is ending;
+        # Optuna's own clean-up calls must not wait out the outage again, once each).
+        self.unavailable: Optional[StorageUnavailable] = None
+        self.url = url  # for the messages of a failed first connection
+        self._patiently("connecting", super().__init__, url, *args, **kwargs)
+
+    def _patiently(self, name: str, call: Callable, *args, **kwargs):
+        if self.unavailable is not None:
+            raise StorageUnavailable(str(self.unavailable))
+        first_failure, delay = None, 0.5
+        while True:
+            try:
+                result = call(*args, **kwargs)
+            except Exception as error:
+                if not _transient(error):
+                    raise
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    log.warning("Optuna storage %s: %s failed (%s); retrying for up to %.0f s (tune.storage_outage_s)",
+                                mask_secrets(str(self.url)), name, _first_line(error), self.outage_s)
+                left = first_failure + self.outage_s - now
+                if left <= 0:
+                    self.unavailable = StorageUnavailable(
+                        f"the Optuna storage {mask_secrets(str(self.url))} did not answer for {self.outage_s:.0f} s "
+                        f"(tune.storage_outage_s): {_first_line(error)}")
+                    raise self.unavailable from None
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, 10.0)
+                continue
+            if first_failure is not None:
+                log.warning("Optuna storage answers again after %.0f s (%s)", time.monotonic() - first_failure, name)
+            return result
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of the innermost cause (the driver's "connection refused", not
+    Optuna's generic wrapper about invalid data)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = mask_secrets(str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _patient(name: str):
+    original = getattr(optuna.storages.RDBStorage, name)
+
+    def method(self, *args, **kwargs):
+        return self._patiently(name, original.__get__(self), *args, **kwargs)
+
+    method.__name__, method.__qualname__, method.__doc__ = name, f"PatientRDBStorage.{name}", original.__doc__
+    return method
+
+
+# Every call that reads or writes the database (what Optuna's study, trials and heartbeat use).
+_NOT_DATABASE = {"get_heartbeat_interval", "get_failed_trial_callback", "remove_session", "upgrade",
+                 "get_current_version", "get_head_version", "get_all_versions"}
+for _name, _value in vars(optuna.storages.RDBStorage).items():
+    if callable(_value) and (not _name.startswith("_") or _name == "_get_stale_trial_ids") and _name not in _NOT_DATABASE:
+        setattr(PatientRDBStorage, _name, _patient(_name))
+
+
+def _heartbeat_or_nothing(self, trial_id: int) -> None:
+    """The heartbeat thread's call: once the storage gave up, a beat that cannot be recorded is
+    dropped in silence (the worker's main thread says why it stops; a missing beat is what
+    marks the trial stale for the others)."""
+    try:
+        self._patiently("record_heartbeat", optuna.storages.RDBStorage.record_heartbeat.__get__(self), trial_id)
+    except StorageUnavailable:
+        pass
+
+
+PatientRDBStorage.record_heartbeat = _heartbeat_or_nothing
+
+
+def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale: Callable,
+                 outage_s: float = 120.0) -> optuna.storages.BaseStorage:
+    """A journal file storage, or an RDB storage that re-queues stale trials via ``on_stale``
+    and rides out a database outage of up to ``outage_s`` (``PatientRDBStorage``)."""
     if is_journal(url):
         from optuna.storages.journal import JournalFileBackend
 
@@ -118,13 +225,21 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, on_stale:
     else:
         engine_kwargs = {"pool_pre_ping": True}
     with quiet_experimental():
-        return optuna.storages.RDBStorage(
+        return PatientRDBStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             heartbeat_stale_trial_callback=on_stale,
+            outage_s=outage_s,
         )
+
+
+def storage_gave_up(study: optuna.Study) -> Optional[StorageUnavailable]:
+    """The ``StorageUnavailable`` of the study's storage, if it gave up (Optuna wraps an RDB
+    storage in a cache: the storage is its backend)."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return getattr(storage, "unavailable", None)
 
 
 # --------------------------------------------------------------------------- dead workers

@@ -28,9 +28,22 @@ import optuna
 
 from ssod.tuning.burn_in import with_shared_burn_in
 from ssod.tuning.objective import Objective, TrialInterrupted, Trainer
-from ssod.tuning.report import mark_trial_run, parent_run, write_report
+from ssod.tuning.report import end_parent_run, mark_trial_run, parent_run, write_report
 from ssod.tuning.settings import PrunerSpec, SamplerSpec, StudySetup
-from ssod.tuning.storage import ENQUEUED_ATTR, INTERRUPTED_ATTR, INTERRUPTED_TRIALS, RESOLVED_ENV, Usage, is_journal, open_storage, quiet_experimental, reap_dead_workers, usage
+from ssod.tuning.storage import (
+    ENQUEUED_ATTR,
+    INTERRUPTED_ATTR,
+    INTERRUPTED_TRIALS,
+    RESOLVED_ENV,
+    StorageUnavailable,
+    Usage,
+    is_journal,
+    open_storage,
+    quiet_experimental,
+    reap_dead_workers,
+    storage_gave_up,
+    usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +121,8 @@ def open_study(setup: StudySetup, worker_index: int = 0) -> optuna.Study:
     keeps exactly ``sampler.seed``.
     """
     tune = setup.tune
-    storage = open_storage(setup.storage_url, tune.heartbeat_interval, tune.grace_period, StaleTrials(setup))
+    storage = open_storage(setup.storage_url, tune.heartbeat_interval, tune.grace_period, StaleTrials(setup),
+                           tune.storage_outage_s)
     study = optuna.create_study(
         study_name=tune.study_name,
         storage=storage,
@@ -169,6 +183,14 @@ def run_worker(
                     log.warning("trial %s interrupted (%s): re-queued; worker stops", objective.last_trial, type(error).__name__)
                     _requeue(study, objective.last_trial, on_stale)
                     break
+                except Exception:
+                    # The database stayed away past tune.storage_outage_s: whatever Optuna's
+                    # clean-up raised on top of it, that is the news. The trial stays RUNNING
+                    # in the database; its heartbeat goes stale and another worker re-queues it.
+                    unavailable = storage_gave_up(study)
+                    if unavailable is not None:
+                        raise unavailable from None
+                    raise
                 continue
             if now.running == 0 or not tune.wait_for_running or late:
                 break
@@ -241,10 +263,21 @@ def assign_devices(workers: int, gpus: Optional[list[str]], per_trial: int) -> l
 
 
 def launch(setup: StudySetup, workers: int, gpus: Optional[list[str]]) -> int:
-    """Run ``workers`` workers on this machine, then report. Returns the exit status."""
-    tune = setup.tune
+    """Run ``workers`` workers on this machine, then report. Returns the exit status; a
+    database that stayed away past ``tune.storage_outage_s`` is one line and status 1, with
+    the study's MLflow run ended FAILED (the study continues with the next ``ssod-tune``)."""
     study = open_study(setup)  # created here, so workers only join
     parent = parent_run(setup, reopen=True)
+    try:
+        return _launch(setup, study, parent, workers, gpus)
+    except StorageUnavailable as error:
+        log.error("%s; the study's run ends FAILED; run ssod-tune again to continue the study", error)
+        end_parent_run(setup, parent, "FAILED", f"Stopped: {error}")
+        return 1
+
+
+def _launch(setup: StudySetup, study: optuna.Study, parent: str, workers: int, gpus: Optional[list[str]]) -> int:
+    tune = setup.tune
     if workers > 1 or gpus is not None:
         gpus = visible_gpus(gpus)
     devices = assign_devices(workers, gpus, tune.processes_per_trial)
