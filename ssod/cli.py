@@ -30,7 +30,12 @@ from ssod.tracking import (
     replay_spool,
 )
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetError, TrackingUnreachable, WeightsError)
+
+class MissingDependency(RuntimeError):
+    """An optional package the command needs is not installed (the message names it)."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, TrackingUnreachable, WeightsError, MissingDependency)
 
 
 def one_line_errors(prog: str, main: Callable[..., int], *args) -> int:
