@@ -97,21 +97,30 @@ def coco_evaluate_with_summary(
     if stray:
         raise ValueError(f"predictions for image ids {stray[:10]} absent from the ground truth")
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        coco_dt = coco_gt.loadRes(results) if results else empty_results(coco_gt)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluator.params.imgIds = sorted(known_images if image_ids is None else set(image_ids))
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    summary = printed.getvalue()
-    logger.debug("pycocotools summary:\n%s", summary)
+    evaluator, summary = run_cocoeval(coco_gt, results, known_images if image_ids is None else image_ids)
 
     metrics = {name: _undefined_as_nan(value) for name, value in zip(COCO_METRIC_NAMES, evaluator.stats)}
     if per_class:
         metrics.update(_per_class_ap(coco_gt, evaluator))
     return metrics, summary
+
+
+def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Iterable[int]) -> tuple[COCOeval, str]:
+    """pycocotools' bbox evaluation of COCO ``results`` (xywh, the json's category ids) on
+    ``image_ids``, accumulated and summarised: the ``COCOeval`` (its ``eval["precision"]``
+    is ``[IoU thresholds, recall thresholds, categories, areas, max dets]``) and its printed summary."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        # loadRes adds keys (area, id, segmentation) to the dicts it is given: give it copies.
+        coco_dt = coco_gt.loadRes([dict(result) for result in results]) if results else empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.imgIds = sorted(set(image_ids))
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    summary = printed.getvalue()
+    logger.debug("pycocotools summary:\n%s", summary)
+    return evaluator, summary
 
 
 def predictions_to_coco_results(

@@ -20,6 +20,7 @@ from ssod.interrupts import Interrupts
 from ssod.meters import Meters, log_pictures
 from ssod.methods import Method
 from ssod.models.teacher import ema_momentum
+from ssod.report import VAL_DETECTIONS
 from ssod.run_state import RunState, log_bad_files, stop_if_too_many_bad
 from ssod.step import LoaderWorkerDied, Training, agree_on_flags, apply_step, forward, to_device
 from ssod.tracking import Tracker
@@ -178,7 +179,9 @@ def _evaluate(training: Training, loaders: Loaders, meters: Meters, data: DataBu
     # Not reset in a ``finally``: a second Ctrl-C (KeyboardInterrupt) leaves them set for
     # ``run``, which may then still save.
     try:
-        metrics = evaluate_both(training, loaders.val, interrupts, progress=train.progress)
+        # The last evaluation keeps its detections: the run's final report is drawn from them.
+        final_detections = training.ckpt_dir.parent / VAL_DETECTIONS if state.step == train.iterations else None
+        metrics = evaluate_both(training, loaders.val, interrupts, progress=train.progress, save_dir=final_detections)
     except EvaluationInterrupted:
         interrupts.evaluating = interrupts.safe_to_save = False
         log.warning("the evaluation at step %d was cut short by the stop request: not logged", state.step)

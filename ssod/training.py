@@ -39,6 +39,7 @@ from ssod.interrupts import Interrupts
 from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResult, evaluate_both, train_loop
 from ssod.methods import Method, build_method
 from ssod.outputs import HydraJob, place_run, point_latest, run_description, run_name, write_hydra_files
+from ssod.report import VAL_DETECTIONS, log_final_reports
 from ssod.resume import continue_schedule, find_resume, log_resume, use_configured_rates
 from ssod.run_state import RunState, optimizer_parameter_names
 from ssod.step import Training, forget_accelerator
@@ -160,6 +161,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             write_json_atomic({**finite, "step": training.state.step, "mlflow_run_id": tracker.run_id or None,
                                "machine": machine_description()}, output_dir / "final_metrics.json")
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
+            log_final_reports(tracker, {"val": (data.val, output_dir / VAL_DETECTIONS),
+                                        "test": (data.test, output_dir / TEST_DETECTIONS)})
             if cfg.tracking.log_model:
                 _log_model(tracker, training, cfg.tracking.registered_model_name)
             _describe_results(tracker, description, final_metrics, training.state.step)

@@ -53,3 +53,50 @@ def test_a_checkpoint_alone_is_enough_to_evaluate_it(make_config, tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the weights do not fit the model this config builds" in err[0]
     assert "leave out --overrides" in err[0]
+
+
+def test_ssod_eval_saves_the_report_and_logs_it_into_the_checkpoints_run(make_config, tmp_path: Path, mlflow_store,
+                                                                         capsys):
+    """The table in %, detections, PR curves and confusion matrix, in a folder and in the
+    training run's artifacts; the finished run already has the same report of its last evaluation."""
+    trained = run(make_config("train.iterations=1", "model.box_score_thresh=0.0"))
+    training_run = mlflow_store.only_run()
+    artifacts = set(mlflow_store.artifacts(training_run.info.run_id))
+    assert {f"evaluation/val/teacher/{name}" for name in ("per_class_ap.txt", "pr_curves.png",
+                                                          "confusion_matrix.png")} <= artifacts
+    capsys.readouterr()
+    assert main([str(tmp_path / "outputs"), "--cpu"]) == 0
+    printed = capsys.readouterr().out
+    table = printed.splitlines()[0].split()
+    assert table == ["class", "objects", "detections", "AP", "AP50", "AP75", "AR100"]
+    overall = next(line for line in printed.splitlines() if line.startswith("all "))
+    assert float(overall.split()[3]) == pytest.approx(100 * trained["val/teacher/bbox_AP"], abs=0.05)
+    folder = tmp_path / "outputs" / "eval" / "val-teacher-step-00000001"
+    assert {p.name for p in folder.iterdir()} == {"metrics.json", "detections.json", "per_class_ap.txt",
+                                                 "pr_curves.png", "confusion_matrix.png"}
+    detections = json.loads((folder / "detections.json").read_text())
+    assert detections and set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
+    # The training run's final report is the same table (the same teacher on the same images).
+    assert (folder / "per_class_ap.txt").read_text() == mlflow_store.read_text(
+        training_run.info.run_id, "evaluation/val/teacher/per_class_ap.txt")
+    logged = set(mlflow_store.artifacts(training_run.info.run_id)) - artifacts
+    assert logged == {f"evaluation/val-teacher-step-00000001/{p.name}" for p in folder.iterdir()}
+    assert len(mlflow_store.runs()) == 1 and f"logged to MLflow run {training_run.info.run_id}" in printed
+
+    # --no-log: nothing more; --log with a run the store does not have: a run of its own.
+    assert main([str(tmp_path / "outputs"), "--cpu", "--no-log", "--save-dir", str(tmp_path / "quiet")]) == 0
+    assert set(mlflow_store.artifacts(training_run.info.run_id)) == artifacts | logged
+    assert len(mlflow_store.runs()) == 1
+
+
+def test_ssod_eval_log_gives_a_checkpoint_without_a_run_a_run_of_its_own(make_config, tmp_path: Path, mlflow_uri,
+                                                                         mlflow_store):
+    run(make_config("train.iterations=1", "tracking.enabled=false"))
+    assert mlflow_store.runs() == []
+    assert main([str(tmp_path / "outputs"), "--cpu", "--save-dir", str(tmp_path / "report")]) == 0
+    assert mlflow_store.runs() == []  # no run known, no --log: nothing logged
+    assert main([str(tmp_path / "outputs"), "--cpu", "--log", "--uri", mlflow_uri,
+                 "--save-dir", str(tmp_path / "report")]) == 0
+    only = mlflow_store.only_run()
+    assert only.info.status == "FINISHED" and "teacher/bbox_AP" in only.data.metrics
+    assert "evaluation/report/pr_curves.png" in mlflow_store.artifacts(only.info.run_id)
