@@ -11,8 +11,9 @@ COCO results json every COCO tool reads (a list of ``image_id``, ``category_id``
 as ``[x, y, width, height]`` in original-image pixels, ``score``), with the checkpoint's own
 category ids. For a folder, the images it numbered are written beside it as a COCO json
 (``<out>`` with ``.images.json``), so ``COCO(images_json).loadRes(out)`` pairs them up;
-with ``--draw DIR``, a picture of each image with its boxes, class names and scores (those
-above ``--draw-score``). Like ``ssod-eval``, the checkpoint needs no other argument: it
+with ``--draw DIR``, a picture of each image with its boxes scoring at least ``--draw-score``,
+a colour per class, each labelled with class name and score just outside the box (a warning
+says how many pictures show no box, and the highest score left out). Like ``ssod-eval``, the checkpoint needs no other argument: it
 carries its config and categories.
 """
 
@@ -24,20 +25,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
-from torchvision.utils import draw_bounding_boxes
 
 from ssod.build import apply_speed_settings, build_model
 from ssod.checkpoint import checkpoint_file, load_checkpoint
 from ssod.cli import one_line_errors
 from ssod.data.coco import CategoryMap, DatasetError, load_split
 from ssod.data.pipeline import EvalView
-from ssod.data.transforms import EvalTransform, to_float_image
+from ssod.data.transforms import EvalTransform
 from ssod.inference import checkpoint_config, eval_loader, load_detector, predict
 from ssod.step import forget_accelerator
+from ssod.visualize import detection_picture
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -97,8 +97,16 @@ def _predict_checkpoint(argv: list[str] | None) -> int:
             images_json.write_text(json_path.read_text())
             print(f"ssod-predict: the images' ids are in {images_json}")
         if args.draw:
-            draw_detections(dataset, detections, categories, Path(args.draw), args.draw_score)
+            empty, best_left_out = draw_detections(dataset, detections, categories, Path(args.draw), args.draw_score)
     unreadable = sum(1 for d in detections if d.get("unreadable"))  # predict gives each image once
+    if not results:
+        print(f"ssod-predict: warning: no detection scored >= {cfg.model.box_score_thresh:g} (--score-thr) "
+              "on any image", file=sys.stderr)
+    elif args.draw and empty:
+        highest = f"the highest score left out is {best_left_out:.2f}" if best_left_out > float("-inf") else \
+            "no box was left out"
+        print(f"ssod-predict: warning: {empty} of {len(dataset) - unreadable} pictures show no box: none scored >= "
+              f"{args.draw_score:g} (--draw-score); {highest}", file=sys.stderr)
     print(f"ssod-predict: {len(results)} detections on {len(dataset) - unreadable} images written to {out}"
           + (f"; {unreadable} unreadable images skipped" if unreadable else "")
           + (f"; pictures in {args.draw}" if args.draw else ""))
@@ -143,22 +151,31 @@ def coco_results(detections: list[dict], categories: CategoryMap) -> list[dict]:
     return results
 
 
-def draw_detections(dataset, detections: list[dict], categories: CategoryMap, folder: Path, min_score: float) -> None:
-    """One JPEG per image: its boxes above ``min_score`` with class name and score."""
+def draw_detections(dataset, detections: list[dict], categories: CategoryMap, folder: Path,
+                    min_score: float) -> tuple[int, float]:
+    """One JPEG per image: its boxes scoring >= ``min_score``, a colour per class, each
+    labelled with class name and score. Returns how many images had no such box, and the
+    highest score of a box left out (-inf when none was)."""
+    from ssod.plots import class_colours
+
+    colours = [tuple(round(255 * c) for c in colour) for colour in class_colours(len(categories.names))]
     folder.mkdir(parents=True, exist_ok=True)
+    empty, best_left_out = 0, float("-inf")
     for detection in detections:
         if detection.get("unreadable"):
             continue
         info = dataset.coco.imgs[int(detection["image_id"])]
-        with Image.open(Path(dataset.image_dir) / info["file_name"]) as picture:
-            image = (to_float_image(picture.convert("RGB")) * 255).to(torch.uint8)
         keep = detection["scores"] >= min_score
-        boxes = detection["boxes"][keep]
-        names = [f"{categories.names[int(label) - 1]} {float(score):.2f}"
-                 for label, score in zip(detection["labels"][keep], detection["scores"][keep])]
-        drawn = draw_bounding_boxes(image, boxes, labels=names, colors="red", width=2) if len(boxes) else image
+        if not bool(keep.any()):
+            empty += 1
+        if bool((~keep).any()):
+            best_left_out = max(best_left_out, float(detection["scores"][~keep].max()))
+        with Image.open(Path(dataset.image_dir) / info["file_name"]) as image:
+            picture = detection_picture(image, detection["boxes"][keep], detection["labels"][keep],
+                                        detection["scores"][keep], categories.names, colours)
         name = Path(info["file_name"]).with_suffix(".jpg").as_posix().replace("/", "__")
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(folder / name, quality=90)
+        picture.save(folder / name, quality=90)
+    return empty, best_left_out
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Pictures for MLflow: ground truth, raw pseudo labels and polished pseudo labels side by side."""
+"""Pictures: ground truth, raw and polished pseudo labels side by side (for MLflow), and an
+image with its detections, a colour per class (``ssod-predict --draw``)."""
 
 from __future__ import annotations
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
@@ -53,3 +54,29 @@ def pseudo_label_picture(
 
 
 TITLE_HEIGHT = 12
+
+
+def detection_picture(image: Image.Image, boxes: Tensor, labels: Tensor, scores: Tensor,
+                      class_names: tuple[str, ...], colours: list[tuple[int, int, int]]) -> Image.Image:
+    """``image`` (RGB) with its detections: boxes [K, 4] xyxy in its pixels, labels [K]
+    contiguous 1..C, scores [K]. Each class has its colour (``colours[label - 1]``); the label
+    ("name 0.87") sits on a band of that colour just above its box, or just below it when
+    the box touches the top, so it never covers the box or what is in it."""
+    picture = image.convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=max(10, min(picture.size) // 40))
+    line = max(1, min(picture.size) // 300 + 1)
+    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+        colour = colours[(int(label) - 1) % len(colours)]
+        x1, y1, x2, y2 = box
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
+        name = class_names[int(label) - 1] if 0 < int(label) <= len(class_names) else "?"
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        width, height = right - left + 4, bottom - top + 4
+        y = y1 - line - height if y1 - line - height >= 0 else min(y2 + line, picture.height - height)
+        x = min(max(x1, 0), max(picture.width - width, 0))
+        draw.rectangle((x, y, x + width, y + height), fill=colour)
+        brightness = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((x + 2 - left, y + 2 - top), text, fill="black" if brightness > 140 else "white", font=font)
+    return picture

@@ -20,3 +20,21 @@ def test_the_picture_has_three_panels_each_under_its_title():
         assert (band[:, index * 50 : (index + 1) * 50] < 200).any(), index
     assert (panels[:, 50:100] == 0).all()  # no raw pseudo label: the middle panel is the bare image
     assert panels[:, :50, 1].max() > 0 and panels[:, 100:, 2].max() > 0  # green ground truth, blue polished
+
+
+def test_detections_are_drawn_a_colour_per_class_with_labels_outside_their_boxes():
+    from PIL import Image
+
+    from ssod.visualize import detection_picture
+
+    grey = Image.new("RGB", (200, 160), (128, 128, 128))
+    boxes = torch.tensor([[20.0, 40.0, 80.0, 100.0], [110.0, 0.0, 190.0, 70.0]])  # the second touches the top
+    colours = [(255, 0, 0), (0, 0, 255)]
+    picture = np.asarray(detection_picture(grey, boxes, torch.tensor([1, 2]), torch.tensor([0.9, 0.8]),
+                                           ("cat", "dog"), colours))
+    assert tuple(picture[70, 20]) == (255, 0, 0) and tuple(picture[70, 150]) == (0, 0, 255)  # left, bottom edges
+    # Inside each box the image is untouched: the label sits outside.
+    assert (picture[42:98, 22:78] == 128).all() and (picture[2:68, 112:188] == 128).all()
+    # The first label on a red band right above its box; the second below its box.
+    assert (picture[30:38, 22:30] == (255, 0, 0)).all(axis=-1).any()
+    assert (picture[72:80, 112:120] == (0, 0, 255)).all(axis=-1).any()

@@ -96,3 +96,21 @@ def test_a_missing_folder_is_one_line(make_config, tmp_path: Path, capsys):
     assert main([str(tmp_path / "outputs"), "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ssod-predict: error: {tmp_path / 'nowhere'}: not a folder (--images)"]
+
+
+def test_draw_warns_when_no_box_passes_the_draw_score(make_config, tmp_path: Path, capsys):
+    cfg = make_config("train.iterations=1", "model.box_score_thresh=0.0")
+    run(cfg)
+    files = resolve_files(OmegaConf.to_object(cfg.data), tmp_path)
+    capsys.readouterr()
+    pictures = tmp_path / "pictures"
+    assert main([str(tmp_path / "outputs"), "--json", str(files.val_json), "--images", str(files.val_images),
+                 "--out", str(tmp_path / "d.json"), "--draw", str(pictures), "--draw-score", "1.01", "--cpu"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]  # not the progress bar
+    assert len(err) == 1 and err[0].startswith("ssod-predict: warning: 8 of 8 pictures show no box: none scored >= 1.01")
+    assert "the highest score left out is 0." in err[0]
+    assert len(list(pictures.glob("*.jpg"))) == 8
+    # With boxes drawn, no warning.
+    assert main([str(tmp_path / "outputs"), "--json", str(files.val_json), "--images", str(files.val_images),
+                 "--out", str(tmp_path / "d.json"), "--draw", str(pictures), "--draw-score", "0", "--cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
