@@ -29,7 +29,7 @@ from typing import Optional
 
 import optuna
 
-from ssod.tracking import mask_console, mask_secrets
+from ssod.tracking import bound_requests, mask_console, mask_secrets
 from ssod.tuning.burn_in import check_burn_in_space
 from ssod.tuning.child import child_main
 from ssod.tuning.confirm import confirm, markdown
@@ -139,6 +139,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (HydraException, ValueError) as error:  # a bad override or value: one line, not a traceback
         log.error("%s", mask_secrets(str(error)))
         return 2
+    # The study's own MLflow calls (its parent run, marking trials) wait no longer on a tracking
+    # server that went away than a trial's training does (tracking.request_* of the base config).
+    bound_requests(*setup.request_bounds)
     log.info(
         "study %s: storage %s, MLflow %s, trials in %s",
         setup.tune.study_name, mask_secrets(setup.storage_url), mask_secrets(setup.tracking_uri), setup.study_dir,

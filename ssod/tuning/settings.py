@@ -57,6 +57,8 @@ class StudySetup:
     storage_url: str = ""
     # The trials' base config value of every space key (what ``tune.enqueue`` leaves out).
     space_defaults: dict[str, Any] = field(default_factory=dict)
+    # The trials' tracking.request_timeout_s and tracking.request_retries (None: the defaults).
+    request_bounds: tuple[Optional[int], Optional[int]] = (None, None)
 
     def enqueued_params(self) -> list[tuple[str, dict[str, Any]]]:
         """``tune.enqueue`` as (name, full parameter dict) pairs, in order."""
@@ -112,6 +114,7 @@ def load_setup(overrides: list[str], project_dir: Optional[Path] = None) -> Stud
         tracking_uri=base.tracking.uri or default_tracking_uri(project_dir),
         experiment=base.tracking.experiment,
         space_defaults=defaults,
+        request_bounds=(base.tracking.request_timeout_s, base.tracking.request_retries),
     )
 
 
