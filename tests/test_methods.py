@@ -1,6 +1,10 @@
-"""ssod.methods: one class per method, chosen by name; the unsupervised weight's burn-in and ramp."""
+"""ssod.methods: one class per method, chosen by name; the unsupervised weight's burn-in and
+ramp; pseudo labels that do not depend on what the teacher pooled before (a resume)."""
+
+import copy
 
 import pytest
+import torch
 
 from ssod.config import MethodConfig, ModelConfig
 from ssod.methods import METHODS, build_method
@@ -47,3 +51,30 @@ def test_a_method_reads_its_own_settings_only():
 def test_an_unknown_method_or_pseudo_label_source_is_refused(cfg, message):
     with pytest.raises(ValueError, match=message):
         build_method(cfg)
+
+
+def test_the_teachers_pseudo_labels_do_not_depend_on_what_it_pooled_before():
+    """Polishing Teacher's teacher sees labeled images and weak views in one batch and pools
+    the weak part alone, whose features are padded to the larger labeled image. A resumed
+    process's teacher does that first; its pseudo labels must be those of the uninterrupted
+    run's teacher, which had pooled whole batches before (an evaluation, say)."""
+    torch.manual_seed(0)
+    method = build_method(MethodConfig(name="polish_teacher", polish_hidden=16, reg_samples=4, cls_samples=[2, 2],
+                                       pseudo_label_initial_score_thr=0.0))
+    model = ModelConfig(arch="resnet18_fpn", fpn_channels=16, box_head_dim=32, anchor_sizes=[8, 16, 32, 64, 128])
+    fresh = method.build_model(model, 3).requires_grad_(False).eval()
+    warm = copy.deepcopy(fresh)
+    labeled = [torch.rand(3, 160, 160)]
+    targets = [{"boxes": torch.tensor([[20.0, 30, 90, 120]]), "labels": torch.tensor([1])}]
+    weak = [torch.rand(3, 96, 96)]
+    with torch.no_grad():
+        warm.detector(labeled)
+    outputs = []
+    for teacher in (fresh, warm):
+        torch.manual_seed(1)
+        outputs.append(method.teach(teacher, labeled, targets, weak).pseudo_labels[0])
+    fresh_labels, warm_labels = outputs
+    assert len(warm_labels.boxes) > 0
+    torch.testing.assert_close(fresh_labels.boxes, warm_labels.boxes)
+    torch.testing.assert_close(fresh_labels.reg_boxes, warm_labels.reg_boxes)
+    assert torch.equal(fresh_labels.cls_labels, warm_labels.cls_labels)

@@ -172,6 +172,12 @@ class Method:
             images, _ = detector.transform(batch)
             features = detector.backbone(images.tensors)
             proposals, _ = detector.rpn(images, features)
+        # The RoI pooler infers its pyramid scales once, on its first call, from the image
+        # sizes it is given (torchvision's way). Below it pools a part of this batch whose
+        # features are padded to the whole batch: were that its first call (a resumed
+        # process's first step), it could infer them wrong (twice the true ones when those
+        # images are smaller than the batch's largest) and pool at them from then on.
+        detector.roi_heads.box_roi_pool.pyramid(features, images.image_sizes)
         count = len(labeled_images) if train_polisher else 0
         (lab_images, lab_features), (weak_list, weak_features) = split_batch(images, features, count)
         sizes = weak_list.image_sizes
