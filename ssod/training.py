@@ -11,8 +11,9 @@ import copy
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -89,7 +90,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         ckpt_dir = output_dir / "checkpoints"
         # The first process locks the folder before anything else: a second training into it stops here.
         lock = DirectoryLock(ckpt_dir) if accelerator.is_main_process else None
-        resume_path, resumed = find_resume(train.resume, ckpt_dir)
+        with _held_warnings() as early:  # said before the run's console.log exists (a checkpoint set aside)
+            resume_path, resumed = find_resume(train.resume, ckpt_dir)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -102,6 +104,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     status, training, final_metrics, loaders = "FAILED", None, None, None
     # The run's log lines, kept beside its checkpoints (appended to by each resume) and in MLflow.
     console_log = _keep_console_log(output_dir / CONSOLE_LOG) if accelerator.is_main_process else None
+    for record in early if console_log is not None else ():
+        console_log.handle(record)  # into the file only: the console has shown them
     try:
         log.info("output folder: %s", output_dir)
         if job is not None and accelerator.is_main_process:
@@ -227,6 +231,19 @@ class _MaskedFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return mask_secrets(super().format(record))
+
+
+@contextmanager
+def _held_warnings() -> Iterator[list[logging.LogRecord]]:
+    """The warnings logged inside the block, kept (as well as shown) for the run's console.log."""
+    held: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = held.append
+    logging.getLogger().addHandler(handler)
+    try:
+        yield held
+    finally:
+        logging.getLogger().removeHandler(handler)
 
 
 def _keep_console_log(path: Path) -> logging.FileHandler:

@@ -533,6 +533,17 @@ def test_auto_resume_with_every_checkpoint_unloadable_stops_instead_of_starting_
     assert (checkpoints / "unloadable" / only.name).is_file()
 
 
+def test_a_checkpoint_set_aside_at_resume_is_said_in_the_runs_console_log(make_config, mlflow_store, tmp_path: Path):
+    """The warning came before the run's console.log existed: on the console only."""
+    run(make_config("train.iterations=2", "train.ckpt_every=1", "train.keep_checkpoints=2"))
+    checkpoints = tmp_path / "outputs" / "checkpoints"
+    (checkpoints / "step-00000002.pt").write_bytes(b"PK\x03\x04 truncated")
+    run(make_config("train.iterations=3", "train.ckpt_every=1", "train.resume=auto"))
+    text = (tmp_path / "outputs" / "console.log").read_text()
+    assert "step-00000002.pt" in text and "trying the next older checkpoint" in text
+    assert text.count("trying the next older checkpoint") == 1
+
+
 def test_a_cpu_run_leaves_no_device_choice_behind(make_config, mlflow_store):
     """``train.cpu=true`` must not stick to the process: the next run here may use a GPU."""
     from accelerate.state import AcceleratorState, PartialState
