@@ -112,6 +112,30 @@ def _writer_alive(temp: Path) -> bool:
     return True
 
 
+# The file descriptors of the directory locks this process holds. A forked child (a data
+# loader worker) shares each lock with its parent, and a flock lives while any process holds
+# it: after a kill -9 of the training, its orphaned workers (alive a few seconds more) kept
+# the folder locked and the scheduler's immediate restart was refused. A child lets go of
+# them at once: its copy of the descriptor is pointed at /dev/null (the number stays valid,
+# so the child's own copy of the file object closes nothing else later).
+_HELD_LOCKS: set[int] = set()
+
+
+def _let_go_of_locks_in_child() -> None:
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for fd in _HELD_LOCKS:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_of_locks_in_child)
+
+
 class DirectoryLock:
     """An exclusive lock on a run's checkpoint directory, held while the run lives.
 
@@ -143,6 +167,7 @@ class DirectoryLock:
         self.handle.truncate()
         self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
         self.handle.flush()
+        _HELD_LOCKS.add(self.handle.fileno())
 
     def release(self) -> None:
         """Unlock; a directory this lock created and nothing else used is removed again (a
@@ -152,6 +177,7 @@ class DirectoryLock:
         if self.created and [p.name for p in self.directory.iterdir()] == [".lock"]:
             (self.directory / ".lock").unlink()
             self.directory.rmdir()
+        _HELD_LOCKS.discard(self.handle.fileno())
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
 

@@ -297,3 +297,36 @@ def test_an_unloadable_checkpoint_is_named_in_one_line(tmp_path: Path):
     message = str(refused.value)
     assert message.startswith(f"could not load checkpoint {path} (truncated, corrupt or not a checkpoint of ours): ")
     assert "\n" not in message and len(message) < 400
+
+
+HOLD_LOCK_AND_FORK = """
+import multiprocessing, os, sys, time
+from ssod.checkpoint import DirectoryLock
+lock = DirectoryLock(sys.argv[1])
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+child.start()
+open(sys.argv[2], "w").write(str(child.pid))
+os.kill(os.getpid(), 9)  # the training dies; its forked worker lives on for a while
+"""
+
+
+def test_a_killed_trainings_forked_children_do_not_keep_its_folder_locked(tmp_path: Path):
+    """After kill -9 of the training, its data loader workers lived a few seconds more and
+    held the folder's lock: the scheduler's immediate restart was refused."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_LOCK_AND_FORK)
+    pid_file = tmp_path / "child.pid"
+    # Not through pipes: the child would keep them open, and the wait with them.
+    trainer = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ckpt"), str(pid_file)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert trainer.wait(timeout=60) == -9
+    child = int(pid_file.read_text())
+    try:
+        os.kill(child, 0)  # still alive
+        lock = checkpoint.DirectoryLock(tmp_path / "ckpt")  # not refused
+        lock.release()
+    finally:
+        os.kill(child, 9)
