@@ -31,12 +31,11 @@ from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from ssod.build import build_model
-from ssod.checkpoint import checkpoint_file, load_checkpoint
 from ssod.cli import MissingDependency, one_line_errors
 from ssod.data.coco import DatasetError
 from ssod.data.transforms import EvalTransform
 from ssod.evaluation import match_greedy
-from ssod.inference import checkpoint_config, load_detector
+from ssod.inference import checkpoint_with_categories, load_detector
 from ssod.models.deployable import DeployableDetector
 
 FORMATS = ("torchscript", "onnx")
@@ -67,14 +66,8 @@ def _export_checkpoint(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if "onnx" in args.format:
         _require("onnx", "onnxruntime")  # before the work, not after it
-    path = checkpoint_file(args.checkpoint, "checkpoint")
-    state = load_checkpoint(path)
-    cfg = checkpoint_config(state, [])
-    if args.score_thr is not None:
-        cfg.model.box_score_thresh = args.score_thr
-    if "categories" not in state:
-        raise DatasetError(f"{path}: the checkpoint carries no categories (saved before they were stored)")
-    names = list(state["categories"]["names"])
+    path, state, cfg, categories = checkpoint_with_categories(args.checkpoint, args.score_thr)
+    names = list(categories.names)
     model = build_model(cfg.model, OmegaConf.to_object(cfg.method), len(names))
     load_detector(model.detector, state[args.model], f"{path} ({args.model})")
     reference = model.detector.cpu().eval()

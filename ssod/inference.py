@@ -11,8 +11,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ssod.checkpoint import CheckpointError
+from ssod.checkpoint import CheckpointError, checkpoint_file, load_checkpoint
 from ssod.config import compose
+from ssod.data.coco import CategoryMap, DatasetError
 from ssod.data.transforms import project_boxes
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,22 @@ def _known_keys(saved, reference):
     if not isinstance(saved, dict) or not isinstance(reference, dict):
         return saved
     return {key: _known_keys(value, reference[key]) for key, value in saved.items() if key in reference}
+
+
+def checkpoint_with_categories(given: str, score_thr: Optional[float], hint: str = "") -> tuple[Path, dict, DictConfig, CategoryMap]:
+    """What a tool that runs a checkpoint alone needs (ssod-predict, ssod-export): its file
+    (``given``: a file or a run's folder), state, config (``score_thr``, when given, as the
+    detector's box score threshold) and the categories it carries (a ``DatasetError`` naming
+    the file when it carries none; ``hint`` says what to do instead)."""
+    path = checkpoint_file(given, "checkpoint")
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state, [])
+    if score_thr is not None:
+        cfg.model.box_score_thresh = score_thr
+    if "categories" not in state:
+        raise DatasetError(f"{path}: the checkpoint carries no categories (saved before they were stored){hint}")
+    categories = CategoryMap(tuple(state["categories"]["ids"]), tuple(state["categories"]["names"]))
+    return path, state, cfg, categories
 
 
 def load_detector(detector, weights: dict, source: str) -> None:

@@ -30,12 +30,11 @@ from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from ssod.build import apply_speed_settings, build_model
-from ssod.checkpoint import checkpoint_file, load_checkpoint
 from ssod.cli import one_line_errors
 from ssod.data.coco import CategoryMap, DatasetError, load_split
 from ssod.data.pipeline import EvalView
 from ssod.data.transforms import EvalTransform
-from ssod.inference import checkpoint_config, eval_loader, load_detector, predict
+from ssod.inference import checkpoint_with_categories, eval_loader, load_detector, predict
 from ssod.step import forget_accelerator
 from ssod.visualize import detection_picture
 
@@ -66,15 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _predict_checkpoint(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    path = checkpoint_file(args.checkpoint, "checkpoint")
-    state = load_checkpoint(path)
-    cfg = checkpoint_config(state, [])
-    if args.score_thr is not None:
-        cfg.model.box_score_thresh = args.score_thr
-    if "categories" not in state:
-        raise DatasetError(f"{path}: the checkpoint carries no categories (saved before they were stored); "
-                           "use ssod-eval with --overrides instead")
-    categories = CategoryMap(tuple(state["categories"]["ids"]), tuple(state["categories"]["names"]))
+    path, state, cfg, categories = checkpoint_with_categories(
+        args.checkpoint, args.score_thr, hint="; use ssod-eval with --overrides instead")
     model = apply_speed_settings(cfg.train, build_model(cfg.model, OmegaConf.to_object(cfg.method), categories.num_classes))
     load_detector(model.detector, state[args.model], f"{path} ({args.model})")
     images = Path(args.images)
