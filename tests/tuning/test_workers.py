@@ -35,6 +35,7 @@ def test_killed_worker_trial_is_retried_with_same_params_from_its_checkpoint(pro
         killed = wait_for_checkpointed_trial(project, journal, victim.pid, timeout=180)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
+        dead_run_id = newest_checkpoint_run_id(project, journal, killed)
         project.finish(survivor)
     finally:
         for process in (victim, survivor):
@@ -54,6 +55,21 @@ def test_killed_worker_trial_is_retried_with_same_params_from_its_checkpoint(pro
     _, runs = project.runs()
     (resumed_run,) = [r for r in runs if r.info.run_id == retry.user_attrs["mlflow_run_id"]]
     assert resumed_run.data.tags["optuna.retry_of"] == str(killed)
+    # The retry continued the dead trial's MLflow run (the one its checkpoint names), not a new one.
+    assert resumed_run.info.run_id == dead_run_id
+    assert sorted(r.data.tags["optuna.trial_number"] for r in runs) == sorted(
+        str(t.number) for t in study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def newest_checkpoint_run_id(project: Project, journal: str, number: int) -> str:
+    """The MLflow run that trial ``number``'s newest checkpoint belongs to."""
+    import torch
+
+    trial = project.study(journal).trials[number]
+    checkpoint = max(Path(trial.user_attrs["output_dir"]).glob("checkpoints/step-*.pt"))
+    run_id = torch.load(checkpoint, map_location="cpu", weights_only=False)["mlflow_run_id"]
+    assert run_id
+    return run_id
 
 
 def test_relay_answers_are_read_in_order_and_a_missing_answer_times_out(tmp_path: Path) -> None:
