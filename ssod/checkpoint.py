@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import random
@@ -25,9 +26,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ssod.data.splits import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+# The checkpoint of the best evaluation so far (train.best_metric), and what it scored.
+BEST_NAME = "best.pt"
+BEST_RECORD = "best.json"
 
 
 class CheckpointError(RuntimeError):
@@ -190,6 +196,44 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def mark_best(directory: Path, step: int, metric: str, value: float) -> Path:
+    """Make ``<dir>/best.pt`` the checkpoint of ``step`` and ``best.json`` say which, with
+    ``metric``'s ``value``. A hard link: no second copy while that step's file is kept, and
+    the weights stay when keeping the newest few deletes it; a copy where the file system
+    has no links."""
+    directory = Path(directory)
+    source, final = checkpoint_path(directory, step), directory / BEST_NAME
+    temp = directory / f".{BEST_NAME}.tmp-{os.getpid()}"
+    try:
+        temp.unlink(missing_ok=True)
+        try:
+            os.link(source, temp)
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+                raise
+            shutil.copyfile(source, temp)
+        os.replace(temp, final)
+        write_json_atomic({"step": step, "metric": metric, "value": value, "checkpoint": source.name},
+                          directory / BEST_RECORD)
+        _fsync_dir(directory)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
+        raise CheckpointError(f"could not make {final} the checkpoint of step {step}: {reason}") from error
+    return final
+
+
+def best_record(directory: Path) -> Optional[dict[str, Any]]:
+    """What ``<dir>/best.json`` says of ``best.pt`` (step, metric, value), or None without both."""
+    directory = Path(directory)
+    if not (directory / BEST_NAME).is_file():
+        return None
+    try:
+        return json.loads((directory / BEST_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}  # best.pt without its record (copied by hand): still the best checkpoint
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``) onto the CPU. A file that does not
     load is a ``CheckpointError`` of one line: torch's message cut to its first line."""
@@ -273,6 +317,10 @@ def set_aside_other_checkpoints(directory: Path, resumed: Path, step: int) -> Op
     found = list_checkpoints(directory)
     elsewhere = bool(found) and not is_in_folder(resumed, directory)
     moving = [path for saved, path in found if saved > step or elsewhere]
+    best = best_record(directory)
+    if best is not None and (elsewhere or best.get("step", step + 1) > step):
+        # The best of a history the resume leaves (or of unknown step): it goes with it.
+        moving += [directory / name for name in (BEST_NAME, BEST_RECORD) if (directory / name).exists()]
     if not moving:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -287,20 +335,24 @@ def set_aside_other_checkpoints(directory: Path, resumed: Path, step: int) -> Op
         os.replace(path, folder / path.name)
     _fsync_dir(directory)
     log.warning(
-        "resuming from %s (step %d): %d checkpoint(s) of %s that are not its past (newest: %s) moved to %s; "
+        "resuming from %s (step %d): %d file(s) of %s that are not its past (%s) moved to %s; "
         "train.resume=auto continues the newest checkpoint instead", resumed, step, len(moving), directory,
-        moving[-1].name, folder,
+        ", ".join(path.name for path in moving), folder,
     )
     return folder
 
 
-def checkpoint_file(path: str, option: str) -> Path:
+def checkpoint_file(path: str, option: str, prefer_best: bool = False) -> Path:
     """The checkpoint ``path`` names: a file, or a run's checkpoint directory or output
-    directory (its newest complete checkpoint). ``option`` names the setting that gave
-    ``path``, for the errors."""
+    directory (its newest complete checkpoint; with ``prefer_best`` its ``best.pt`` where it
+    has one). ``option`` names the setting that gave ``path``, for the errors."""
     found = Path(path)
     if found.is_dir() and not list_checkpoints(found) and (found / "checkpoints").is_dir():
         found = found / "checkpoints"
+    if found.is_dir() and prefer_best and (best := best_record(found)) is not None:
+        log.info("%s: the best checkpoint, %s (step %s, %s %s)", path, found / BEST_NAME, best.get("step", "?"),
+                 best.get("metric", "?"), best.get("value", "?"))
+        return found / BEST_NAME
     if found.is_dir():
         checkpoints = list_checkpoints(found)
         if not checkpoints:

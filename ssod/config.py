@@ -10,6 +10,7 @@ tests and ``ssod.tune`` use it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -191,6 +192,10 @@ class TrainConfig:
     eval_every: int = 4000
     ckpt_every: int = 4000
     keep_checkpoints: int = 2
+    # checkpoints/best.pt: the checkpoint of the evaluation with the highest value of this
+    # validation metric (val/<teacher|student>/bbox_<AP, AP50, ...>); "" keeps none. ssod-eval,
+    # ssod-predict and ssod-export take it when given a run's folder.
+    best_metric: str = "val/teacher/bbox_AP"
     # null: a folder of its own for every new run, outputs/<method>-<data>/<start time>
     # (a Hydra multirun: Hydra's job folder), and resume=auto finds the run to continue;
     # see ssod/outputs.py. A path: exactly that folder.
@@ -292,6 +297,10 @@ def _at_least(low):
     return (lambda v: v >= low), f">= {low}"
 
 
+# pycocotools' summary, in its order (ssod.evaluation names its results so).
+COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+_BEST_METRIC = re.compile(rf"val/(teacher|student)/bbox_({'|'.join(COCO_METRIC_NAMES)})")
+
 _POSITIVE = ((lambda v: v > 0), "> 0")
 _FRACTION = ((lambda v: 0 <= v <= 1), "in [0, 1]")
 _PERCENT = ((lambda v: 0 < v <= 100), "in (0, 100]")
@@ -369,6 +378,8 @@ _RULES = {
     "train.max_consecutive_nonfinite": _at_least(1),
     "train.grad_clip_norm": _POSITIVE,
     "train.num_vis_images": _at_least(0),
+    "train.best_metric": ((lambda v: v == "" or _BEST_METRIC.fullmatch(v) is not None),
+                          f"\"\" or val/<teacher|student>/bbox_<{'|'.join(COCO_METRIC_NAMES)}>"),
     "tracking.request_timeout_s": _at_least(1),
     "tracking.request_retries": ((lambda v: 0 <= v <= 10), "in [0, 10]"),
     "train.mixed_precision": ((lambda v: v in ("no", "fp16", "bf16", "fp8")), "no, fp16, bf16 or fp8 (or null: the launcher's)"),

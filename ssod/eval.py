@@ -51,8 +51,8 @@ from ssod.step import forget_accelerator
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ssod-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a step-*.pt file, or a run's output or checkpoint directory "
-                        "(its newest complete checkpoint)")
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run's output or checkpoint directory "
+                        "(its best.pt, else its newest complete checkpoint)")
     parser.add_argument("--json", help="COCO json to evaluate on (default: the config's validation json)")
     parser.add_argument("--images", help="image directory of --json")
     parser.add_argument("--model", choices=("teacher", "student"), default="teacher")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_checkpoint(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    path = checkpoint_file(args.checkpoint, "checkpoint")
+    path = checkpoint_file(args.checkpoint, "checkpoint", prefer_best=True)
     state = load_checkpoint(path)
     cfg = checkpoint_config(state, args.overrides)
     if args.score_thr is not None:

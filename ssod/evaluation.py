@@ -26,13 +26,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
+from ssod.config import COCO_METRIC_NAMES
 from ssod.models.boxes import best_overlap, paired_box_iou
 from ssod.models.teacher import PseudoLabels
 
 logger = logging.getLogger(__name__)
 
 # Order of COCOeval.stats for bbox evaluation with the default parameters.
-COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
 
 def coco_from_dataset(dataset: dict) -> COCO:

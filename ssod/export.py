@@ -45,7 +45,8 @@ OPSET = 17
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ssod-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a step-*.pt file, or a run's checkpoint or output directory")
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run's checkpoint or output directory "
+                        "(its best.pt, else its newest step-*.pt)")
     parser.add_argument("--image", required=True, help="an image to check the exported files on")
     parser.add_argument("--out", required=True, help="the folder to write the exported files to")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS))

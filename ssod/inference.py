@@ -162,7 +162,7 @@ def checkpoint_with_categories(given: str, score_thr: Optional[float], hint: str
     (``given``: a file or a run's folder), state, config (``score_thr``, when given, as the
     detector's box score threshold) and the categories it carries (a ``DatasetError`` naming
     the file when it carries none; ``hint`` says what to do instead)."""
-    path = checkpoint_file(given, "checkpoint")
+    path = checkpoint_file(given, "checkpoint", prefer_best=True)
     state = load_checkpoint(path)
     cfg = checkpoint_config(state, [])
     if score_thr is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -11,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from ssod.checkpoint import mark_best
 from ssod.data.pipeline import DataBundle
 from ssod.inference import EvaluationInterrupted, evaluate
 from ssod.interrupts import Interrupts
@@ -79,10 +82,15 @@ def train_loop(cfg: DictConfig, method: Method, data: DataBundle, training: Trai
             final.update(_log_interval(meters, clock, training, method, tracker, progress))
             bad_files_logged = log_bad_files(tracker, state.bad_files, bad_files_logged)
         with clock.paused():  # evaluations and checkpoints are not training time (train/sec_per_iter)
+            best = False
             if _due(state.step, train.eval_every, train.iterations) and not flags.stop:
                 flags.stop = _evaluate(training, loaders, meters, data, train, tracker, interrupts, final, on_eval)
-            if _due(state.step, train.ckpt_every, train.iterations) or flags.stop:
+                best = not flags.stop and _is_new_best(training, final, train.best_metric)
+            if _due(state.step, train.ckpt_every, train.iterations) or flags.stop or best:
                 training.save()
+            if best and training.accelerator.is_main_process:
+                mark_best(training.ckpt_dir, state.step, train.best_metric, state.best_value)
+                tracker.set_tags({"ssod.best_step": str(state.step)})
         if flags.stop:
             log.warning("stop requested: checkpoint saved at step %d", state.step)
             final.status, final.stop_signal = "KILLED", interrupts.signum
@@ -90,6 +98,24 @@ def train_loop(cfg: DictConfig, method: Method, data: DataBundle, training: Trai
     if progress is not None:
         progress.close()
     return final
+
+
+def _is_new_best(training: Training, metrics: dict[str, float], name: str) -> bool:
+    """Whether the evaluation just logged (in ``metrics``, on the main process) beat the best
+    value of ``name`` so far; all processes learn the answer and note it in the run state,
+    which the checkpoint of this step then holds. A NaN (nothing to score) never wins."""
+    state = training.state
+    if not name:
+        return False
+    value = metrics.get(name) if training.accelerator.is_main_process else None
+    if value is not None and not (math.isfinite(value) and (state.best_value is None or value > state.best_value)):
+        value = None
+    if training.accelerator.num_processes > 1:
+        value = broadcast_object_list([value])[0]
+    if value is None:
+        return False
+    state.best_value, state.best_step = float(value), state.step
+    return True
 
 
 def _due(step: int, every: int, last: int) -> bool:

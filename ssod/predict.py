@@ -44,7 +44,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ssod-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a step-*.pt file, or a run's checkpoint or output directory")
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run's checkpoint or output directory "
+                        "(its best.pt, else its newest step-*.pt)")
     parser.add_argument("--images", required=True, help="a folder of images (or the image folder of --json)")
     parser.add_argument("--json", help="a COCO json naming the images to run on (its ids are kept)")
     parser.add_argument("--out", required=True, help="the COCO results json to write")

@@ -23,6 +23,9 @@ class RunState:
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
     run_id: str = ""
+    # The best value of train.best_metric so far and its step (checkpoints/best.pt).
+    best_value: Optional[float] = None
+    best_step: int = 0
     # Unreadable images met by any process (the same on all, once shared; see ssod.step).
     bad_files: list[str] = field(default_factory=list)
     # How many of ``bad_files`` all processes already share (not saved: a checkpoint holds
@@ -37,6 +40,8 @@ class RunState:
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "mlflow_run_id": self.run_id,
             "bad_files": list(self.bad_files),
+            "best_value": self.best_value,
+            "best_step": self.best_step,
         }
 
     @classmethod
@@ -44,7 +49,8 @@ class RunState:
         bad_files = list(state["bad_files"])
         return cls(
             state["step"], state["ema_steps"], state["nonfinite_steps"], state["consecutive_nonfinite"],
-            state["mlflow_run_id"], bad_files, len(bad_files),
+            state["mlflow_run_id"], state.get("best_value"), state.get("best_step", 0),  # none before best.pt
+            bad_files, len(bad_files),
         )
 
     def note_bad_files(self, metas: list[dict]) -> None:

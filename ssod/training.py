@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssod.build import apply_speed_settings, build_optimizer, build_scheduler
 from ssod.checkpoint import (
+    BEST_NAME,
     DirectoryLock,
     checkpoint_file,
     is_in_folder,
@@ -174,6 +175,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             log.info("finished at step %d: teacher AP %.1f, student AP %.1f (COCO AP in %%, validation set); checkpoint %s",
                      training.state.step, 100 * final_metrics.get("val/teacher/bbox_AP", math.nan),
                      100 * final_metrics.get("val/student/bbox_AP", math.nan), final_checkpoint)
+            if training.state.best_value is not None:
+                log.info("best checkpoint: %s (step %d, %s %.4f)", ckpt_dir / BEST_NAME, training.state.best_step,
+                         cfg.train.best_metric, training.state.best_value)
             if "test/teacher/bbox_AP" in final_metrics:
                 log.info("held-out test set: teacher AP %.1f, student AP %.1f (COCO AP in %%)",
                          100 * final_metrics.get("test/teacher/bbox_AP", math.nan),

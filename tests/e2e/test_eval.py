@@ -22,7 +22,7 @@ def test_ssod_eval_scores_a_checkpoint_and_writes_strict_json(make_config, tmp_p
         pytest.fail(f"not strict JSON: {constant}")
 
     record = json.loads(out.read_text(), parse_constant=refuse)
-    assert record["step"] == 1 and record["checkpoint"].endswith("step-00000001.pt")
+    assert record["step"] == 1 and record["checkpoint"].endswith("checkpoints/best.pt")  # a folder: its best
     assert record["teacher/bbox_images"] == 8.0 and record["teacher/bbox_unreadable_images"] == 0.0
     assert None in record.values()  # a metric without ground truth (NaN) is null
     # The same teacher weights on the same images: the training run's final evaluation.

@@ -55,7 +55,8 @@ def test_resuming_an_older_checkpoint_by_path_branches_the_run_and_sets_the_late
     run(make_config(*base, "train.iterations=4", "train.lr=0.02", f"train.resume={folder / 'step-00000002.pt'}"))
     (aside,) = [path for path in folder.iterdir() if path.is_dir()]
     assert aside.name.startswith("superseded-")
-    assert sorted(path.name for path in aside.iterdir()) == ["step-00000003.pt", "step-00000004.pt"]
+    # The best checkpoint (of the evaluation at step 4) was of the abandoned history too.
+    assert sorted(path.name for path in aside.iterdir()) == ["best.json", "best.pt", "step-00000003.pt", "step-00000004.pt"]
     assert torch.equal(load_checkpoint(aside / "step-00000004.pt")["student"]["detector.roi_heads.box_predictor.cls_score.weight"],
                        old_step_4["detector.roi_heads.box_predictor.cls_score.weight"])
     assert [step for step, _ in list_checkpoints(folder)] == [1, 2, 3, 4]
