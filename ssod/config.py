@@ -227,14 +227,19 @@ class TrackingConfig:
     experiment: str = "ssod"
     parent_run_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
-    log_checkpoint_artifact: bool = True
+    # One copy of a run's weights by default: its output folder's checkpoints (resume, best.pt,
+    # ssod-eval/predict/export read them; they exist with tracking off or the server down).
+    # The run's description names them. Opt-in copies in MLflow: the final checkpoint as an
+    # artifact (output folders on scratch disks), and the logged model below.
+    log_checkpoint_artifact: bool = False
     # MLflow's system metrics (CPU, memory, disk, network; NVIDIA GPUs too) in the run, every
     # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10). null: MLflow's
     # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING when set, else on.
     system_metrics: Optional[bool] = None
     # The final teacher detector as an MLflow logged model named "model" (PyTorch flavor,
-    # mlflow.pytorch.load_model), registered as a version of registered_model_name when set.
-    log_model: bool = True
+    # mlflow.pytorch.load_model), registered as a version of registered_model_name when set
+    # (a registered name logs the model whatever log_model says).
+    log_model: bool = False
     registered_model_name: str = ""
     # How long one MLflow HTTP call waits on a server that does not answer: attempts of
     # request_timeout_s seconds, request_retries after the first (null: MLflow's

@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -25,6 +26,7 @@ from ssod.checkpoint import (
     BEST_NAME,
     DirectoryLock,
     checkpoint_file,
+    checkpoint_path,
     is_in_folder,
     list_checkpoints,
     load_checkpoint,
@@ -158,7 +160,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         if status == "FINISHED" and data.test is not None and cfg.train.evaluate_test:
             final_metrics.update(_evaluate_test(cfg, data, training, tracker))
         if accelerator.is_main_process and status == "FINISHED":
-            final_checkpoint = ckpt_dir / f"step-{training.state.step:08d}.pt"
+            final_checkpoint = checkpoint_path(ckpt_dir, training.state.step)
             # Beside the checkpoints first: readable with tracking off (a benchmark on a GPU machine).
             # JSON has no NaN: an undefined metric (no ground truth of that size) is null.
             finite = {key: value if not isinstance(value, float) or math.isfinite(value) else None
@@ -168,9 +170,9 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
             log_final_reports(tracker, {"val": (data.val, output_dir / VAL_DETECTIONS),
                                         "test": (data.test, output_dir / TEST_DETECTIONS)})
-            if cfg.tracking.log_model:
+            if cfg.tracking.log_model or cfg.tracking.registered_model_name:
                 _log_model(tracker, training, cfg.tracking.registered_model_name)
-            _describe_results(tracker, description, final_metrics, training.state.step)
+            _describe_results(tracker, description, final_metrics, training)
             # AP in percent, as papers and this README print it (MLflow holds pycocotools' 0-1 values).
             log.info("finished at step %d: teacher AP %.1f, student AP %.1f (COCO AP in %%, validation set); checkpoint %s",
                      training.state.step, 100 * final_metrics.get("val/teacher/bbox_AP", math.nan),
@@ -444,14 +446,20 @@ def _log_model(tracker: Tracker, training: Training, registered_name: str) -> No
                  f", registered as {registered_name}" if registered_name else "")
 
 
-def _describe_results(tracker: Tracker, description: str, metrics: dict, step: int) -> None:
-    """The run's description with its final APs (unless a person has rewritten it)."""
+def _describe_results(tracker: Tracker, description: str, metrics: dict, training: Training) -> None:
+    """The run's description with its final APs and where its weights are (unless a person
+    has rewritten it)."""
+    step, state = training.state.step, training.state
     results = [f"Finished at step {step}: teacher AP {100 * metrics.get('val/teacher/bbox_AP', math.nan):.1f}, "
                f"student AP {100 * metrics.get('val/student/bbox_AP', math.nan):.1f} (COCO AP in %, validation set)"]
     if "test/teacher/bbox_AP" in metrics:
         results.append(f"held-out test set: teacher AP {100 * metrics['test/teacher/bbox_AP']:.1f}, "
                        f"student AP {100 * metrics['test/student/bbox_AP']:.1f}")
-    tracker.describe(description + "\n\n" + "; ".join(results) + ".", only_if_ours=True)
+    folder = training.ckpt_dir.parent
+    best = f"`{training.ckpt_dir / BEST_NAME}` (step {state.best_step}) and " if state.best_value is not None else ""
+    weights = (f"Weights: {best}`{checkpoint_path(training.ckpt_dir, step)}` on {socket.gethostname()}; "
+               f"`ssod-eval {folder}` and `ssod-export {folder}` take the best.")
+    tracker.describe(description + "\n\n" + "; ".join(results) + ".\n\n" + weights, only_if_ours=True)
 
 
 def _is_prune(error: BaseException) -> bool:

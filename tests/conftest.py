@@ -159,6 +159,11 @@ class MlflowStore:
             found.extend(self.artifacts(run_id, info.path) if info.is_dir else [info.path])
         return found
 
+    def logged_models(self, run_id: str) -> list:
+        """The MLflow logged models the run produced."""
+        run = self.client.get_run(run_id)
+        return self.client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+
     def read_text(self, run_id: str, path: str) -> str:
         local = self.client.download_artifacts(run_id, path)
         return Path(local).read_text()

@@ -98,6 +98,7 @@ def test_the_run_page_shows_description_charts_system_metrics_the_picture_and_th
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     run(make_config("train.iterations=4", "train.eval_every=2", "train.log_every=1", "train.num_vis_images=1",
+                    "tracking.log_model=true",
                     method="polish_teacher"))
     [finished] = mlflow_store.runs()
     run_id, experiment_id = finished.info.run_id, finished.info.experiment_id

@@ -84,7 +84,8 @@ def server(tmp_path: Path):
 
 
 def _args(tmp_path: Path, dataset_cache: Path, server: MlflowServer, *overrides: str) -> list[str]:
-    return [*tiny_overrides(tmp_path, dataset_cache, server.uri), "tracking.log_model=false", *overrides]
+    return [*tiny_overrides(tmp_path, dataset_cache, server.uri), "tracking.log_model=false",
+            "tracking.log_checkpoint_artifact=true", *overrides]  # an artifact of 70 MB to spool
 
 
 def _wait_for(condition, process, timeout: float, what: str) -> None:

@@ -95,7 +95,11 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     mlflow_store.assert_no_step_twice(run_id)
 
     artifacts = mlflow_store.artifacts(run_id)
-    assert {"config.yaml", "final_metrics.json", "checkpoints/step-00000004.pt"} <= set(artifacts)
+    assert {"config.yaml", "final_metrics.json"} <= set(artifacts)
+    # One copy of the weights: the output folder's; the description says where (MLflow's are opt-in).
+    assert not [name for name in artifacts if name.endswith(".pt")] and mlflow_store.logged_models(run_id) == []
+    best = tmp_path / "outputs" / "checkpoints" / "best.pt"
+    assert f"Weights: `{best}` (step " in tags["mlflow.note.content"] and f"`ssod-eval {tmp_path / 'outputs'}`" in tags["mlflow.note.content"]
     config = mlflow_store.read_text(run_id, "config.yaml")
     assert "secret" not in config and MASKED in config and f"name: {method}" in config
     logged_final = json.loads(mlflow_store.read_text(run_id, "final_metrics.json"))
@@ -314,6 +318,8 @@ def test_the_logged_model_loads_back_with_mlflow_registers_and_detects_as_the_ch
     assert finished.data.tags["mlflow.note.content"].startswith("**Polishing Teacher** on `synthetic`, 10% labeled")
     assert "Finished at step 2: teacher AP" in finished.data.tags["mlflow.note.content"]
     [output] = finished.outputs.model_outputs
+    # A registered name logs the model although tracking.log_model is off by default.
+    assert [model.model_id for model in mlflow_store.logged_models(finished.info.run_id)] == [output.model_id]
     version = mlflow_store.client.get_model_version("ssod-test-detector", "1")
     assert version.source == f"models:/{output.model_id}" and version.run_id == finished.info.run_id
 
