@@ -53,8 +53,34 @@ def user_error_status(prog: str, error: Exception) -> int:
     """Print ``error`` as one line and return the exit status 2 (``HYDRA_FULL_ERROR=1``: raise it)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"{prog}: error: {error}", file=sys.stderr)
+    message = str(error)
+    cause = error.__cause__
+    if type(error).__module__.startswith("hydra") and cause is not None and str(cause) not in message:
+        # Hydra's "Error merging override x=y" keeps the reason in its cause.
+        message = f"{message}: {cause}"
+    override = getattr(error, "override", None)  # Hydra's parse error names it only there
+    if isinstance(override, str) and override not in message:
+        message = f"cannot parse override {override}: {message}"
+    print(f"{prog}: error: {one_line(mask_secrets(message))}", file=sys.stderr)
     return 2
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (Hydra's, OmegaConf's) as one line: its lines joined, an indented
+    list after a line ending in ':' joined by commas, Hydra's config search path and OmegaConf's
+    key/type detail left out."""
+    pieces: list[str] = []
+    listing = False  # the last piece is a heading ending in ':' and its items so far
+    for raw in message.split("Config search path:")[0].splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("full_key:", "reference_type=", "object_type=")):
+            continue
+        if listing and raw[:1].isspace():
+            pieces[-1] += (" " if pieces[-1].endswith(":") else ", ") + line
+        else:
+            pieces.append(line)
+            listing = line.endswith(":")
+    return " ".join(pieces)
 
 
 def sync_main(argv: Optional[list[str]] = None) -> int:

@@ -29,6 +29,7 @@ from typing import Optional
 
 import optuna
 
+from ssod.cli import user_error_status
 from ssod.tracking import bound_requests, mask_console, mask_secrets
 from ssod.tuning.burn_in import check_burn_in_space
 from ssod.tuning.child import child_main
@@ -137,8 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         setup = prepare(args.overrides, workers, args.storage)
     except (HydraException, ValueError) as error:  # a bad override or value: one line, not a traceback
-        log.error("%s", mask_secrets(str(error)))
-        return 2
+        return user_error_status("ssod-tune", error)
     # The study's own MLflow calls (its parent run, marking trials) wait no longer on a tracking
     # server that went away than a trial's training does (tracking.request_* of the base config).
     bound_requests(*setup.request_bounds)
