@@ -55,6 +55,7 @@ class HydraJob:
     output_dir: Path
     overrides: tuple[str, ...]
     hydra_yaml: str
+    sweep_dir: Optional[Path] = None  # a multirun's folder (hydra.sweep.dir)
 
     @classmethod
     def current(cls) -> Optional["HydraJob"]:
@@ -64,8 +65,10 @@ class HydraJob:
         if not HydraConfig.initialized():
             return None
         hydra = HydraConfig.get()
-        return cls(multirun=hydra.mode == RunMode.MULTIRUN, output_dir=Path(hydra.runtime.output_dir),
-                   overrides=tuple(hydra.overrides.task), hydra_yaml=OmegaConf.to_yaml(HydraConfig.instance().cfg))
+        multirun = hydra.mode == RunMode.MULTIRUN
+        return cls(multirun=multirun, output_dir=Path(hydra.runtime.output_dir),
+                   overrides=tuple(hydra.overrides.task), hydra_yaml=OmegaConf.to_yaml(HydraConfig.instance().cfg),
+                   sweep_dir=Path(hydra.sweep.dir).absolute() if multirun else None)
 
 
 def run_name(cfg: DictConfig, job: Optional[HydraJob]) -> str:

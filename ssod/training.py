@@ -47,6 +47,7 @@ from ssod.report import VAL_DETECTIONS, log_final_reports
 from ssod.resume import continue_schedule, find_resume, log_resume, use_configured_rates
 from ssod.run_state import RunState, optimizer_parameter_names
 from ssod.step import Training, forget_accelerator
+from ssod.sweep import sweep_parent_run_id
 from ssod.tracking import (
     SPOOL_DIR,
     Tracker,
@@ -130,8 +131,10 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         # model are set up are the folder's later checkpoints set aside. The folder's
         # checkpoints tell how far the run went only if the resumed one is of it.
         on_disk = list_checkpoints(ckpt_dir) if resumed and is_in_folder(resume_path, ckpt_dir) else []
+        # A multirun's job nests under the sweep's parent run (ssod.sweep), unless told another.
+        parent = cfg.tracking.parent_run_id or (sweep_parent_run_id(job.sweep_dir) if job and job.sweep_dir else "")
         training.state.run_id = tracker.start(
-            train.run_name, tags, cfg.tracking.parent_run_id, run_id=training.state.run_id,
+            train.run_name, tags, parent, run_id=training.state.run_id,
             resume_step=training.state.step if resumed else None, saved_step=on_disk[-1][0] if on_disk else 0,
             new_run_tags=_run_context(accelerator) if tracker.enabled else {},
         )

@@ -28,12 +28,21 @@ def test_the_same_command_twice_and_a_sweep_run_side_by_side_and_resume_auto_fin
     status, output = trainer.run(["-m", *args, "train.seed=0,1", "train.lr=0.02"], log_name="sweep.log")
     assert status == 0, output
     sweep = next((tmp_path / "outputs" / "multirun").iterdir())
-    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "mlflow_parent_run", "multirun.yaml"]
     for job in ("0", "1"):
         assert (sweep / job / "checkpoints" / "step-00000002.pt").is_file()
         assert (sweep / job / ".hydra" / "hydra.yaml").is_file()
+    # The sweep's jobs nest under one parent run, which ends with a table of them.
+    (parent,) = [run for run in mlflow_store.runs() if run.data.tags.get("ssod.role") == "sweep"]
+    jobs = [run for run in mlflow_store.runs() if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert (sweep / "mlflow_parent_run").read_text().strip() == parent.info.run_id
+    assert len(jobs) == 2 and parent.info.status == "FINISHED" and parent.data.tags["ssod.sweep"] == str(sweep)
+    assert parent.data.params["sweep.overrides"].endswith("train.seed=0,1 train.lr=0.02")
+    assert parent.data.metrics["sweep/jobs"] == 2
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Hydra multirun** in `{sweep}`") and sum(job.info.run_name in note for job in jobs) == 2
 
-    names = sorted(run.info.run_name for run in mlflow_store.runs())
+    names = sorted(run.info.run_name for run in mlflow_store.runs() if run.info.run_id != parent.info.run_id)
     base = "supervised-synthetic-10pct-fold1-seed"
     assert [name.split(" ")[0] for name in names] == [f"{base}0"] * 3 + [f"{base}1"]
     assert all(len(name) <= 250 for name in names)  # MLflow's limit (these tiny runs have many overrides)
@@ -43,4 +52,13 @@ def test_the_same_command_twice_and_a_sweep_run_side_by_side_and_resume_auto_fin
     assert status == 0, output
     assert f"train.resume=auto: continuing {second}" in output
     assert (second / "checkpoints" / "step-00000003.pt").is_file()
-    assert len(mlflow_store.runs()) == 4
+    assert len(mlflow_store.runs()) == 5
+
+
+def test_a_sweep_that_stops_on_a_failed_job_ends_its_parent_run_failed(tiny_args, trainer, mlflow_store):
+    args = [arg for arg in tiny_args() if not arg.startswith(("train.output_dir=", "train.iterations="))]
+    status, output = trainer.run(["-m", *args, "train.iterations=2,-1"], log_name="sweep.log")
+    assert status == 2 and "train.iterations=-1 (must be >= 1)" in output, output
+    (parent,) = [run for run in mlflow_store.runs() if run.data.tags.get("ssod.role") == "sweep"]
+    (job,) = [run for run in mlflow_store.runs() if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FAILED" and job.info.status == "FINISHED"
