@@ -212,6 +212,11 @@ class TrainConfig:
     # end; a burn-in that only feeds other runs skips it.
     evaluate_test: bool = True
     max_consecutive_nonfinite: int = 5
+    # DDP's search for parameters without a gradient after every backward pass. Every
+    # parameter of the shipped methods gets one in every step (burn-in and semi-supervised
+    # phase; tests/e2e/test_distributed.py), so the search is off: true for a method that
+    # leaves some unused (DDP then stops with an error that names them).
+    find_unused_parameters: bool = False
     grad_clip_norm: Optional[float] = None
     num_vis_images: int = 4
     cpu: bool = False

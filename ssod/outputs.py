@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +92,37 @@ def run_name(cfg: DictConfig, job: Optional[HydraJob]) -> str:
     return name if len(name) <= _NAME_LIMIT else name[: _NAME_LIMIT - 3] + "..."
 
 
-def run_description(cfg: DictConfig, title: str, oracle: bool, job: Optional[HydraJob]) -> str:
-    """What the run is, for its MLflow page (markdown): method, data, model, schedule,
-    where its files are and the command that started it."""
+def launch_command(job: Optional[HydraJob]) -> Optional[str]:
+    """The command that started the run: under a launcher (``accelerate launch``, ``torchrun``)
+    the launcher's command line, else ``ssod-train`` and the overrides (None outside Hydra's app)."""
+    if "LOCAL_RANK" in os.environ:  # set by the launchers for the processes they start
+        line = _launcher_line()
+        if line:
+            return mask_secrets(line)
+    return None if job is None else "ssod-train " + mask_secrets(" ".join(job.overrides))
+
+
+def _launcher_line() -> str:
+    """The nearest parent process that is ``accelerate`` or ``torchrun`` (or ``python -m
+    torch.distributed.run``), as a shell line without the interpreter's path."""
+    import psutil
+
+    try:
+        for process in psutil.Process().parents()[:3]:
+            argv = process.cmdline()
+            for index, arg in enumerate(argv[:4]):
+                if Path(arg).name in ("accelerate", "torchrun"):
+                    return shlex.join([Path(arg).name, *argv[index + 1:]])
+                if arg in ("torch.distributed.run", "torch.distributed.launch") and argv[index - 1] == "-m":
+                    return shlex.join(["python", "-m", arg, *argv[index + 1:]])
+    except (psutil.Error, OSError):
+        pass
+    return ""
+
+
+def run_description(cfg: DictConfig, title: str, oracle: bool, command: Optional[str], processes: int = 1) -> str:
+    """What the run is, for its MLflow page (markdown): method, data, model, schedule, how
+    many processes train it, where its files are and the command that started it."""
     data, method, train = cfg.data, cfg.method, cfg.train
     labeled = (f"{data.percent:g}% labeled (fold {data.fold})" if not data.unlabeled_json and data.percent < 100
                else "labeled set as given")
@@ -101,10 +130,15 @@ def run_description(cfg: DictConfig, title: str, oracle: bool, job: Optional[Hyd
     if method.name != "supervised":
         schedule += (f": {method.unsup_start} supervised (burn-in), then unsupervised weight {method.unsup_weight:g}"
                      + (f" ramped over {method.unsup_warmup}" if method.unsup_warmup else ""))
-    lines = [f"**{title}** on `{data.name}`, {labeled}, seed {train.seed}; model `{cfg.model.arch}`; {schedule}.",
-             "", f"Output folder: `{train.output_dir}`."]
-    if job is not None:
-        lines.append("Command: `ssod-train " + mask_secrets(" ".join(job.overrides)) + "`.")
+    lines = [f"**{title}** on `{data.name}`, {labeled}, seed {train.seed}; model `{cfg.model.arch}`; {schedule}."]
+    if processes > 1:
+        lines.append(f"{processes} processes: global batch {processes * train.batch_labeled} labeled + "
+                     f"{processes * train.batch_unlabeled} unlabeled images ({train.batch_labeled} + "
+                     f"{train.batch_unlabeled} per process); gradients averaged over all, learning rate "
+                     f"{train.lr:g} as configured (not scaled with the number of processes).")
+    lines += ["", f"Output folder: `{train.output_dir}`."]
+    if command:
+        lines.append(f"Command: `{command}`.")
     if oracle:
         lines += ["", "**Oracle**: the pseudo labels are the unlabeled images' hidden ground truth. "
                       "A diagnostic of the unsupervised path, not a result."]

@@ -42,7 +42,15 @@ from ssod.inference import eval_loader, shard
 from ssod.interrupts import Interrupts
 from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResult, evaluate_both, train_loop
 from ssod.methods import Method, build_method
-from ssod.outputs import HydraJob, place_run, point_latest, run_description, run_name, write_hydra_files
+from ssod.outputs import (
+    HydraJob,
+    launch_command,
+    place_run,
+    point_latest,
+    run_description,
+    run_name,
+    write_hydra_files,
+)
 from ssod.report import VAL_DETECTIONS, log_final_reports
 from ssod.resume import continue_schedule, find_resume, log_resume, use_configured_rates
 from ssod.run_state import RunState, optimizer_parameter_names
@@ -84,6 +92,7 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
     job = HydraJob.current()
     given = cfg
     accelerator = _accelerator(cfg.train)
+    _only_main_process_informs(accelerator)
     lock = None
     try:
         # The first process places the run (a new folder is named after the time, which
@@ -149,10 +158,12 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
             log.info("%s set: %d images, %d boxes; %d degenerate boxes dropped, %d cut to the image's border (%s)",
                      context, len(dataset), dataset.box_count, dataset.degenerate_boxes, dataset.clipped_boxes,
                      dataset.coco.source_path)
-        description = run_description(cfg, method.title, method.oracle, job)
+        command = launch_command(job)
+        description = run_description(cfg, method.title, method.oracle, command, accelerator.num_processes)
         if not resumed or tracker.branched_from:
             tracker.describe(description)
             _log_run_inputs(tracker, cfg, data)
+            tracker.log_params(_distribution_params(accelerator, cfg.train, command))
         else:
             log_resume(tracker, cfg, training.state.step, resume_path)
         loaders = _build_loaders(cfg, data, accelerator, training.state.step)
@@ -255,6 +266,29 @@ def _held_warnings() -> Iterator[list[logging.LogRecord]]:
         logging.getLogger().removeHandler(handler)
 
 
+class _RankPrefix(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def _only_main_process_informs(accelerator: Accelerator) -> None:
+    """The other processes of a distributed run print only warnings and errors, each line
+    marked with its rank: the console shows a run once, not once per process."""
+    if accelerator.is_main_process:
+        return
+    root = logging.getLogger()
+    root.setLevel(max(root.level, logging.WARNING))
+    for handler in root.handlers:
+        if not any(isinstance(f, _RankPrefix) for f in handler.filters):
+            handler.addFilter(_RankPrefix(accelerator.process_index))
+
+
 def _keep_console_log(path: Path) -> logging.FileHandler:
     """Copy every log line the run prints (every logger, from INFO) into ``path``."""
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -300,7 +334,7 @@ def _accelerator(train) -> Accelerator:
     return Accelerator(
         mixed_precision=mixed_precision(train.mixed_precision),
         cpu=train.cpu or multi_cpu,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=train.find_unused_parameters)],
     )
 
 
@@ -404,6 +438,21 @@ def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
         tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
                             context, details)
     tracker.log_metrics(data.counts(), 0)
+
+
+def _distribution_params(accelerator: Accelerator, train, command: Optional[str]) -> dict:
+    """How many processes train the run, with which batches, at which rate, started how."""
+    world = accelerator.num_processes
+    return {
+        "dist.world_size": world,
+        "dist.batch_labeled_per_process": train.batch_labeled,
+        "dist.batch_unlabeled_per_process": train.batch_unlabeled,
+        "dist.global_batch_labeled": world * train.batch_labeled,
+        "dist.global_batch_unlabeled": world * train.batch_unlabeled,
+        # DDP averages the gradients of all processes; train.lr is not scaled with their number.
+        "dist.effective_lr": train.lr,
+        "dist.command": command or "(library call)",
+    }
 
 
 def _run_context(accelerator: Accelerator) -> dict[str, str]:

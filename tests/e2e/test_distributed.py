@@ -130,6 +130,21 @@ def test_two_processes_train_together_and_log_once(tiny_args, trainer, mlflow_st
     assert mlflow_store.read_text(run_id, "bad_images.txt").splitlines() == both
     assert final["bad_files"] == both
 
+    # The run says what it is: processes, batches per process and together, the rate, the launcher's command.
+    params = run.data.params
+    assert (params["dist.world_size"], params["dist.batch_labeled_per_process"], params["dist.global_batch_labeled"],
+            params["dist.global_batch_unlabeled"]) == ("2", params["train.batch_labeled"],
+                                                       str(2 * int(params["train.batch_labeled"])),
+                                                       str(2 * int(params["train.batch_unlabeled"])))
+    assert params["dist.effective_lr"] == params["train.lr"]
+    assert params["dist.command"].startswith("torchrun --nproc_per_node 2 ") and str(driver) in params["dist.command"]
+    note = run.data.tags["mlflow.note.content"]
+    assert "2 processes: global batch" in note and f"Command: `{params['dist.command']}`" in note
+    # The console shows the run once (rank 1 says only warnings, marked with its rank), and DDP does not
+    # warn about a search for unused parameters (off: every parameter gets a gradient).
+    assert output.count("output folder: ") == 1 and output.count("MLflow run ") == 1
+    assert "find_unused_parameters" not in output
+
 
 @pytest.mark.slow
 def test_an_error_in_one_process_ends_the_job_instead_of_hanging_it(tiny_args, trainer, mlflow_store, tmp_path: Path):
