@@ -26,7 +26,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from ssod.tuning.burn_in import with_shared_burn_in
-from ssod.tuning.report import best_trial, find_parent_run, rerun_command
+from ssod.tuning.report import CONFIRMATION_TAG, best_trial, describe_study, find_parent_run, rerun_command
 from ssod.tuning.settings import StudySetup
 from ssod.tuning.space import override, to_overrides
 from ssod.tuning.storage import ENQUEUED_ATTR
@@ -101,7 +101,7 @@ def confirm(setup: StudySetup, study: optuna.Study, out_dir: Path, replicates: i
                 "best_trial": configs["best"]["trial"], "rerun": rerun_command(setup, best_trial(study))}
     _save(json_path, document)
     (out_dir / "tuning_benchmark.md").write_text(markdown(document))
-    _log(setup, document)
+    _log(setup, study, document)
     return document
 
 
@@ -154,7 +154,7 @@ def markdown(document: dict) -> str:
     return "\n".join(lines)
 
 
-def _log(setup: StudySetup, document: dict) -> None:
+def _log(setup: StudySetup, study: optuna.Study, document: dict) -> None:
     from ssod.tracking import Tracker
 
     parent = find_parent_run(setup)
@@ -173,9 +173,9 @@ def _log(setup: StudySetup, document: dict) -> None:
     tracker.log_dict(document, "study/tuning_benchmark.json")
     verdicts = [f"{s['comparison']}: {100 * s['mean']:+.1f} AP [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}], "
                 f"{s['positive']}/{s['seeds']} seeds positive" for s in document["summary"]]
-    tracker.describe(f"Study {document['study']}: searched {', '.join(setup.tune.space)}. Best trial "
-                     f"{document['best_trial']}. Confirmed on the held-out test split (seeds {setup.tune.confirm_seeds}): "
-                     + "; ".join(verdicts) + ".")
+    tracker.set_tags({CONFIRMATION_TAG: f"Confirmed on the held-out test split (seeds {setup.tune.confirm_seeds}, "
+                                        f"best = trial {document['best_trial']}): " + "; ".join(verdicts) + "."})
+    describe_study(tracker, setup, study)
 
 
 def _load(path: Path) -> dict:

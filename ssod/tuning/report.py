@@ -154,6 +154,7 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: Optional
             "optuna.best_run_id": best_run or "",
             **{f"optuna.best_params.{name}": value for name, value in best.params.items()},
         })
+    describe_study(tracker, setup, study)
     summary.update(compute_cost(study, setup.tune.burn_in))
     fidelity = rung_fidelity(study)
     if fidelity:
@@ -167,6 +168,37 @@ def write_report(setup: StudySetup, study: optuna.Study, parent_run_id: Optional
     if status:
         tracker.end(status)
     return summary
+
+
+# The parent run's tag holding the confirmation's verdict (``ssod-tune confirm``), which its
+# description repeats.
+CONFIRMATION_TAG = "optuna.confirmation"
+
+
+def describe_study(tracker: Tracker, setup: StudySetup, study: optuna.Study) -> None:
+    """The parent run's description: what was searched, how the trials ended, the best trial
+    with a link to its run and its values, and the confirmation on test when there is one
+    (not when a person has rewritten the description)."""
+    if not tracker.enabled or not tracker.run_id:
+        return
+    tune = setup.tune
+    trials = study.get_trials(deepcopy=False)
+    ended = {state: sum(t.state == state for t in trials) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    lines = [f"**Optuna study `{tune.study_name}`**: {tune.direction} `{tune.metric}` over "
+             + ", ".join(f"`{name}`" for name in tune.space) + f"; {len(trials)} trials: "
+             + ", ".join(f"{count} {state.name.lower()}" for state, count in ended.items()) + "."]
+    best = best_trial(study)
+    if best is not None:
+        run_id = trial_run_id(setup, best.number)
+        link = f" ([its run](#/experiments/{tracker.client.get_run(tracker.run_id).info.experiment_id}/runs/{run_id}))" \
+            if run_id else ""
+        values = ", ".join(f"`{name}={value:.4g}`" if isinstance(value, float) else f"`{name}={value}`"
+                           for name, value in best.params.items())
+        lines += ["", f"Best: trial {best.number}{link}, `{tune.metric}` {best.value:.4f}, with {values}."]
+    confirmation = tracker.current_tag(CONFIRMATION_TAG)
+    if confirmation:
+        lines += ["", confirmation]
+    tracker.describe("\n".join(lines), only_if_ours=True)
 
 
 def rerun_command(setup: StudySetup, trial: FrozenTrial) -> str:

@@ -128,9 +128,15 @@ def test_confirm_trains_best_default_and_paper_on_other_seeds_and_bootstraps_the
     # Each seed continued its own burn-in, made once.
     burn_ins = sorted((project.root / "outputs/tune/burn-ins").glob("burn-in-2-*/checkpoints/step-00000002.pt"))
     assert len(burn_ins) == 3  # the study's and one per confirmation seed
-    parent, _ = project.runs()
+    parent, trial_runs = project.runs()
     assert "confirm/best-default/mean" in parent.data.metrics
-    assert "Confirmed on the held-out test split" in parent.data.tags["mlflow.note.content"]
+    # The description: what was searched, the best trial with a link to its run, the confirmation.
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Optuna study `{STUDY}`**: maximize `val/teacher/bbox_AP` over `")
+    (best_run,) = [r for r in trial_runs if r.data.tags["optuna.trial_number"] == str(document["best_trial"])]
+    assert (f"Best: trial {document['best_trial']} ([its run](#/experiments/{parent.info.experiment_id}/runs/"
+            f"{best_run.info.run_id})), `val/teacher/bbox_AP` ") in note
+    assert "\n\nConfirmed on the held-out test split (seeds [1, 2], best = trial" in note
     # Run again: everything is read back, nothing trained anew.
     made = {r["config"]: r["mlflow_run_id"] for r in document["runs"]}
     assert main(["confirm", *tiny, "--out-dir", str(out), "--replicates", "20"]) == 0
