@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from ssod.config import DataConfig
+from ssod.data.cache import default_cache_dir
 from ssod.data.coco import CategoryMap, CocoDetection, DatasetError, load_split
 from ssod.data.splits import make_split, scheme_name, split_paths
-from ssod.data.synthetic import SyntheticPaths, SyntheticRecipe, default_cache_dir, ensure_synthetic
+from ssod.data.synthetic import SyntheticPaths, SyntheticRecipe, ensure_synthetic
 from ssod.data.transforms import EvalTransform, LabeledTransform, WeakStrongTransform
 
 
