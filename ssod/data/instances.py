@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,9 @@ def decode_mask(segmentation, height: int, width: int) -> np.ndarray | None:
         rle = segmentation
     else:
         return None
-    return mask_utils.decode(rle).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' decode under NumPy 2, once per call: noise
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
+        return mask_utils.decode(rle).astype(bool)
 
 
 def _usable(annotation: dict, mask: np.ndarray | None, min_side: int) -> str | None:
@@ -153,11 +156,12 @@ def read_source(source_json: Path, source_images: Path, num_classes: int, min_si
     for annotation in data["annotations"]:
         annotations_of[annotation["image_id"]].append(annotation)
     pool_by_image = {image["id"]: pool_of(image["file_name"], eval_fraction) for image in data["images"]}
-    masks, skipped, usable = {}, Counter(), {pool: Counter() for pool in POOLS}
+    # Masks are decoded twice (here to count, below to cut): keeping them all would take
+    # hundreds of MB for a source the size of coco128.
+    skipped, usable = Counter(), {pool: Counter() for pool in POOLS}
     for image in data["images"]:
         for annotation in annotations_of[image["id"]]:
             mask = decode_mask(annotation.get("segmentation"), image["height"], image["width"])
-            masks[annotation["id"]] = mask
             reason = _usable(annotation, mask, min_side)
             if reason:
                 skipped[reason] += 1
@@ -178,7 +182,7 @@ def read_source(source_json: Path, source_images: Path, num_classes: int, min_si
             raise DatasetError(f"{path}: source image unreadable ({error})") from error
         objects = np.zeros(pixels.shape[:2], dtype=bool)
         for annotation in annotations_of[image["id"]]:
-            mask = masks[annotation["id"]]
+            mask = decode_mask(annotation.get("segmentation"), image["height"], image["width"])
             if annotation["category_id"] in kept and mask is not None:
                 objects |= mask
             if mask is None or _usable(annotation, mask, min_side):
