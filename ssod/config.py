@@ -38,11 +38,32 @@ class SyntheticConfig:
 
 
 @dataclass
+class PastedConfig:
+    """Recipe of the pasted testbed (see ``ssod.data.pasted``): real instances from a COCO
+    source with masks, pasted onto real photographs."""
+
+    # The source, read in place; relative paths are taken from the project directory.
+    source_json: str = "../shared/data/coco128/annotations/instances_train2017.json"
+    source_images: str = "../shared/data/coco128/train2017"
+    seed: int = 0
+    num_train: int = 1200
+    # Unlabeled-only images that also hold distractors (instances of classes never labeled).
+    num_open: int = 200
+    num_val: int = 200
+    num_test: int = 0
+    num_classes: int = 8
+    # Class k (0: the source's most frequent) is drawn with weight (k + 1) ** -tail.
+    tail: float = 1.0
+    image_size: list[int] = field(default_factory=lambda: [160, 224])
+    object_size: list[float] = field(default_factory=lambda: [20.0, 110.0])
+
+
+@dataclass
 class DataConfig:
     """Where the images come from and how they are split and loaded.
 
-    ``name: synthetic`` generates the built-in dataset into ``cache_dir`` and splits its
-    train set at ``fold``/``percent``. ``name: coco`` reads the json files given here;
+    ``name: synthetic`` (or ``pasted``) generates the built-in dataset into ``cache_dir`` and
+    splits its train set at ``fold``/``percent``. ``name: coco`` reads the json files given here;
     ``unlabeled_json`` may be empty for a supervised run. Relative paths are taken from
     the project directory (where the command was started).
     """
@@ -63,6 +84,7 @@ class DataConfig:
     split_reference_offset: Optional[int] = None
     cache_dir: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    pasted: PastedConfig = field(default_factory=PastedConfig)
     keep_images_without_annotations: bool = True
     train_min_sizes: list[int] = field(default_factory=lambda: [400, 1200])
     train_max_size: int = 1333
@@ -334,6 +356,12 @@ _RULES = {
     "data.synthetic.num_train": _at_least(1),
     "data.synthetic.num_val": _at_least(1),
     "data.synthetic.num_test": _at_least(0),
+    "data.pasted.num_train": _at_least(1),
+    "data.pasted.num_open": _at_least(0),
+    "data.pasted.num_val": _at_least(1),
+    "data.pasted.num_test": _at_least(0),
+    "data.pasted.num_classes": _at_least(1),
+    "data.pasted.tail": _at_least(0),
     "model.trainable_backbone_layers": _at_least(0),
     "model.fpn_channels": _at_least(1),
     "model.box_head_dim": _at_least(1),

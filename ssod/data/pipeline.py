@@ -1,8 +1,8 @@
 """Build the labeled, unlabeled and validation datasets from the data config.
 
 ``build_data(cfg.data, project_dir)`` is the only place that reads the data config. It
-resolves the files (generating the synthetic dataset, or the fold@percent split files,
-on first use), checks that every split shares one category map, and wraps each split
+resolves the files (generating a built-in testbed, synthetic or pasted, or the
+fold@percent split files, on first use), checks that every split shares one category map, and wraps each split
 with its view:
 
 - labeled items: ``(image [3,H,W], target in view pixels, matrix [3,3])``
@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 from ssod.config import DataConfig
+from ssod.data.cache import default_cache_dir
 from ssod.data.coco import CategoryMap, CocoDetection, DatasetError, load_split
+from ssod.data.pasted import PastedPaths, PastedRecipe, ensure_pasted, with_open_images
 from ssod.data.splits import make_split, scheme_name, split_paths
-from ssod.data.synthetic import SyntheticPaths, SyntheticRecipe, default_cache_dir, ensure_synthetic
+from ssod.data.synthetic import SyntheticPaths, SyntheticRecipe, ensure_synthetic
 from ssod.data.transforms import EvalTransform, LabeledTransform, WeakStrongTransform
 
 
@@ -102,6 +104,9 @@ def resolve_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
     if cfg.name == "synthetic" and cfg.synthetic.num_test:
         paths = SyntheticPaths.under(files.val_json.parent.parent)
         files.test_json, files.test_images = paths.test_json, paths.test_images
+    elif cfg.name == "pasted" and cfg.pasted.num_test:
+        paths = PastedPaths(files.val_json.parent.parent)
+        files.test_json, files.test_images = paths.test_json, paths.images("test")
     elif cfg.test_json:
         files.test_json = _absolute(cfg.test_json, project_dir)
         files.test_images = _absolute(cfg.test_images or cfg.val_images, project_dir)
@@ -120,6 +125,11 @@ def _resolve_training_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
         source, source_images = paths.train_json, paths.train_images
         val_json, val_images = paths.val_json, paths.val_images
         split_dir = paths.root / "splits"
+    elif cfg.name == "pasted":
+        pasted = _pasted_testbed(cfg, project_dir, cache)
+        source, source_images = pasted.train_json, pasted.images("train")
+        val_json, val_images = pasted.val_json, pasted.images("val")
+        split_dir = pasted.root / "splits"
     else:
         if not cfg.train_json:
             raise ValueError("data.train_json is required for a COCO-format dataset")
@@ -139,7 +149,20 @@ def _resolve_training_files(cfg: DataConfig, project_dir: Path) -> DataFiles:
     labeled, unlabeled = split_paths(source, split_dir / scheme, cfg.fold, cfg.percent)
     if not (labeled.is_file() and unlabeled.is_file()):
         make_split(source, split_dir / scheme, cfg.fold, cfg.percent, cfg.split_seed, cfg.split_reference_offset)
+    if cfg.name == "pasted":  # its open images are never labeled, whatever the split
+        unlabeled = with_open_images(unlabeled, pasted)
     return DataFiles(labeled, source_images, unlabeled, source_images, val_json, val_images, source)
+
+
+def _pasted_testbed(cfg: DataConfig, project_dir: Path, cache: Path) -> PastedPaths:
+    pasted = cfg.pasted
+    recipe = PastedRecipe(
+        seed=pasted.seed, num_train=pasted.num_train, num_open=pasted.num_open, num_val=pasted.num_val,
+        num_test=pasted.num_test, num_classes=pasted.num_classes, tail=pasted.tail,
+        image_size=tuple(pasted.image_size), object_size=tuple(pasted.object_size),
+    )
+    return ensure_pasted(cache / "pasted", _absolute(pasted.source_json, project_dir),
+                         _absolute(pasted.source_images, project_dir), recipe)
 
 
 def _coco_split_dir(cache: Path, source: Path) -> Path:

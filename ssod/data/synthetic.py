@@ -2,7 +2,7 @@
 
 It is the project's embedded default: no download, no GPU. `ensure_synthetic` draws it
 deterministically from a `SyntheticRecipe` on first use into a cache directory
-(`default_cache_dir()`: `$SSOD_CACHE_DIR` or `~/.cache/ssod`) as JPEG files plus COCO json:
+(`ssod.data.cache.default_cache_dir()`: `$SSOD_CACHE_DIR` or `~/.cache/ssod`) as JPEG files plus COCO json:
 
     <cache>/synthetic-<hash>/train/000001.jpg ...      annotations/train.json
     <cache>/synthetic-<hash>/val/000001.jpg ...        annotations/val.json
@@ -40,14 +40,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ssod.data.cache import build_once
 
 # Bump when the drawing code changes, so caches written by older code are not reused.
 GENERATOR_VERSION = 1
@@ -132,37 +131,14 @@ class SyntheticPaths:
                    root / "annotations/test.json", root / "test")
 
 
-def default_cache_dir() -> Path:
-    """`$SSOD_CACHE_DIR` if set, else `~/.cache/ssod`."""
-    configured = os.environ.get("SSOD_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ssod"
-
-
 def ensure_synthetic(cache_dir: Path, recipe: SyntheticRecipe = SyntheticRecipe()) -> SyntheticPaths:
     """Return the dataset for `recipe` under `cache_dir`, generating it first if absent.
 
-    Safe for concurrent callers: each builds in its own temp dir beside the target and
-    renames it into place; rename is atomic, so the target is either absent or complete,
-    and a caller that loses the race discards its copy and uses the winner's.
+    Safe for concurrent callers and for a killed builder (`ssod.data.cache.build_once`).
     """
-    cache_dir = Path(cache_dir)
-    target = cache_dir / f"synthetic-{recipe.fingerprint()}"
-    paths = SyntheticPaths.under(target)
-    if target.is_dir():
-        return paths
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=cache_dir))
-    try:
-        _build_dataset(building, recipe)
-        building.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            os.rename(building, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return paths
+    target = Path(cache_dir) / f"synthetic-{recipe.fingerprint()}"
+    build_once(target, lambda building: _build_dataset(building, recipe))
+    return SyntheticPaths.under(target)
 
 
 def _build_dataset(root: Path, recipe: SyntheticRecipe) -> None:

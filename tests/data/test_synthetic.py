@@ -11,7 +11,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ssod.data import synthetic
-from ssod.data.synthetic import CLASS_NAMES, SyntheticRecipe, default_cache_dir, ensure_synthetic
+from ssod.data.cache import default_cache_dir
+from ssod.data.synthetic import CLASS_NAMES, SyntheticRecipe, ensure_synthetic
 
 TINY = SyntheticRecipe(seed=3, num_train=14, num_val=6)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
