@@ -16,6 +16,11 @@ A source image belongs to one pool, chosen by a hash of its ``file_name`` alone 
 ``eval_fraction`` of them go to ``eval``), so no instance or backdrop is shared between the
 pools, and every seed of a recipe sees the same pools and classes.
 
+A source image whose license forbids derivatives (its ``licenses`` entry says "NoDerivs" or
+its url is a ``by-nd``/``by-nc-nd`` one: 40 of coco128's 128) gives neither instances nor
+backdrops, since the testbed writes composites of them to disk; ``skipped`` counts them as
+``no_derivatives_images``.
+
 An instance is usable unless it is a crowd region, its box is narrower or lower than
 ``min_side`` source pixels, or its mask covers less than ``MIN_MASK_FILL`` of its box
 (nothing, a sliver, a few scattered fragments); each reason is counted in ``skipped``.
@@ -137,6 +142,12 @@ def _cut(annotation: dict, mask: np.ndarray, pixels: np.ndarray) -> Cutout:
                   pixels[y0:y1, x0:x1].copy(), mask[y0:y1, x0:x1].copy())
 
 
+def _forbids_derivatives(license_entry: dict) -> bool:
+    """A COCO ``licenses`` entry of a NoDerivs license (by name, or a creativecommons by-nd url)."""
+    name, url = str(license_entry.get("name", "")), str(license_entry.get("url", ""))
+    return "noderivs" in name.replace(" ", "").replace("-", "").lower() or "-nd/" in url or "-nd-" in url
+
+
 def _choose_categories(data: dict, usable: dict[str, Counter], num_classes: int, source_json: Path) -> list[dict]:
     by_id = {category["id"]: category for category in data["categories"]}
     candidates = [c for c in by_id if all(usable[pool][c] >= MIN_POOL_INSTANCES for pool in POOLS)]
@@ -155,10 +166,19 @@ def read_source(source_json: Path, source_images: Path, num_classes: int, min_si
     annotations_of = defaultdict(list)
     for annotation in data["annotations"]:
         annotations_of[annotation["image_id"]].append(annotation)
+    no_derivatives = {entry["id"] for entry in data.get("licenses", ()) if _forbids_derivatives(entry)}
+    allowed = [image for image in data["images"] if image.get("license") not in no_derivatives]
+    if not allowed:
+        raise DatasetError(f"{source_json}: every image's license forbids derivatives (NoDerivs): "
+                           "the testbed would write composites of them")
+    dropped = len(data["images"]) - len(allowed)
+    data = {**data, "images": allowed}
     pool_by_image = {image["id"]: pool_of(image["file_name"], eval_fraction) for image in data["images"]}
     # Masks are decoded twice (here to count, below to cut): keeping them all would take
     # hundreds of MB for a source the size of coco128.
     skipped, usable = Counter(), {pool: Counter() for pool in POOLS}
+    if dropped:
+        skipped["no_derivatives_images"] = dropped
     for image in data["images"]:
         for annotation in annotations_of[image["id"]]:
             mask = decode_mask(annotation.get("segmentation"), image["height"], image["width"])

@@ -64,7 +64,7 @@ from ssod.data.instances import POOLS, Source, check_source, read_source
 from ssod.data.splits import load_coco_json, write_json_atomic
 
 # Bump when the composing code changes, so caches written by older code are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: no source image whose license forbids derivatives
 # name, random-stream index, source pool, with distractors
 _SPLITS = (("train", 0, "train", False), ("val", 1, "eval", False), ("test", 2, "eval", False),
            ("open", 3, "train", True))

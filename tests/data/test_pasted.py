@@ -72,6 +72,11 @@ def test_validation_and_test_share_no_source_image_with_training(built):
     assert training and held_out and training.isdisjoint(held_out)
     assert {pool_of(file_names[i], TINY.eval_fraction) for i in training} == {"train"}
     assert {pool_of(file_names[i], TINY.eval_fraction) for i in held_out} == {"eval"}
+    # No photograph whose license forbids derivatives (coco128: licenses 3 and 6, 40 images) is cut or cropped.
+    no_derivatives = {entry["id"] for entry in source["licenses"] if "NoDerivs" in entry["name"]}
+    licenses = {image["id"]: image["license"] for image in source["images"]}
+    assert no_derivatives == {3, 6} and not {licenses[i] for i in training | held_out} & no_derivatives
+    assert json.loads((built.root / "source.json").read_text())["skipped_instances"]["no_derivatives_images"] == 40
 
 
 @needs_coco128
