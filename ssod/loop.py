@@ -25,7 +25,7 @@ from ssod.methods import Method
 from ssod.models.teacher import ema_momentum
 from ssod.report import VAL_DETECTIONS
 from ssod.run_state import RunState, log_bad_files, stop_if_too_many_bad
-from ssod.step import LoaderWorkerDied, Training, agree_on_flags, apply_step, forward, to_device
+from ssod.step import LoaderWorkerDied, Training, to_device, train_step
 from ssod.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,9 @@ def train_loop(cfg: DictConfig, method: Method, data: DataBundle, training: Trai
 
     for step in range(state.step, train.iterations):
         labeled, unlabeled = _next_batch_or_stop(loaders, method, step, training)
-        result, total = forward(training, labeled, unlabeled, method, method.loss_weights(step))
-        flags = agree_on_flags(training, total, interrupts.requested)  # asked after the forward pass
+        result, total, flags = train_step(training, labeled, unlabeled, method, method.loss_weights(step), train,
+                                          lambda: interrupts.requested)  # asked after the forward pass
         stop_if_too_many_bad(state, data, cfg.data.max_bad_image_fraction, tracker, flags.bad_files)
-        apply_step(training, result, total, flags, method, train)
         state.step = step + 1
         meters.update(result, total, unlabeled, flags.nonfinite)
         if progress is not None:

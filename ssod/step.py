@@ -76,8 +76,8 @@ class StepFlags:
 
 def train_step(training: Training, labeled: list, unlabeled: list, method: Method, weights: dict[str, float],
                train: DictConfig, stop_requested: Callable[[], bool] = lambda: False) -> tuple[StepResult, torch.Tensor, StepFlags]:
-    """``forward``, ``agree_on_flags`` and ``apply_step`` in order (``ssod-bench`` and tests;
-    the training loop calls the three itself). ``stop_requested()`` is asked after the
+    """One training iteration: ``forward``, ``agree_on_flags`` and ``apply_step`` in order (the
+    training loop, ``ssod-bench`` and tests call it). ``stop_requested()`` is asked after the
     forward pass."""
     result, total = forward(training, labeled, unlabeled, method, weights)
     flags = agree_on_flags(training, total, stop_requested())

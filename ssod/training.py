@@ -1,7 +1,7 @@
 """Training, as a library: ``run(cfg)`` trains a detector with the method ``cfg.method`` names.
 
 ``ssod-train`` (``ssod.train``) and the tuner (``ssod.tuning``) call ``run``. It builds
-everything in plain sight, ``_train_loop`` iterates (one ``ssod.step.train_step`` each, then
+everything in plain sight, ``ssod.loop.train_loop`` iterates (one ``ssod.step.train_step`` each, then
 logging, evaluation and checkpoints at their intervals), and ``run`` returns the final metrics.
 """
 
