@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ssod.data.splits import write_json_atomic
+from ssod.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

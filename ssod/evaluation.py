@@ -153,7 +153,7 @@ def write_detections(path, predictions: Sequence[Mapping], label_to_category_id:
                      image_ids: Sequence[int]) -> None:
     """Detections as gzipped json, atomically: ``{"image_ids": [...], "results": [...]}``, the
     evaluated images and COCO results (``bbox`` xywh, the json's category ids), at full precision."""
-    from ssod.data.splits import write_bytes_atomic
+    from ssod.io import write_bytes_atomic
 
     document = {"image_ids": [int(i) for i in image_ids],
                 "results": predictions_to_coco_results(predictions, label_to_category_id)}

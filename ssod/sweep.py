@@ -21,7 +21,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from ssod.data.splits import write_text_atomic
+from ssod.io import write_text_atomic
 from ssod.tracking import Tracker, bound_requests, default_tracking_uri, tracking_errors
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ssod.data.splits import write_json_atomic
+from ssod.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from ssod.checkpoint import (
 from ssod.config import eval_workers, flatten, validate
 from ssod.data.pipeline import DataBundle, build_data
 from ssod.data.sampling import infinite_loader, shut_down_workers
-from ssod.data.splits import write_json_atomic, write_text_atomic
 from ssod.inference import eval_loader, shard
 from ssod.interrupts import Interrupts
+from ssod.io import write_json_atomic, write_text_atomic
 from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResult, evaluate_both, train_loop
 from ssod.methods import Method, build_method
 from ssod.outputs import (

@@ -9,8 +9,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ssod"
 ENTRY_POINTS = {"ssod.train", "ssod.eval", "ssod.predict", "ssod.bench", "ssod.tune", "ssod.data.cli"}
-# What the lowest layers may import besides themselves: the typed config.
+# What the lowest layers may import besides themselves: the typed config and atomic writes.
 LOWER = ("ssod.data", "ssod.models")
+BASE = ("ssod.config", "ssod.io")
+# Infrastructure every layer may use: it knows nothing of data, models, methods or training.
+INFRASTRUCTURE = ("ssod.io", "ssod.config", "ssod.checkpoint", "ssod.tracking", "ssod.interrupts")
 
 
 def _graph() -> tuple[dict[str, set[str]], list[str]]:
@@ -49,11 +52,20 @@ def test_no_private_name_is_imported_from_another_module():
     assert _graph()[1] == []
 
 
-def test_data_and_models_import_only_themselves_and_the_config():
+def test_data_and_models_import_only_themselves_the_config_and_io():
     graph, _ = _graph()
-    upward = {m: sorted(i for i in imports if not i.startswith(LOWER) and i != "ssod.config")
+    upward = {m: sorted(i for i in imports if not i.startswith(LOWER) and i not in BASE)
               for m, imports in graph.items() if m.startswith(LOWER) and m not in ENTRY_POINTS}
     assert {m: i for m, i in upward.items() if i} == {}
+
+
+def test_infrastructure_imports_only_infrastructure():
+    """Checkpoints, tracking, atomic writes, the config and interrupts are used by every layer
+    and use none of them (tracking once reached into ``ssod.data.splits`` for its writers)."""
+    graph, _ = _graph()
+    reaching = {m: sorted(i for i in graph.get(m, ()) if i not in INFRASTRUCTURE) for m in INFRASTRUCTURE}
+    assert {m: i for m, i in reaching.items() if i} == {}
+    assert graph.get("ssod.io", set()) == set() and graph.get("ssod.config", set()) == set()
 
 
 def test_entry_points_are_imported_by_no_module():

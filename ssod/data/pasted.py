@@ -61,7 +61,8 @@ from pycocotools import mask as mask_utils
 from ssod.data.cache import build_once
 from ssod.data.compose import background, composite, place, scaled, visible_box
 from ssod.data.instances import POOLS, Source, check_source, read_source
-from ssod.data.splits import load_coco_json, write_json_atomic
+from ssod.data.splits import load_coco_json
+from ssod.io import write_json_atomic
 
 # Bump when the composing code changes, so caches written by older code are not reused.
 GENERATOR_VERSION = 2  # 2: no source image whose license forbids derivatives

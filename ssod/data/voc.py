@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
-from ssod.data.splits import write_json_atomic
+from ssod.io import write_json_atomic
 
 __all__ = ["VOC_CLASSES", "parse_voc_xml", "voc_to_coco"]
 

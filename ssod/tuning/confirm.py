@@ -183,6 +183,6 @@ def _load(path: Path) -> dict:
 
 
 def _save(path: Path, document: dict) -> None:
-    from ssod.data.splits import write_text_atomic
+    from ssod.io import write_text_atomic
 
     write_text_atomic(json.dumps(document, indent=1, default=str) + "\n", path)
