@@ -297,10 +297,6 @@ def register_configs() -> None:
     # The ``tune`` group's schema is registered by ``ssod.tuning.schema`` (the library below
     # does not know its tools); ``ssod-tune`` imports it before composing.
 
-    # ``${ssod.eq:a,b}`` in the YAML files: a value for one method only, e.g. the paper
-    # experiments' ``ema_freeze_after_first_lr_step: ${ssod.eq:${method.name},polish_teacher}``.
-    OmegaConf.register_new_resolver("ssod.eq", lambda left, right: left == right, replace=True)
-
 
 register_configs()
 
