@@ -53,7 +53,7 @@ def test_a_run_logs_params_metrics_artifacts_and_its_status(tmp_path: Path, mlfl
     tracker.log_params({"train.lr": 0.01, "data.train_json": SECRET_URI, "long": "x" * 7000, "none": None})
     tracker.log_metrics({"a": torch.tensor(1.5), "b": np.float32(2.0), "c": 3, "nan": float("nan")}, step=10)
     tracker.log_text(f"uri: {SECRET_URI}\n", "config.yaml")
-    tracker.log_dict({"val/teacher/bbox_AP": 0.5, "pseudo/raw/precision": float("nan"), "n": torch.tensor(3),
+    tracker.log_dict({"val/teacher/bbox_AP": 0.5, "pseudo/precision/raw": float("nan"), "n": torch.tensor(3),
                       "per_class": np.array([0.25, np.nan])}, "final_metrics.json")
     tracker.end("FINISHED")
 
@@ -70,7 +70,7 @@ def test_a_run_logs_params_metrics_artifacts_and_its_status(tmp_path: Path, mlfl
     assert "s3cr3t" not in config and "mlflow:***@db.example.org" in config
     # Strict JSON: an undefined metric is null, not a bare NaN that strict readers reject.
     strict = json.loads(mlflow_store.read_text(run_id, "final_metrics.json"), parse_constant=pytest.fail)
-    assert strict == {"val/teacher/bbox_AP": 0.5, "pseudo/raw/precision": None, "n": 3, "per_class": [0.25, None]}
+    assert strict == {"val/teacher/bbox_AP": 0.5, "pseudo/precision/raw": None, "n": 3, "per_class": [0.25, None]}
 
 
 @pytest.mark.parametrize("status", ["FAILED", "KILLED"])
