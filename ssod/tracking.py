@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]+)@")
 _PARAM_LIMIT = 6000
+# MLflow keeps run names up to this length.
+_RUN_NAME_LIMIT = 250
 # Metric values held for the next try while the tracking server is unreachable.
 _PENDING_LIMIT = 100_000
 # After a failure the server is left alone this long: MLflow's own retries make each call
@@ -379,13 +381,21 @@ class Tracker:
         """``name``, or ``name #<n>`` with the first number no run of the experiment has."""
         if "'" in name:  # not expressible in the filter; rare (names come from overrides)
             return name
-        pattern = name.replace("%", "_")  # LIKE's wildcards: a superset, checked exactly below
+        # LIKE's wildcards and a prefix that a numbered, cut name keeps: a superset, checked exactly below.
+        pattern = name[: _RUN_NAME_LIMIT - 10].replace("%", "_")
         taken = {run.info.run_name for run in self.client.search_runs(
             [experiment_id], filter_string=f"attributes.run_name LIKE '{pattern}%'", max_results=5000)}
-        number = 2 if name in taken else 0
-        while number and f"{name} #{number}" in taken:
+        if name not in taken:
+            return name
+
+        def numbered(number: int) -> str:  # cut to MLflow's limit, the number kept
+            suffix = f" #{number}"
+            return name[: _RUN_NAME_LIMIT - len(suffix)] + suffix
+
+        number = 2
+        while numbered(number) in taken:
             number += 1
-        return f"{name} #{number}" if number else name
+        return numbered(number)
 
     def _start_monitor(self, resumed: bool) -> None:
         """MLflow's system metrics monitor on this run (a reopened run continues its steps)."""
