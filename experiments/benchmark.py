@@ -116,16 +116,16 @@ FINAL = {
 # Pseudo-label quality against the hidden ground truth: mean over the unsupervised intervals
 # (or their sum for counts).
 QUALITY_MEAN = {
-    "pseudo_iou_raw": "pseudo/raw/iou_mean",
-    "pseudo_iou_polished": "pseudo/polished/iou_mean",
-    "label_acc_raw": "pseudo/raw/label_acc",
-    "label_acc_polished": "pseudo/polished/label_acc",
-    "pseudo_per_image": "pseudo/raw/num_per_image",
+    "pseudo_iou_raw": "pseudo/iou_mean/raw",
+    "pseudo_iou_polished": "pseudo/iou_mean/polished",
+    "label_acc_raw": "pseudo/label_acc/raw",
+    "label_acc_polished": "pseudo/label_acc/polished",
+    "pseudo_per_image": "pseudo/num_per_image/raw",
     # Regression targets are every raw box: their precision is 1 - the unmatched share.
-    "reg_precision": "pseudo/raw/precision",
-    "reg_recall": "pseudo/raw/recall",
-    "cls_precision": "pseudo/cls/precision",
-    "cls_recall": "pseudo/cls/recall",
+    "reg_precision": "pseudo/precision/raw",
+    "reg_recall": "pseudo/recall/raw",
+    "cls_precision": "pseudo/precision/cls",
+    "cls_recall": "pseudo/recall/cls",
 }
 QUALITY_SUM = {"wrong_to_right": "pseudo/relabel/wrong_to_right", "right_to_wrong": "pseudo/relabel/right_to_wrong"}
 
@@ -332,7 +332,7 @@ def record(plan: Plan, run: Run, iterations: int) -> dict:
     entry["val_curve"] = [[step, value] for step, value in (histories or {}).get(VAL_CURVE, [])]
     for key, metric in {**QUALITY_MEAN, **QUALITY_SUM}.items():
         if histories is None:
-            value = metrics.get(metric)
+            value = metrics.get(metric, metrics.get(_old_name(metric)))
             entry[key] = None if value is None or math.isnan(value) else value
             continue
         values = [v for step, v in histories.get(metric, []) if step > args.burn_in and not math.isnan(v)]
@@ -353,8 +353,19 @@ def _histories(args: argparse.Namespace, run_id: str | None) -> dict[str, list[t
 
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")]
     client = MlflowClient(given[-1] if given else default_tracking_uri(Path.cwd()))
-    return {metric: [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
-            for metric in (*QUALITY_MEAN.values(), *QUALITY_SUM.values(), VAL_CURVE)}
+    histories = {}
+    for metric in (*QUALITY_MEAN.values(), *QUALITY_SUM.values(), VAL_CURVE):
+        # A run logged before the pseudo-label quality's rename has it under the old name.
+        histories[metric] = [(m.step, m.value) for name in dict.fromkeys((metric, _old_name(metric)))
+                             for m in client.get_metric_history(run_id, name)]
+    return histories
+
+
+def _old_name(metric: str) -> str:
+    """The name runs logged ``metric`` under before ``ssod.evaluation.RENAMED_PSEUDO`` (itself when not renamed)."""
+    from ssod.evaluation import RENAMED_PSEUDO
+
+    return {new: old for old, new in RENAMED_PSEUDO.items()}.get(metric, metric)
 
 
 def run_key(record: dict) -> str:

@@ -171,7 +171,8 @@ def _log_to_mlflow(args: argparse.Namespace, cfg, state: dict, record: dict, rep
         tracker.log_artifact(folder / name, artifact_dir)
     if new_run:
         tracker.end("FINISHED")
-    return f"run {tracker.run_id} ({mask_secrets(uri)}), artifacts {artifact_dir}/"
+    tracker.experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    return f"run {tracker.run_id} ({mask_secrets(uri)}), artifacts {artifact_dir}/; see it: {tracker.links()}"
 
 
 def _run_exists(tracker: Tracker, run_id: str) -> bool:

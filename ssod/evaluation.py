@@ -245,6 +245,16 @@ def match_greedy(
     return matches
 
 
+# The names runs logged before the measure came first (old name -> new name), for tools
+# that read older runs.
+RENAMED_PSEUDO = {
+    **{f"pseudo/{kind}/num_per_image": f"pseudo/num_per_image/{kind}" for kind in ("raw", "cls", "reg")},
+    **{f"pseudo/{kind}/{measure}": f"pseudo/{measure}/{kind}" for kind in ("raw", "cls")
+       for measure in ("precision", "recall")},
+    **{f"pseudo/{kind}/{measure}": f"pseudo/{measure}/{kind}" for kind in ("raw", "polished")
+       for measure in ("iou_mean", "label_acc")},
+}
+
 _COUNTERS = (
     "images", "raw", "kept", "gt", "raw_true_positive", "cls_true_positive",
     "localised", "raw_iou_sum", "polished_iou_sum",
@@ -262,11 +272,12 @@ class PseudoLabelQuality:
     keep [K] bool (the classification set is the raw boxes where keep), polished_labels [K]
     (labels after category polishing, read only where keep), gt_boxes [G, 4], gt_labels [G].
 
-    `compute()` keys: `pseudo/{raw,cls,reg}/num_per_image`, `pseudo/keep_ratio`,
-    `pseudo/{raw,cls}/{precision,recall}` (class-aware one-to-one greedy matching at
-    IoU >= 0.5), `pseudo/{raw,polished}/iou_mean` (raw boxes whose best class-agnostic
+    `compute()` keys, the measure before the set (so that MLflow puts the sets of one measure
+    in one chart section): `pseudo/num_per_image/{raw,cls,reg}`, `pseudo/keep_ratio`,
+    `pseudo/{precision,recall}/{raw,cls}` (class-aware one-to-one greedy matching at
+    IoU >= 0.5), `pseudo/iou_mean/{raw,polished}` (raw boxes whose best class-agnostic
     ground-truth IoU >= 0.5: IoU of the raw box and of its polished box with that same
-    ground truth), `pseudo/{raw,polished}/label_acc` (kept boxes with such a ground truth:
+    ground truth), `pseudo/label_acc/{raw,polished}` (kept boxes with such a ground truth:
     fraction whose raw / polished label is its label), `pseudo/relabel/wrong_to_right` and
     `pseudo/relabel/right_to_wrong` (counts of such boxes whose label polishing fixed /
     broke the label), `pseudo/images`. A ratio with a zero denominator is NaN.
@@ -366,19 +377,19 @@ class PseudoLabelQuality:
             return value if judged else math.nan
 
         return {
-            "pseudo/raw/num_per_image": ratio("raw", "images"),
-            "pseudo/cls/num_per_image": ratio("kept", "images"),
+            "pseudo/num_per_image/raw": ratio("raw", "images"),
+            "pseudo/num_per_image/cls": ratio("kept", "images"),
             # The regression set is every raw box, moved: same count by construction.
-            "pseudo/reg/num_per_image": ratio("raw", "images"),
+            "pseudo/num_per_image/reg": ratio("raw", "images"),
             "pseudo/keep_ratio": ratio("kept", "raw"),
-            "pseudo/raw/precision": quality(ratio("raw_true_positive", "raw")),
-            "pseudo/raw/recall": ratio("raw_true_positive", "gt"),
-            "pseudo/cls/precision": quality(ratio("cls_true_positive", "kept")),
-            "pseudo/cls/recall": ratio("cls_true_positive", "gt"),
-            "pseudo/raw/iou_mean": quality(ratio("raw_iou_sum", "localised")),
-            "pseudo/polished/iou_mean": quality(ratio("polished_iou_sum", "localised")),
-            "pseudo/raw/label_acc": quality(ratio("raw_label_right", "labelled")),
-            "pseudo/polished/label_acc": quality(ratio("polished_label_right", "labelled")),
+            "pseudo/precision/raw": quality(ratio("raw_true_positive", "raw")),
+            "pseudo/recall/raw": ratio("raw_true_positive", "gt"),
+            "pseudo/precision/cls": quality(ratio("cls_true_positive", "kept")),
+            "pseudo/recall/cls": ratio("cls_true_positive", "gt"),
+            "pseudo/iou_mean/raw": quality(ratio("raw_iou_sum", "localised")),
+            "pseudo/iou_mean/polished": quality(ratio("polished_iou_sum", "localised")),
+            "pseudo/label_acc/raw": quality(ratio("raw_label_right", "labelled")),
+            "pseudo/label_acc/polished": quality(ratio("polished_label_right", "labelled")),
             "pseudo/relabel/wrong_to_right": quality(float(totals["wrong_to_right"])),
             "pseudo/relabel/right_to_wrong": quality(float(totals["right_to_wrong"])),
             "pseudo/images": float(totals["images"]),

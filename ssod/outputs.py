@@ -41,9 +41,13 @@ RESUMABLE = (
     "train.eval_every", "train.ckpt_every", "train.keep_checkpoints", "train.progress", "train.num_vis_images",
     "data.num_workers", "data.eval_num_workers", "tracking.",
 )
-# Overrides already in the run's name, or about where and how it runs, not what it trains.
-_NAMED = ("method", "data", "data.percent", "data.fold", "train.seed", "train.resume", "train.output_dir",
-          "train.run_name", "train.progress", "tracking")
+# Overrides already in the run's name, or about where and how it runs and reports, not what
+# it trains: left out of the name.
+_UNNAMED = ("method", "data", "experiment", "data.percent", "data.fold", "train.seed", "train.resume",
+            "train.output_dir", "train.run_name", "train.progress", "train.log_every", "train.eval_every",
+            "train.ckpt_every", "train.keep_checkpoints", "train.num_vis_images", "data.cache_dir",
+            "data.num_workers", "data.eval_num_workers", "tracking", "hydra")
+_UNNAMED_GROUPS = ("tracking.", "hydra.")
 # MLflow keeps run names up to this length.
 _NAME_LIMIT = 250
 
@@ -73,22 +77,23 @@ class HydraJob:
 
 
 def run_name(cfg: DictConfig, job: Optional[HydraJob]) -> str:
-    """``train.run_name`` when set; else what tells the run apart: method, data, the labeled
-    fraction and fold (when the labeled set is split off by percent), seed, and the other
-    overrides given on the command line, e.g. ``polish_teacher-synthetic-10pct-fold1-seed0
-    method.unsup_weight=1.0``."""
+    """``train.run_name`` when set; else, short, what tells the run apart: method, data (when
+    not the synthetic set), labeled percent (and fold, when not 1) when the labeled set is
+    split off by percent, seed, and the command line's overrides that change what it trains,
+    each as its last key and value (a path as its file name), e.g. ``polish_teacher 10% seed0
+    unsup_weight=2``. Where it runs and how it reports (folders, intervals, tracking) is left out."""
     if cfg.train.run_name:
         return str(cfg.train.run_name)
     data = cfg.data
-    parts = [f"{cfg.method.name}-{data.name}"]
+    parts = [str(cfg.method.name)]
+    if data.name != "synthetic":
+        parts.append(str(data.name))
     if not data.unlabeled_json and data.percent < 100:
-        parts.append(f"{data.percent:g}pct-fold{data.fold}")
+        parts.append(f"{data.percent:g}%" + (f" fold{data.fold}" if data.fold != 1 else ""))
     parts.append(f"seed{cfg.train.seed}")
-    name = "-".join(parts)
-    others = [override for override in (job.overrides if job else ()) if _key(override) not in _NAMED
-              and not _key(override).startswith(tuple(f"{prefix}." for prefix in ("tracking", "hydra")))]
-    if others:
-        name = mask_secrets(f"{name} {' '.join(others)}")
+    parts += [_short(override) for override in (job.overrides if job else ())
+              if _key(override) not in _UNNAMED and not _key(override).startswith(_UNNAMED_GROUPS)]
+    name = mask_secrets(" ".join(parts))
     return name if len(name) <= _NAME_LIMIT else name[: _NAME_LIMIT - 3] + "..."
 
 
@@ -118,6 +123,22 @@ def _launcher_line() -> str:
     except (psutil.Error, OSError):
         pass
     return ""
+
+
+def short_params(cfg: DictConfig) -> dict[str, str]:
+    """The params ``ssod.mlflow_view.SHORT_PARAMS``: method, labeled percent (``given`` for a
+    labeled set given as files), seed; short names, for the runs table's columns."""
+    data = cfg.data
+    percent = f"{data.percent:g}" if not data.unlabeled_json and data.percent < 100 else "given"
+    return {"method": str(cfg.method.name), "percent": percent, "seed": str(cfg.train.seed)}
+
+
+def _short(override: str) -> str:
+    """``method.unsup_weight=2`` -> ``unsup_weight=2``; ``train.init_from=a/b/c.pt`` -> ``init_from=c.pt``."""
+    key, _, value = override.partition("=")
+    if "/" in value.rstrip("/"):
+        value = Path(value.rstrip("/")).name
+    return f"{key.lstrip('~+').rsplit('.', 1)[-1]}={value}"
 
 
 def run_description(cfg: DictConfig, title: str, oracle: bool, command: Optional[str], processes: int = 1) -> str:

@@ -89,3 +89,29 @@ def class_colours(count: int) -> list[tuple[float, float, float]]:
         name = "tab10" if count <= 10 else "tab20"
         return [tuple(colormaps[name](index)[:3]) for index in range(count)]
     return [tuple(colormaps["hsv"](index / count)[:3]) for index in range(count)]
+
+
+# The pseudo-label measures with a value before and after polishing: (title, metric prefix).
+BEFORE_AFTER = (("box IoU with the ground truth", "pseudo/iou_mean"), ("label accuracy", "pseudo/label_acc"))
+
+
+def before_after_picture(histories: dict[str, list[tuple[int, float]]]) -> Image.Image:
+    """Pseudo-label quality before (raw) and after polishing over training: one panel per
+    ``BEFORE_AFTER`` measure, ``<prefix>/raw`` and ``<prefix>/polished`` against the step.
+
+    histories: metric name -> [(step, value)], any order; a missing name draws no line."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6 * len(BEFORE_AFTER), 4.2), dpi=100, layout="constrained")
+    axes = figure.subplots(1, len(BEFORE_AFTER), squeeze=False)[0]
+    for axis, (title, prefix) in zip(axes, BEFORE_AFTER):
+        for kind, colour in (("raw", "tab:red"), ("polished", "tab:blue")):
+            points = sorted(histories.get(f"{prefix}/{kind}", []))
+            if points:
+                axis.plot(*zip(*points), color=colour, marker="o", markersize=3, linewidth=1.5,
+                          label=f"{kind} (last {points[-1][1]:.3f})")
+        axis.set(xlabel="step", ylabel=title, title=f"{title}: raw / polished ({prefix})")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(loc="lower right", fontsize=9)
+    return _picture(figure)

@@ -173,3 +173,25 @@ def log_final_reports(tracker, sets: Mapping[str, tuple[Optional[object], Path]]
             log_report(tracker, build_report(dataset.coco, results, image_ids), f"evaluation/{name}/teacher")
         except Exception as error:  # noqa: BLE001 (the run's results are already safe)
             log.warning("the %s set's evaluation report was not logged (%s: %s)", name, type(error).__name__, error)
+
+
+# Where the picture of pseudo-label quality over training goes (beside the pseudo-label pictures).
+BEFORE_AFTER_PICTURE = "pseudo_labels/before_after_polishing.png"
+
+
+def log_before_after(tracker) -> None:
+    """End of training: pseudo-label quality before and after polishing over the run's
+    intervals (``plots.before_after_picture``, from the store's history), when it has any
+    (a semi-supervised run with hidden ground truth). A warning, never the end of the run."""
+    from ssod.plots import BEFORE_AFTER, before_after_picture
+
+    if not tracker.enabled:
+        return
+    names = [f"{prefix}/{kind}" for _, prefix in BEFORE_AFTER for kind in ("raw", "polished")]
+    histories = {name: tracker.metric_history(name) for name in names}
+    if not any(histories.values()):
+        return
+    try:
+        tracker.log_image(before_after_picture(histories), BEFORE_AFTER_PICTURE)
+    except Exception as error:  # noqa: BLE001 (the run's results are already safe)
+        log.warning("the picture of pseudo-label quality over training was not logged (%s: %s)", type(error).__name__, error)

@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ssod.io import write_json_atomic
+from ssod.mlflow_view import experiment_tags, run_url, runs_url, ui_base
 
 log = logging.getLogger(__name__)
 
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]+)@")
 _PARAM_LIMIT = 6000
+# MLflow keeps run names up to this length.
+_RUN_NAME_LIMIT = 250
 # Metric values held for the next try while the tracking server is unreachable.
 _PENDING_LIMIT = 100_000
 # After a failure the server is left alone this long: MLflow's own retries make each call
@@ -126,8 +129,8 @@ def mask_secrets(text: str) -> str:
 class MaskedStream:
     """A text stream that masks URL passwords (``mask_secrets``) in everything written to it.
 
-    The console entry points put ``sys.stdout`` and ``sys.stderr`` behind one: MLflow prints
-    "View run ... at: <tracking URI>", Hydra prints the overrides of a failed job and Python
+    The console entry points put ``sys.stdout`` and ``sys.stderr`` behind one: ssod prints its
+    MLflow links (MLflow's own "View run ... at" lines are off, see ``quiet_mlflow_links``), Hydra prints the overrides of a failed job and Python
     the traceback of an error, each of which may carry ``user:password@`` in a URI.
     """
 
@@ -202,6 +205,13 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+def quiet_mlflow_links() -> None:
+    """Stop MLflow printing its own "View run ... at" / "View experiment at" lines when a run
+    ends on a tracking server: they lack ``workflowType``, so in a fresh browser they open
+    the GenAI pages. ssod prints its own (``Tracker.links``)."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def default_tracking_uri(project_dir: str | Path) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else an absolute SQLite file in ``project_dir``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -245,6 +255,7 @@ class Tracker:
         self.uri = uri
         self.experiment = experiment
         self.run_id: Optional[str] = None
+        self.experiment_id = ""  # known once a run started (see ``_experiment_id``)
         # Metric name -> the last step a resumed run already has (those steps are skipped).
         self.logged_steps: dict[str, int] = {}
         # Metric name -> the latest value a resumed run already has.
@@ -263,28 +274,55 @@ class Tracker:
         if enabled:
             from mlflow.tracking import MlflowClient
 
+            quiet_mlflow_links()
             self.client = MlflowClient(tracking_uri=uri)
 
     def _experiment_id(self) -> str:
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
+        """The experiment's id, created when missing, with ``experiment_tags`` (the model
+        training kind, the runs table's shared view): an experiment made by an older ssod
+        gets them here."""
+        if self.experiment_id:
+            return self.experiment_id
         from mlflow.exceptions import MlflowException
 
-        try:
-            # Kind "model training": the UI shows the experiment's runs, charts and models
-            # (not the GenAI views of traces and evaluations).
-            return self.client.create_experiment(self.experiment, artifact_location=artifact_location_for(self.uri),
-                                                 tags={"mlflow.experimentKind": "custom_model_development"})
-        except MlflowException:
-            # Another worker created it between our lookup and create.
-            return self.client.get_experiment_by_name(self.experiment).experiment_id
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                found = self.client.get_experiment(self.client.create_experiment(
+                    self.experiment, artifact_location=artifact_location_for(self.uri), tags=experiment_tags()))
+            except MlflowException:
+                # Another worker created it between our lookup and create.
+                found = self.client.get_experiment_by_name(self.experiment)
+        self._tag_experiment(found)
+        return self.experiment_id
+
+    def _tag_experiment(self, experiment) -> None:
+        """Make ``experiment`` this tracker's, with ``experiment_tags`` set where they differ."""
+        for key, value in experiment_tags().items():
+            if experiment.tags.get(key) != value:
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
+        self.experiment_id = experiment.experiment_id
+
+    def links(self) -> str:
+        """Where to see this run in MLflow's UI, for the console: the experiment's runs
+        table and the run's page, both in the model-training view (see ``ssod.mlflow_view``);
+        for a store without a server, the ``mlflow ui`` command that serves them."""
+        if not (self.enabled and self.run_id and self.experiment_id):
+            return ""
+        base = mask_secrets(ui_base(self.uri))
+        where = (f"runs {runs_url(base, self.experiment_id)} ; this run {run_url(base, self.experiment_id, self.run_id)}")
+        if base != mask_secrets(self.uri.rstrip("/")):
+            where = f"`mlflow ui --backend-store-uri {mask_secrets(self.uri)}`, then {where}"
+        return where
 
     def start(self, run_name: str, tags: Mapping[str, str] = (), parent_run_id: str = "", run_id: str = "",
-              resume_step: Optional[int] = None, saved_step: int = 0, new_run_tags: Mapping[str, str] = ()) -> str:
+              resume_step: Optional[int] = None, saved_step: int = 0, new_run_tags: Mapping[str, str] = (),
+              distinct: bool = False) -> str:
         """Start a new run, or reopen ``run_id`` (resume) and skip steps it already has.
 
-        ``tags`` are set either way, ``new_run_tags`` (provenance) only on a new run.
+        ``tags`` are set either way, ``new_run_tags`` (provenance) only on a new run. With
+        ``distinct``, a new run whose name the experiment already has is numbered
+        (``<name> #2``, ``#3``...), so that the runs table tells them apart.
 
         A resume at ``resume_step`` from before a checkpoint the run already saved (its tag
         ``ssod.checkpoint_step``, or ``saved_step``: the newest checkpoint on disk) goes
@@ -316,6 +354,7 @@ class Tracker:
                 run_name = f"{run_name} (from step {resume_step})"
         if run_id:
             self.run_id = run_id
+            self._tag_experiment(self.client.get_experiment(reopened.info.experiment_id))
             self.client.update_run(run_id, status="RUNNING")
             self.logged_steps, self.previous_metrics = self._metrics_so_far(reopened)
             self.previous_tags = dict(reopened.data.tags)
@@ -323,7 +362,10 @@ class Tracker:
                 self.client.set_tag(run_id, key, value)
         else:
             all_tags = {**{k: mask_secrets(str(v)) for k, v in dict(new_run_tags).items()}, **all_tags}
-            run = self.client.create_run(self._experiment_id(), tags=all_tags, run_name=run_name)
+            experiment_id = self._experiment_id()
+            if distinct:
+                run_name = self._distinct_name(experiment_id, run_name)
+            run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
             if self.branched_from:  # the old run says where it went on
                 try:
@@ -334,6 +376,26 @@ class Tracker:
         if self.system_metrics:
             self._start_monitor(resumed=reopened is not None and run_id == self.run_id)
         return self.run_id
+
+    def _distinct_name(self, experiment_id: str, name: str) -> str:
+        """``name``, or ``name #<n>`` with the first number no run of the experiment has."""
+        if "'" in name:  # not expressible in the filter; rare (names come from overrides)
+            return name
+        # LIKE's wildcards and a prefix that a numbered, cut name keeps: a superset, checked exactly below.
+        pattern = name[: _RUN_NAME_LIMIT - 10].replace("%", "_")
+        taken = {run.info.run_name for run in self.client.search_runs(
+            [experiment_id], filter_string=f"attributes.run_name LIKE '{pattern}%'", max_results=5000)}
+        if name not in taken:
+            return name
+
+        def numbered(number: int) -> str:  # cut to MLflow's limit, the number kept
+            suffix = f" #{number}"
+            return name[: _RUN_NAME_LIMIT - len(suffix)] + suffix
+
+        number = 2
+        while numbered(number) in taken:
+            number += 1
+        return numbered(number)
 
     def _start_monitor(self, resumed: bool) -> None:
         """MLflow's system metrics monitor on this run (a reopened run continues its steps)."""
@@ -381,6 +443,17 @@ class Tracker:
             [self._experiment_id()], filter_string=query, order_by=["attributes.start_time ASC"], max_results=5000
         )
         return [run.info.run_id for run in runs]
+
+    def metric_history(self, name: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of metric ``name`` as the store has it ([] when it has none, or
+        does not answer: a picture drawn from it is then skipped, never the run)."""
+        if not (self.enabled and self.run_id) or self._paused():
+            return []
+        try:
+            return [(metric.step, metric.value) for metric in self.client.get_metric_history(self.run_id, name)]
+        except tracking_errors() as error:
+            self._warn(f"reading the history of {name}", error, "skipped")
+            return []
 
     def _metrics_so_far(self, run) -> tuple[dict[str, int], dict[str, float]]:
         """The largest step of each metric already in ``run`` (this one, as reopened), and
@@ -733,6 +806,7 @@ def replay_spool(spool_dir: Path, uri: str) -> tuple[int, int]:
     files = sorted(Path(spool_dir).glob("*.json")) if Path(spool_dir).is_dir() else []
     if not files:
         return 0, 0
+    quiet_mlflow_links()
     client = MlflowClient(tracking_uri=uri)
     done = 0
     for path in files:

@@ -42,6 +42,7 @@ from ssod.interrupts import Interrupts
 from ssod.io import write_json_atomic, write_text_atomic
 from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResult, evaluate_both, train_loop
 from ssod.methods import Method, build_method
+from ssod.mlflow_view import FINAL_STUDENT_AP, FINAL_TEACHER_AP
 from ssod.outputs import (
     HydraJob,
     launch_command,
@@ -49,9 +50,10 @@ from ssod.outputs import (
     point_latest,
     run_description,
     run_name,
+    short_params,
     write_hydra_files,
 )
-from ssod.report import VAL_DETECTIONS, log_final_reports
+from ssod.report import VAL_DETECTIONS, log_before_after, log_final_reports
 from ssod.resume import continue_schedule, find_resume, log_resume, use_configured_rates
 from ssod.run_state import RunState, optimizer_parameter_names
 from ssod.step import Training, forget_accelerator
@@ -145,10 +147,11 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
         training.state.run_id = tracker.start(
             train.run_name, tags, parent, run_id=training.state.run_id,
             resume_step=training.state.step if resumed else None, saved_step=on_disk[-1][0] if on_disk else 0,
-            new_run_tags=_run_context(accelerator) if tracker.enabled else {},
+            new_run_tags=_run_context(accelerator) if tracker.enabled else {}, distinct=not given.train.run_name,
         )
         if tracker.run_id:
-            log.info("MLflow run %s (experiment %s) in %s", tracker.run_id, cfg.tracking.experiment, mask_secrets(uri))
+            log.info("MLflow run %s (experiment %s) in %s; see it: %s", tracker.run_id, cfg.tracking.experiment,
+                     mask_secrets(uri), tracker.links())
         if resumed and train.resume != "auto" and accelerator.is_main_process:
             set_aside_other_checkpoints(ckpt_dir, resume_path, training.state.step)
         training.on_saved = tracker.note_checkpoint
@@ -181,9 +184,11 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                       for key, value in final_metrics.items()}
             write_json_atomic({**finite, "step": training.state.step, "mlflow_run_id": tracker.run_id or None,
                                "machine": machine_description()}, output_dir / "final_metrics.json")
-            _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact)
+            _log_run_outputs(tracker, final_metrics, final_checkpoint, cfg.tracking.log_checkpoint_artifact,
+                             training.state.step)
             log_final_reports(tracker, {"val": (data.val, output_dir / VAL_DETECTIONS),
                                         "test": (data.test, output_dir / TEST_DETECTIONS)})
+            log_before_after(tracker)
             if cfg.tracking.log_model or cfg.tracking.registered_model_name:
                 _log_model(tracker, training, cfg.tracking.registered_model_name)
             _describe_results(tracker, description, final_metrics, training)
@@ -198,6 +203,8 @@ def run(cfg: DictConfig, on_eval: Optional[EvalCallback] = None) -> dict[str, fl
                 log.info("held-out test set: teacher AP %.1f, student AP %.1f (COCO AP in %%)",
                          100 * final_metrics.get("test/teacher/bbox_AP", math.nan),
                          100 * final_metrics.get("test/student/bbox_AP", math.nan))
+            if tracker.run_id:
+                log.info("see it in MLflow: %s", tracker.links())
         return final_metrics
     except KeyboardInterrupt:
         status = "KILLED"
@@ -429,15 +436,17 @@ def _check_oracle(data: DataBundle) -> None:
 
 
 def _log_run_inputs(tracker: Tracker, cfg: DictConfig, data) -> None:
-    """Flattened params, the resolved config, and the json files read (a new run only)."""
-    tracker.log_params(flatten(cfg))
+    """Flattened params, the short ones (method, percent, seed), the sets' counts
+    (``data/<set>/...``: params, not metrics, they do not change), the resolved config, and
+    the json files read (a new run only)."""
+    counts = {name: str(int(value)) for name, value in data.counts().items()}
+    tracker.log_params({**flatten(cfg), **short_params(cfg), **counts})
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     for context, dataset in data.named_sets():
         details = {"images": len(dataset), "boxes": dataset.box_count, "degenerate_boxes": dataset.degenerate_boxes,
                    "clipped_boxes": dataset.clipped_boxes, "image_dir": str(dataset.image_dir)}
         tracker.log_dataset(dataset.coco.source_path, f"{cfg.data.name}/{Path(dataset.coco.source_path).name}",
                             context, details)
-    tracker.log_metrics(data.counts(), 0)
 
 
 def _distribution_params(accelerator: Accelerator, train, command: Optional[str]) -> dict:
@@ -464,8 +473,12 @@ def _run_context(accelerator: Accelerator) -> dict[str, str]:
             "ssod.mixed_precision": str(accelerator.mixed_precision)}
 
 
-def _log_run_outputs(tracker: Tracker, final_metrics: dict, final_checkpoint: Path, log_checkpoint: bool) -> None:
-    """``final_metrics.json`` and, when asked, the final checkpoint as artifacts."""
+def _log_run_outputs(tracker: Tracker, final_metrics: dict, final_checkpoint: Path, log_checkpoint: bool,
+                     step: int) -> None:
+    """The final validation APs as ``final/{teacher,student}_AP`` (the runs table's columns, the
+    charts' first section), ``final_metrics.json`` and, when asked, the final checkpoint as artifacts."""
+    tracker.log_metrics({FINAL_TEACHER_AP: final_metrics.get("val/teacher/bbox_AP", math.nan),
+                         FINAL_STUDENT_AP: final_metrics.get("val/student/bbox_AP", math.nan)}, step)
     tracker.log_dict(final_metrics, "final_metrics.json")
     if log_checkpoint and final_checkpoint.is_file():
         tracker.log_artifact(final_checkpoint, "checkpoints")

@@ -3,17 +3,35 @@ image with its detections, a colour per class (``ssod-predict --draw``)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes
 
 
-def _panel(image: Tensor, boxes: Tensor, labels: list[str], colour: str) -> Tensor:
+# A panel's longer side is enlarged by a whole factor to at least this many pixels (pixels
+# kept sharp): a weak view of a small image (the synthetic set's are about 110 px) would
+# show boxes and labels too small to read.
+PANEL_SIZE = 480
+TITLE_HEIGHT = 28
+
+
+def panel_scale(height: int, width: int) -> int:
+    """The whole factor a ``height`` x ``width`` panel is enlarged by (1 when large enough)."""
+    return max(1, math.ceil(PANEL_SIZE / max(height, width, 1)))
+
+
+def _panel(image: Tensor, boxes: Tensor, labels: list[str], colour: tuple[int, int, int], scale: int) -> Image.Image:
     canvas = (image.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()
-    if boxes.numel() == 0:
-        return canvas
-    return draw_bounding_boxes(canvas, boxes.detach().float().cpu(), labels=labels, colors=colour, width=1)
+    canvas = canvas.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    panel = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(panel)
+    font = ImageFont.load_default(size=max(12, min(panel.size) // 32))
+    line = max(2, min(panel.size) // 240)
+    for box, label in zip((boxes.detach().float().cpu() * scale).tolist(), labels):
+        _draw_box(draw, panel.size, box, label, colour, font, line)
+    return panel
 
 
 def pseudo_label_picture(
@@ -29,31 +47,43 @@ def pseudo_label_picture(
     """Three panels of one weak view ``image`` [3, H, W] in 0..1; boxes xyxy in its pixels.
 
     Left: hidden ground truth (green). Middle: raw pseudo labels (red). Right: polished
-    pseudo labels (blue: polished boxes with their polished labels). Each panel has a title
-    with its box count in a white band above it (``TITLE_HEIGHT`` pixels).
+    pseudo labels (blue: polished boxes with their polished labels). Each panel is the view
+    enlarged ``panel_scale(H, W)`` times, its boxes labelled, under a title with its box
+    count in a white band (``TITLE_HEIGHT`` pixels).
     """
 
     def names(labels: Tensor) -> list[str]:
         return [class_names[int(label) - 1] if 0 < int(label) <= len(class_names) else "?" for label in labels]
 
-    panels = [
-        _panel(image, gt_boxes, names(gt_labels), "lime"),
-        _panel(image, raw_boxes, names(raw_labels), "red"),
-        _panel(image, polished_boxes, names(polished_labels), "blue"),
-    ]
-    strip = Image.fromarray(torch.cat(panels, dim=2).permute(1, 2, 0).numpy())
+    scale = panel_scale(*image.shape[-2:])
+    colours = ((0, 170, 0), (220, 0, 0), (0, 0, 230))
+    panels = [_panel(image, boxes, names(labels), colour, scale) for (boxes, labels), colour in
+              zip(((gt_boxes, gt_labels), (raw_boxes, raw_labels), (polished_boxes, polished_labels)), colours)]
+    width, height = panels[0].size
+    picture = Image.new("RGB", (3 * width, height + TITLE_HEIGHT), "white")
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=TITLE_HEIGHT - 8)
     # A title over each panel: which boxes, how many (an empty panel then says 0, not nothing).
     titles = [f"ground truth: {len(gt_boxes)}", f"raw: {len(raw_boxes)}", f"polished: {len(polished_boxes)}"]
-    picture = Image.new("RGB", (strip.width, strip.height + TITLE_HEIGHT), "white")
-    picture.paste(strip, (0, TITLE_HEIGHT))
-    draw = ImageDraw.Draw(picture)
-    width = image.shape[-1]
-    for index, (title, colour) in enumerate(zip(titles, ("green", "red", "blue"))):
-        draw.text((index * width + 2, 1), title, fill=colour)
+    for index, (panel, title, colour) in enumerate(zip(panels, titles, colours)):
+        picture.paste(panel, (index * width, TITLE_HEIGHT))
+        draw.text((index * width + 4, 3), title, fill=colour, font=font)
     return picture
 
 
-TITLE_HEIGHT = 12
+def _draw_box(draw: ImageDraw.ImageDraw, size: tuple[int, int], box: list[float], text: str,
+              colour: tuple[int, int, int], font, line: int) -> None:
+    """``box`` (x1, y1, x2, y2) outlined in ``colour``, ``text`` on a band of that colour just
+    above it, or just below it when the box touches the top: never over the box's inside."""
+    x1, y1, x2, y2 = box
+    draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    width, height = right - left + 4, bottom - top + 4
+    y = y1 - line - height if y1 - line - height >= 0 else min(y2 + line, size[1] - height)
+    x = min(max(x1, 0), max(size[0] - width, 0))
+    draw.rectangle((x, y, x + width, y + height), fill=colour)
+    brightness = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    draw.text((x + 2 - left, y + 2 - top), text, fill="black" if brightness > 140 else "white", font=font)
 
 
 def detection_picture(image: Image.Image, boxes: Tensor, labels: Tensor, scores: Tensor,
@@ -67,16 +97,6 @@ def detection_picture(image: Image.Image, boxes: Tensor, labels: Tensor, scores:
     font = ImageFont.load_default(size=max(10, min(picture.size) // 40))
     line = max(1, min(picture.size) // 300 + 1)
     for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
-        colour = colours[(int(label) - 1) % len(colours)]
-        x1, y1, x2, y2 = box
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
         name = class_names[int(label) - 1] if 0 < int(label) <= len(class_names) else "?"
-        text = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        width, height = right - left + 4, bottom - top + 4
-        y = y1 - line - height if y1 - line - height >= 0 else min(y2 + line, picture.height - height)
-        x = min(max(x1, 0), max(picture.width - width, 0))
-        draw.rectangle((x, y, x + width, y + height), fill=colour)
-        brightness = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        draw.text((x + 2 - left, y + 2 - top), text, fill="black" if brightness > 140 else "white", font=font)
+        _draw_box(draw, picture.size, box, f"{name} {score:.2f}", colours[(int(label) - 1) % len(colours)], font, line)
     return picture

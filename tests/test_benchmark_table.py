@@ -179,3 +179,24 @@ def test_each_method_gets_the_same_learning_rate_grid_and_its_arms_take_the_rate
     # Without a grid there is no selection and the arms keep the config's rate.
     bare = benchmark.parse_args(["--seeds", "0", "--lr-grid"])
     assert benchmark.selection_runs(bare) == [] and benchmark.with_chosen_lr(benchmark.plan_runs(bare), {})[0].lr_gamma is None
+
+
+def test_pseudo_label_quality_is_read_under_its_new_name_and_under_the_name_older_runs_logged(mlflow_uri: str):
+    """A benchmark started before the rename has runs with ``pseudo/raw/iou_mean``; newer
+    runs log ``pseudo/iou_mean/raw``: both are read."""
+    import argparse
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    benchmark = _benchmark()
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("b")
+    old, new = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.log_batch(old, metrics=[Metric("pseudo/raw/iou_mean", 0.5, 0, 10), Metric("pseudo/polished/label_acc", 0.7, 0, 10)])
+    client.log_batch(new, metrics=[Metric("pseudo/iou_mean/raw", 0.6, 0, 10), Metric("pseudo/label_acc/polished", 0.8, 0, 10)])
+    args = argparse.Namespace(overrides=[f"tracking.uri={mlflow_uri}"])
+    for run_id, iou, accuracy in ((old, 0.5, 0.7), (new, 0.6, 0.8)):
+        histories = benchmark._histories(args, run_id)
+        assert histories["pseudo/iou_mean/raw"] == [(10, iou)] and histories["pseudo/label_acc/polished"] == [(10, accuracy)]
+    assert benchmark._old_name("pseudo/recall/cls") == "pseudo/cls/recall" and benchmark._old_name("x") == "x"

@@ -183,18 +183,18 @@ def test_pseudo_label_quality_on_hand_made_boxes():
     _two_images(quality)
     expected = {
         "pseudo/images": 2.0,
-        "pseudo/raw/num_per_image": 2.0,
-        "pseudo/cls/num_per_image": 1.5,
-        "pseudo/reg/num_per_image": 2.0,
+        "pseudo/num_per_image/raw": 2.0,
+        "pseudo/num_per_image/cls": 1.5,
+        "pseudo/num_per_image/reg": 2.0,
         "pseudo/keep_ratio": 0.75,
-        "pseudo/raw/precision": 2 / 4,  # boxes 0 and 2 match with their raw labels
-        "pseudo/raw/recall": 2 / 4,
-        "pseudo/cls/precision": 2 / 3,  # boxes 0 and 1 match with their polished labels
-        "pseudo/cls/recall": 2 / 4,
-        "pseudo/raw/iou_mean": (1 + 5 / 6 + 2 / 3) / 3,
-        "pseudo/polished/iou_mean": (1 + 1 + 9 / 11) / 3,
-        "pseudo/raw/label_acc": 2 / 3,
-        "pseudo/polished/label_acc": 2 / 3,
+        "pseudo/precision/raw": 2 / 4,  # boxes 0 and 2 match with their raw labels
+        "pseudo/recall/raw": 2 / 4,
+        "pseudo/precision/cls": 2 / 3,  # boxes 0 and 1 match with their polished labels
+        "pseudo/recall/cls": 2 / 4,
+        "pseudo/iou_mean/raw": (1 + 5 / 6 + 2 / 3) / 3,
+        "pseudo/iou_mean/polished": (1 + 1 + 9 / 11) / 3,
+        "pseudo/label_acc/raw": 2 / 3,
+        "pseudo/label_acc/polished": 2 / 3,
         "pseudo/relabel/wrong_to_right": 1.0,
         "pseudo/relabel/right_to_wrong": 1.0,
     }
@@ -207,13 +207,13 @@ def test_pseudo_label_quality_on_hand_made_boxes():
 def test_pseudo_label_quality_ratios_without_denominator_are_nan():
     quality = PseudoLabelQuality()
     metrics = quality.compute()
-    assert metrics["pseudo/images"] == 0.0 and math.isnan(metrics["pseudo/raw/num_per_image"])
+    assert metrics["pseudo/images"] == 0.0 and math.isnan(metrics["pseudo/num_per_image/raw"])
     empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     quality.update(_pseudo(*empty, torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool), empty[1]), *empty)
     metrics = quality.compute()
-    assert metrics["pseudo/raw/num_per_image"] == 0.0
-    for name in ("pseudo/keep_ratio", "pseudo/raw/precision", "pseudo/raw/recall", "pseudo/polished/iou_mean",
-                 "pseudo/polished/label_acc"):
+    assert metrics["pseudo/num_per_image/raw"] == 0.0
+    for name in ("pseudo/keep_ratio", "pseudo/precision/raw", "pseudo/recall/raw", "pseudo/iou_mean/polished",
+                 "pseudo/label_acc/polished"):
         assert math.isnan(metrics[name]), name
     assert math.isnan(metrics["pseudo/relabel/wrong_to_right"])
 
@@ -227,9 +227,9 @@ def test_pseudo_labels_without_hidden_ground_truth_are_counted_not_judged():
     no_gt = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     quality.update(_pseudo(boxes, labels, boxes, torch.tensor([True, False]), labels), *no_gt)
     metrics = quality.compute()
-    assert metrics["pseudo/raw/num_per_image"] == 2.0 and metrics["pseudo/keep_ratio"] == 0.5
-    for name in ("pseudo/raw/precision", "pseudo/cls/precision", "pseudo/raw/recall", "pseudo/raw/iou_mean",
-                 "pseudo/raw/label_acc", "pseudo/relabel/wrong_to_right", "pseudo/relabel/right_to_wrong"):
+    assert metrics["pseudo/num_per_image/raw"] == 2.0 and metrics["pseudo/keep_ratio"] == 0.5
+    for name in ("pseudo/precision/raw", "pseudo/precision/cls", "pseudo/recall/raw", "pseudo/iou_mean/raw",
+                 "pseudo/label_acc/raw", "pseudo/relabel/wrong_to_right", "pseudo/relabel/right_to_wrong"):
         assert math.isnan(metrics[name]), name
 
 
@@ -252,8 +252,8 @@ def test_polished_iou_is_measured_against_the_raw_boxs_ground_truth():
     quality.update(_pseudo(raw, torch.tensor([1]), torch.tensor([[20.0, 20, 30, 30]]), torch.tensor([True]),
                            torch.tensor([1])), gt_boxes, torch.tensor([1, 2]))
     metrics = quality.compute()
-    assert metrics["pseudo/raw/iou_mean"] == 1.0
-    assert metrics["pseudo/polished/iou_mean"] == 0.0
+    assert metrics["pseudo/iou_mean/raw"] == 1.0
+    assert metrics["pseudo/iou_mean/polished"] == 0.0
 
 
 def test_detections_file_round_trips_and_a_corrupt_one_is_named(tmp_path):

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from ssod.checkpoint import CheckpointError, save_checkpoint
 from ssod.config import compose
-from ssod.outputs import HydraJob, place_run, point_latest, run_name, write_hydra_files
+from ssod.outputs import HydraJob, place_run, point_latest, run_name, short_params, write_hydra_files
 
 
 def _job(tmp_path: Path, *overrides: str, multirun: bool = False) -> HydraJob:
@@ -119,20 +119,30 @@ def test_a_multirun_job_uses_hydras_job_folder(tmp_path: Path):
     assert job.output_dir.is_dir()
 
 
-def test_the_run_name_tells_runs_apart(tmp_path: Path):
+def test_the_run_name_is_short_and_says_what_differs(tmp_path: Path):
     cfg = compose(["method=soft_teacher", "data.percent=5", "data.fold=2", "train.seed=7", "method.unsup_weight=1.5",
                    "tracking.uri=http://user:secret@host:5000"])
     job = _job(tmp_path, "method=soft_teacher", "data.percent=5", "data.fold=2", "train.seed=7",
-               "method.unsup_weight=1.5", "tracking.uri=http://user:secret@host:5000", "train.resume=auto")
-    assert run_name(cfg, job) == "soft_teacher-synthetic-5pct-fold2-seed7 method.unsup_weight=1.5"
-    assert run_name(cfg, None) == "soft_teacher-synthetic-5pct-fold2-seed7"
+               "method.unsup_weight=1.5", "tracking.uri=http://user:secret@host:5000", "train.resume=auto",
+               "train.eval_every=10", "data.num_workers=0", "train.init_from=outputs/burn-in/checkpoints/step-400.pt")
+    # What it trains, each override by its last key; where it runs and how it reports left out.
+    assert run_name(cfg, job) == "soft_teacher 5% fold2 seed7 unsup_weight=1.5 init_from=step-400.pt"
+    assert run_name(cfg, None) == "soft_teacher 5% fold2 seed7"
+    assert run_name(compose(["train.seed=3"]), None) == "polish_teacher 10% seed3"
+    assert run_name(compose(["data=coco", "data.percent=1"]), None) == "polish_teacher coco 1% seed0"
     # A labeled set given as a file has no fraction; a name given is used as it is.
     given = compose(["data.unlabeled_json=u.json", "train.run_name=mine"])
     assert run_name(given, job) == "mine"
-    assert run_name(compose(["data.unlabeled_json=u.json"]), None) == "polish_teacher-synthetic-seed0"
+    assert run_name(compose(["data.unlabeled_json=u.json"]), None) == "polish_teacher seed0"
     # MLflow's limit on a name's length.
     long = _job(tmp_path, *[f"+tracking.tags.k{i}=v" for i in range(3)], *[f"method.unsup_weight={i}.0" for i in range(60)])
     assert len(run_name(cfg, long)) == 250 and run_name(cfg, long).endswith("...")
+
+
+def test_the_short_params_name_method_percent_and_seed():
+    assert short_params(compose(["method=soft_teacher", "data.percent=5", "train.seed=7"])) == {
+        "method": "soft_teacher", "percent": "5", "seed": "7"}
+    assert short_params(compose(["data.unlabeled_json=u.json"]))["percent"] == "given"
 
 
 def test_hydras_record_of_the_job_is_written_masked(tmp_path: Path):

@@ -277,7 +277,7 @@ def test_meters_measure_pseudo_label_quality_at_the_interval_as_per_step_would()
     assert len(meters.pending) == 3 and len(meters.recent) == 3
     scalars = meters.compute()
     expected = direct.compute()
-    assert expected["pseudo/images"] == 3 and expected["pseudo/raw/recall"] > 0
+    assert expected["pseudo/images"] == 3 and expected["pseudo/recall/raw"] > 0
     for name, value in expected.items():
         assert scalars[name] == pytest.approx(value, nan_ok=True), name
     assert meters.pending == [] and len(meters.recent) == 3 and "image" in meters.recent[-1]

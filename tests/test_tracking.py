@@ -47,13 +47,51 @@ def test_default_tracking_uri_is_an_absolute_sqlite_file_unless_the_environment_
     assert artifact_location_for("http://mlflow:5000") is None
 
 
+def test_the_experiment_opens_on_model_training_and_ssods_runs_view(mlflow_uri: str, mlflow_store):
+    """The experiment carries the runs table's shared view (an older experiment gets it at a
+    run's start), the links say workflowType=machine_learning, and MLflow's own link lines
+    (without it) are not printed."""
+    from ssod.mlflow_view import RUNS_VIEW_TAG, run_url, runs_url, runs_view_state
+
+    older = mlflow_store.client.create_experiment("made-before")
+    tracker = Tracker(mlflow_uri, "made-before")
+    run_id = tracker.start("name")
+    tags = mlflow_store.client.get_experiment(older).tags
+    assert tags[RUNS_VIEW_TAG] == runs_view_state() and tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags[RUNS_VIEW_TAG])
+    assert "params.`method`" in view["selectedColumns"] and view["orderByKey"] == "metrics.`final/teacher_AP`"
+    assert tracker.links() == (f"`mlflow ui --backend-store-uri {mlflow_uri}`, then runs {runs_url('http://127.0.0.1:5000', older)}"
+                               f" ; this run {run_url('http://127.0.0.1:5000', older, run_id)}")
+    assert runs_url("http://h:5000", "3") == ("http://h:5000/#/experiments/3/runs?workflowType=machine_learning"
+                                              "&viewStateShareKey=ssod-runs")
+    tracker.end("FINISHED")
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+    server = Tracker("http://user:secret@mlflow:5000/", "x", enabled=False)
+    server.enabled, server.run_id, server.experiment_id = True, "abc", "2"
+    assert server.links() == ("runs http://user:***@mlflow:5000/#/experiments/2/runs?workflowType=machine_learning"
+                              "&viewStateShareKey=ssod-runs ; this run "
+                              "http://user:***@mlflow:5000/#/experiments/2/runs/abc?workflowType=machine_learning")
+
+
+def test_a_generated_run_name_the_experiment_has_is_numbered(mlflow_uri: str, mlflow_store):
+    names = []
+    for distinct in (True, True, True, False):
+        tracker = Tracker(mlflow_uri, "names")
+        names.append(mlflow_store.client.get_run(tracker.start("polish_teacher 10% seed0", distinct=distinct)).info.run_name)
+        tracker.end("FINISHED")
+    tracker = Tracker(mlflow_uri, "names")
+    names.append(mlflow_store.client.get_run(tracker.start("polish_teacher 10% seed0 lr=1", distinct=True)).info.run_name)
+    assert names == ["polish_teacher 10% seed0", "polish_teacher 10% seed0 #2", "polish_teacher 10% seed0 #3",
+                     "polish_teacher 10% seed0", "polish_teacher 10% seed0 lr=1"]
+
+
 def test_a_run_logs_params_metrics_artifacts_and_its_status(tmp_path: Path, mlflow_uri: str, mlflow_store):
     tracker = Tracker(mlflow_uri, "unit")
     run_id = tracker.start("name", {"db": SECRET_URI})
     tracker.log_params({"train.lr": 0.01, "data.train_json": SECRET_URI, "long": "x" * 7000, "none": None})
     tracker.log_metrics({"a": torch.tensor(1.5), "b": np.float32(2.0), "c": 3, "nan": float("nan")}, step=10)
     tracker.log_text(f"uri: {SECRET_URI}\n", "config.yaml")
-    tracker.log_dict({"val/teacher/bbox_AP": 0.5, "pseudo/raw/precision": float("nan"), "n": torch.tensor(3),
+    tracker.log_dict({"val/teacher/bbox_AP": 0.5, "pseudo/precision/raw": float("nan"), "n": torch.tensor(3),
                       "per_class": np.array([0.25, np.nan])}, "final_metrics.json")
     tracker.end("FINISHED")
 
@@ -70,7 +108,7 @@ def test_a_run_logs_params_metrics_artifacts_and_its_status(tmp_path: Path, mlfl
     assert "s3cr3t" not in config and "mlflow:***@db.example.org" in config
     # Strict JSON: an undefined metric is null, not a bare NaN that strict readers reject.
     strict = json.loads(mlflow_store.read_text(run_id, "final_metrics.json"), parse_constant=pytest.fail)
-    assert strict == {"val/teacher/bbox_AP": 0.5, "pseudo/raw/precision": None, "n": 3, "per_class": [0.25, None]}
+    assert strict == {"val/teacher/bbox_AP": 0.5, "pseudo/precision/raw": None, "n": 3, "per_class": [0.25, None]}
 
 
 @pytest.mark.parametrize("status", ["FAILED", "KILLED"])

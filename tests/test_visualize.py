@@ -5,21 +5,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ssod.visualize import TITLE_HEIGHT, pseudo_label_picture
+from ssod.visualize import PANEL_SIZE, TITLE_HEIGHT, panel_scale, pseudo_label_picture
 
 
-def test_the_picture_has_three_panels_each_under_its_title():
+def test_the_picture_has_three_enlarged_panels_each_under_its_title():
     image = torch.zeros(3, 40, 50)
     boxes = torch.tensor([[5.0, 5.0, 30.0, 30.0]])
     picture = pseudo_label_picture(image, boxes, torch.tensor([1]), boxes.new_zeros((0, 4)), torch.zeros(0, dtype=torch.long),
                                    boxes, torch.tensor([2]), ("circle", "square"))
-    assert picture.size == (150, 40 + TITLE_HEIGHT)
+    scale = panel_scale(40, 50)
+    assert scale == 10 and 50 * scale >= PANEL_SIZE  # a small view, enlarged so that its boxes can be read
+    width = 50 * scale
+    assert picture.size == (3 * width, 40 * scale + TITLE_HEIGHT)
     pixels = np.asarray(picture)
     band, panels = pixels[:TITLE_HEIGHT], pixels[TITLE_HEIGHT:]
     for index in range(3):  # every title band holds text (non-white pixels), the empty panel too
-        assert (band[:, index * 50 : (index + 1) * 50] < 200).any(), index
-    assert (panels[:, 50:100] == 0).all()  # no raw pseudo label: the middle panel is the bare image
-    assert panels[:, :50, 1].max() > 0 and panels[:, 100:, 2].max() > 0  # green ground truth, blue polished
+        assert (band[:, index * width : (index + 1) * width] < 200).any(), index
+    assert (panels[:, width : 2 * width] == 0).all()  # no raw pseudo label: the middle panel is the bare image
+    assert panels[:, :width, 1].max() > 0 and panels[:, 2 * width :, 2].max() > 0  # green ground truth, blue polished
+    # The box is drawn where it is, enlarged: its left edge at x = 5 * scale, its inside untouched.
+    assert panels[20 * scale, 5 * scale, 1] > 0 and (panels[10 * scale : 28 * scale, 10 * scale : 28 * scale] == 0).all()
+    assert panel_scale(600, 800) == 1  # a large image stays as it is
 
 
 def test_detections_are_drawn_a_colour_per_class_with_labels_outside_their_boxes():

@@ -101,11 +101,13 @@ def test_a_messy_dataset_trains_with_bad_images_skipped_counted_and_listed(messy
     listed = mlflow_store.read_text(run_id, "bad_images.txt").splitlines()
     assert sorted(line.split(":")[0] for line in listed) == [
         str(messy_dataset["images"] / "missing.jpg"), str(messy_dataset["images"] / "truncated.jpg")]
-    # The two degenerate boxes (outside, zero width) are counted at start, not only dropped.
-    assert mlflow_store.history(run_id, "data/train/degenerate_boxes") == {0: [2.0]}
-    assert mlflow_store.history(run_id, "data/train/clipped_boxes") == {0: [1.0]}  # the one partly outside
-    assert mlflow_store.history(run_id, "data/train/boxes") == {0: [7.0]}
-    assert mlflow_store.history(run_id, "data/eval/boxes") == {0: [4.0]}
+    # The two degenerate boxes (outside, zero width) are counted at start, not only dropped:
+    # params (they do not change), not metrics.
+    params = run_.data.params
+    assert params["data/train/degenerate_boxes"] == "2"
+    assert params["data/train/clipped_boxes"] == "1"  # the one partly outside
+    assert params["data/train/boxes"] == "7" and params["data/eval/boxes"] == "4"
+    assert not [name for name in run_.data.metrics if name.startswith("data/")]
 
 
 def test_a_labeled_set_without_usable_boxes_is_refused_naming_the_file(messy_dataset, make_config, mlflow_store, tmp_path):

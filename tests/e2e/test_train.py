@@ -115,7 +115,7 @@ def test_train_evaluate_checkpoint_resume_and_track(method: str, make_config, ml
     if method == "supervised":
         assert not any(key.startswith(("pseudo/", "polish/", "train/unsup/")) for key in run_.data.metrics)
     else:
-        for key in ("pseudo/raw/num_per_image", "pseudo/raw/recall", "train/unsup/roi_cls"):
+        for key in ("pseudo/num_per_image/raw", "pseudo/recall/raw", "train/unsup/roi_cls"):
             assert mlflow_store.steps(run_id, key) == [1, 2, 3, 4], key
         for step in (2, 3, 4):  # pictures at every evaluation
             assert any(path.startswith(f"pseudo_labels/step_{step:08d}") for path in artifacts), artifacts
@@ -233,7 +233,7 @@ def test_burn_in_then_ramp_on_the_pretrained_model_resumes_like_a_straight_run(m
     assert {step: values[0] for step, values in weight.items()} == pytest.approx(
         {1: 0.0, 2: 0.0, 3: 0.3503 / 2, 4: 0.3503, 5: 0.3503})
     # No unlabeled batch during the burn-in: pseudo-label figures only from step 3 on.
-    assert mlflow_store.steps(run_id, "pseudo/raw/num_per_image") == [3, 4, 5]
+    assert mlflow_store.steps(run_id, "pseudo/num_per_image/raw") == [3, 4, 5]
     assert mlflow_store.steps(run_id, "train/unsup/roi_cls") == [3, 4, 5]
 
     run(make_config(*recipe, "train.iterations=5", f"train.output_dir={tmp_path / 'straight'}",
