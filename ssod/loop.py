@@ -231,8 +231,10 @@ def _evaluate_finished_run(training: Training, loaders: Loaders, tracker: Tracke
     metrics = evaluate_both(training, loaders.val)
     if training.accelerator.is_main_process:
         tracker.log_metrics(metrics, training.state.step)
-        # MLflow's system monitor samples into the same run (system/...): not a training result.
-        final.update({key: value for key, value in tracker.previous_metrics.items() if not key.startswith("system/")})
+        # MLflow's system monitor samples into the same run (system/...), and final/... repeat the
+        # end's APs (logged again below): not training results.
+        final.update({key: value for key, value in tracker.previous_metrics.items()
+                      if not key.startswith(("system/", "final/"))})
         final.update(metrics)
         if on_eval is not None:
             on_eval(training.state.step, metrics)
