@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ssod.training import mixed_precision
+from ssod.session import mixed_precision
 
 
 @pytest.mark.parametrize("launcher, configured, used, warned", [

@@ -424,7 +424,7 @@ ssod.train.main()
 def test_sigkill_during_a_checkpoint_write_then_resume_ends_like_an_uninterrupted_run(
     tiny_args, trainer, make_config, mlflow_store, tmp_path: Path
 ):
-    """Killed while writing checkpoint 4 (keep 1): checkpoint 2 survives, the resume from it
+    """Killed while writing checkpoint 4 (keep 1): checkpoint 3 survives, the resume from it
     logs no step twice, and the final weights equal an uninterrupted run's exactly (CPU)."""
     driver, marker = tmp_path / "driver.py", tmp_path / "writing"
     driver.write_text(HANGING_WRITER)
@@ -438,7 +438,9 @@ def test_sigkill_during_a_checkpoint_write_then_resume_ends_like_an_uninterrupte
     checkpoints = tmp_path / "outputs" / "checkpoints"
     partial = Path(marker.read_text())
     assert partial.parent == checkpoints and partial.name.startswith(".step-00000004.pt.tmp-") and partial.stat().st_size > 0
-    assert [step for step, _ in list_checkpoints(checkpoints)] == [2]  # the old one is kept until a new one is complete
+    # The old one is kept until a new one is complete: step 3's, saved with the evaluation
+    # there (a new best, checkpoints/best.pt), which replaced step 2's (keep 1).
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [3]
     killed = mlflow_store.only_run()
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
     assert mlflow_store.steps(killed.info.run_id, "train/loss") == [1, 2, 3, 4]
