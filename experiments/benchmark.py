@@ -349,7 +349,7 @@ def _histories(args: argparse.Namespace, run_id: str | None) -> dict[str, list[t
         return None
     from mlflow.tracking import MlflowClient
 
-    from ssod.tracking import default_tracking_uri
+    from ssod.mlflow_client import default_tracking_uri
 
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")]
     client = MlflowClient(given[-1] if given else default_tracking_uri(Path.cwd()))

@@ -40,10 +40,11 @@ from ssod.data.sampling import infinite_loader
 from ssod.data.transforms import project_target
 from ssod.inference import detections_to_host, eval_loader, predict
 from ssod.methods import build_method
-from ssod.teaching import SemiSupervisedModel
+from ssod.mlflow_client import default_tracking_uri
 from ssod.run_state import RunState
 from ssod.step import Training, forget_accelerator, to_device, train_step
-from ssod.tracking import Tracker, default_tracking_uri
+from ssod.teaching import SemiSupervisedModel
+from ssod.tracking import Tracker
 
 
 STEPS = (

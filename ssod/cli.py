@@ -18,17 +18,10 @@ from typing import Callable, Optional
 from ssod.checkpoint import CheckpointError
 from ssod.config import ConfigError
 from ssod.data.coco import DatasetError
+from ssod.masking import mask_console, mask_secrets
+from ssod.mlflow_client import TrackingUnreachable, bound_requests, check_reachable, default_tracking_uri
 from ssod.models.efficientnet import WeightsError
-from ssod.tracking import (
-    SPOOL_DIR,
-    TrackingUnreachable,
-    bound_requests,
-    check_reachable,
-    default_tracking_uri,
-    mask_console,
-    mask_secrets,
-    replay_spool,
-)
+from ssod.spool import SPOOL_DIR, replay_spool
 
 
 class MissingDependency(RuntimeError):

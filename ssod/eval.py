@@ -39,14 +39,16 @@ from ssod.build import apply_speed_settings, build_model
 from ssod.checkpoint import checkpoint_file, load_checkpoint
 from ssod.cli import one_line_errors
 from ssod.config import eval_workers
-from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.coco import CategoryMap, load_coco, load_split
+from ssod.data.pipeline import EvalView, resolve_files
 from ssod.data.transforms import EvalTransform
 from ssod.evaluation import read_detections
 from ssod.inference import checkpoint_config, eval_loader, evaluate, load_detector, shard
+from ssod.masking import mask_secrets
+from ssod.mlflow_client import bound_requests, check_reachable, default_tracking_uri
 from ssod.report import CONFUSION_SCORE, build_report, log_report, write_report
-from ssod.tracking import Tracker, bound_requests, check_reachable, default_tracking_uri, mask_secrets, strict_json
 from ssod.step import forget_accelerator
+from ssod.tracking import Tracker, strict_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

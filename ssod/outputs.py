@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssod.checkpoint import checkpoint_file, list_checkpoints
 from ssod.config import flatten
-from ssod.tracking import mask_secrets
+from ssod.masking import mask_secrets
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssod.checkpoint import find_resume_checkpoint, load_checkpoint, load_newest_loadable, refuse_foreign_checkpoints
 from ssod.config import flatten
+from ssod.masking import mask_secrets
+from ssod.mlflow_client import tracking_errors
 from ssod.run_state import RunState
-from ssod.tracking import Tracker, mask_secrets, tracking_errors
+from ssod.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

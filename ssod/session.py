@@ -29,10 +29,13 @@ from ssod.checkpoint import DirectoryLock
 from ssod.data.sampling import shut_down_workers
 from ssod.interrupts import Interrupts
 from ssod.loop import RunResult
+from ssod.masking import mask_secrets
+from ssod.mlflow_client import bound_requests, check_reachable, default_tracking_uri
 from ssod.outputs import HydraJob, place_run, run_name
 from ssod.resume import find_resume
+from ssod.spool import SPOOL_DIR
 from ssod.step import Training, forget_accelerator
-from ssod.tracking import SPOOL_DIR, Tracker, bound_requests, check_reachable, default_tracking_uri, mask_secrets
+from ssod.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ssod.io import write_text_atomic
-from ssod.tracking import Tracker, bound_requests, default_tracking_uri, tracking_errors
+from ssod.mlflow_client import bound_requests, default_tracking_uri, tracking_errors
+from ssod.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -12,29 +12,31 @@ Hydra's run directory or a ``chdir`` can never move it. ``mlflow ui
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import platform
-import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ssod.io import write_json_atomic
+from ssod.masking import mask_secrets
+from ssod.mlflow_client import (
+    artifact_location_for,
+    is_permanent,
+    process_tracking_uri,
+    quiet_mlflow_links,
+    tracking_errors,
+)
 from ssod.mlflow_view import experiment_tags, run_url, runs_url, ui_base
+from ssod.spool import replay_spool, unsent_folder, write_spool
 
 log = logging.getLogger(__name__)
 
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]+)@")
 _PARAM_LIMIT = 6000
 # MLflow keeps run names up to this length.
 _RUN_NAME_LIMIT = 250
@@ -45,8 +47,6 @@ _PENDING_LIMIT = 100_000
 _PAUSE_S = 300.0
 # How long the end of a run waits for MLflow's system metrics monitor to stop.
 _MONITOR_STOP_S = 5
-# Errors where the server refused the values themselves: sending them again cannot work.
-_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE"}
 # The step of the newest checkpoint a training run has saved (see ``Tracker.start``).
 CHECKPOINT_STEP_TAG = "ssod.checkpoint_step"
 
@@ -115,116 +115,6 @@ def strict_json(data: Any, **options) -> str:
         return value
 
     return json.dumps(clean(data), indent=2, allow_nan=False, **options)
-
-
-def mask_secrets(text: str) -> str:
-    """Replace the password of every ``scheme://user:password@host`` in ``text`` by ``***``.
-
-    A password may hold ``/`` (SQLAlchemy accepts it; base64 ones often do), so it runs
-    to the ``@``: a URL with ``host:port/...@`` in its path is masked too (safe side).
-    """
-    return _URI_PASSWORD.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
-
-
-class MaskedStream:
-    """A text stream that masks URL passwords (``mask_secrets``) in everything written to it.
-
-    The console entry points put ``sys.stdout`` and ``sys.stderr`` behind one: ssod prints its
-    MLflow links (MLflow's own "View run ... at" lines are off, see ``quiet_mlflow_links``), Hydra prints the overrides of a failed job and Python
-    the traceback of an error, each of which may carry ``user:password@`` in a URI.
-    """
-
-    def __init__(self, stream) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        self._stream.write(mask_secrets(text))
-        return len(text)
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
-def mask_console() -> None:
-    """Put ``sys.stdout`` / ``sys.stderr`` behind ``MaskedStream`` (once; for console entry points)."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, MaskedStream):
-            setattr(sys, name, MaskedStream(stream))
-
-
-# What one MLflow HTTP call may cost when neither the config nor the environment says:
-# seconds per attempt (connect, then read), retries after the first attempt, and the
-# backoff factor between retries (urllib3 sleeps 0 s before the first retry). MLflow's own
-# defaults (120 s, 7 retries, factor 2) block a call to a dead server for about 4 minutes.
-_REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": 5, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1,
-                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1}
-# The variables as the user set them, read once: a later ``bound_requests`` must not take
-# the values an earlier one set for the user's.
-_USER_REQUEST_SETTINGS = {name: os.environ.get(name) for name in _REQUEST_DEFAULTS}
-
-
-def bound_requests(timeout_s: Optional[int] = None, retries: Optional[int] = None) -> None:
-    """Bound how long an MLflow HTTP call (this process's, its system metrics monitor's too)
-    waits on a tracking server that does not answer: attempts of at most ``timeout_s``
-    seconds each, ``retries`` after the first. A value given here wins; None leaves the
-    user's ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (and
-    ``..._BACKOFF_FACTOR``) when set, else takes ``_REQUEST_DEFAULTS`` (5 s, 1 retry): a
-    failed call then returns within about ``(retries + 1) * timeout_s`` seconds (twice that
-    when both the connection and the answer are slow). MLflow reads them at every call."""
-    given = {"MLFLOW_HTTP_REQUEST_TIMEOUT": timeout_s, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": retries}
-    for name, default in _REQUEST_DEFAULTS.items():
-        value = given.get(name)
-        if value is None:
-            value = _USER_REQUEST_SETTINGS[name] or default
-        os.environ[name] = str(value)
-
-
-class TrackingUnreachable(RuntimeError):
-    """The tracking server does not answer at start."""
-
-
-def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast when ``uri`` is an HTTP(S) tracking server that does not answer.
-
-    MLflow's client would retry for minutes (urllib3 backoff) and then raise a traceback; one
-    connection attempt says the same at once, in one line that names the way out.
-    """
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        raise TrackingUnreachable(
-            f"MLflow tracking server {mask_secrets(uri)} is unreachable ({error.strerror or error}): start it, "
-            "point tracking.uri / MLFLOW_TRACKING_URI at one that runs, or train without tracking "
-            "(tracking.enabled=false); tracking.request_timeout_s and tracking.request_retries (or "
-            "MLFLOW_HTTP_REQUEST_TIMEOUT and MLFLOW_HTTP_REQUEST_MAX_RETRIES) bound how long a call waits during a run"
-        ) from None
-
-
-def quiet_mlflow_links() -> None:
-    """Stop MLflow printing its own "View run ... at" / "View experiment at" lines when a run
-    ends on a tracking server: they lack ``workflowType``, so in a fresh browser they open
-    the GenAI pages. ssod prints its own (``Tracker.links``)."""
-    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-
-
-def default_tracking_uri(project_dir: str | Path) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else an absolute SQLite file in ``project_dir``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path(project_dir).resolve() / 'mlflow.db'}"
-
-
-def artifact_location_for(uri: str) -> Optional[str]:
-    """Artifacts beside a SQLite store (``<dir>/mlartifacts``); the server decides otherwise."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return None
 
 
 class Tracker:
@@ -520,7 +410,7 @@ class Tracker:
                 self.client.log_batch(self.run_id, metrics=chunk)
                 continue
             except tracking_errors() as error:
-                if not _permanent(error):
+                if not is_permanent(error):
                     return metrics[start:], error
             done, error = self._send_each(chunk)
             if error is not None:
@@ -534,7 +424,7 @@ class Tracker:
             try:
                 self.client.log_batch(self.run_id, metrics=[metric])
             except tracking_errors() as error:
-                if not _permanent(error):
+                if not is_permanent(error):
                     return index, error
                 self._warn(f"logging {metric.key} at step {metric.step}", error, "that value dropped")
         return len(chunk), None
@@ -619,7 +509,7 @@ class Tracker:
         try:
             return self.client.get_run(self.run_id).data.tags.get(key)
         except tracking_errors() as error:
-            if not _permanent(error):
+            if not is_permanent(error):
                 self._pause()  # the calls that follow (the tags to set) must not wait on it too
             return None
 
@@ -665,14 +555,14 @@ class Tracker:
             run = self.client.get_run(self.run_id)
             logged = self.client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
                                                      tags={"ssod.run_name": run.info.run_name})
-            with _process_tracking_uri(self.uri):
+            with process_tracking_uri(self.uri):
                 info = mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id,
                                                 step=step, code_paths=code_paths, pip_requirements=requirements,
                                                 serialization_format="pickle", metadata=dict(metadata),
                                                 registered_model_name=registered_name or None)
             return info.model_uri
         except Exception as error:  # noqa: BLE001 - the run has finished; its checkpoint holds the weights
-            if not _permanent(error) and isinstance(error, tracking_errors()):
+            if not is_permanent(error) and isinstance(error, tracking_errors()):
                 self._pause()
             self._warn(f"logging the model {name}", error, "skipped")
             if logged is not None:
@@ -754,7 +644,7 @@ class Tracker:
             call(*args, **kwargs)
             return True
         except tracking_errors() as error:
-            if _permanent(error):
+            if is_permanent(error):
                 self._warn(what, error, "dropped")
                 return None
             self._pause()
@@ -772,107 +662,6 @@ class Tracker:
         log.warning("MLflow: %s failed (%s: %s); training goes on, %s", what, type(error).__name__, mask_secrets(str(error)), outcome)
 
 
-def unsent_folder(spool_dir: Path, run_id: str) -> Path:
-    """Where the texts and images a run could not send are kept (beside ``<run_id>.json``)."""
-    return Path(spool_dir) / run_id
-
-
-def write_spool(spool_dir: Path, run_id: str, metrics: list, tags: Mapping[str, str],
-                files: list[tuple[str, Optional[str]]], status: str) -> Path:
-    """Write what a run could not send to ``<spool_dir>/<run_id>.json`` (merged with an
-    earlier spool of the same run): metric values, tags, artifacts (a local file and the
-    run's folder for it) and the status to end with. No tracking URI is stored (it may hold
-    a password): the replay sends to the store it is given."""
-    path = Path(spool_dir) / f"{run_id}.json"
-    earlier = json.loads(path.read_text()) if path.is_file() else {}
-    artifacts = [list(entry) for entry in earlier.get("artifacts", [])]
-    artifacts += [[local, folder] for local, folder in files if [local, folder] not in artifacts]
-    payload = {"run_id": run_id, "status": status, "tags": {**earlier.get("tags", {}), **dict(tags)},
-               "metrics": earlier.get("metrics", []) + [[m.key, m.value, m.timestamp, m.step] for m in metrics],
-               "artifacts": artifacts}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(payload, path)
-    return path
-
-
-def replay_spool(spool_dir: Path, uri: str) -> tuple[int, int]:
-    """Send every spooled run of ``spool_dir`` to the store at ``uri``: its metric values,
-    artifacts, tags, and its end (the status it ended with). A file is removed once all of
-    it went through, kept otherwise; what went through is taken out of it at once, so a
-    later try sends nothing twice. What the store refuses (a deleted run) or a file that is
-    gone is dropped with a warning. Returns (runs completed, runs left)."""
-    from mlflow.tracking import MlflowClient
-
-    files = sorted(Path(spool_dir).glob("*.json")) if Path(spool_dir).is_dir() else []
-    if not files:
-        return 0, 0
-    quiet_mlflow_links()
-    client = MlflowClient(tracking_uri=uri)
-    done = 0
-    for path in files:
-        payload = json.loads(path.read_text())
-        try:
-            _replay_run(client, path, payload)
-        except tracking_errors() as error:
-            log.warning("MLflow: the spooled run %s (%s) could not be sent (%s: %s); the rest is kept for the next try",
-                        payload["run_id"], path, type(error).__name__, mask_secrets(str(error)))
-            continue
-        path.unlink()
-        shutil.rmtree(unsent_folder(path.parent, payload["run_id"]), ignore_errors=True)
-        done += 1
-    return done, len(files) - done
-
-
-def _replay_run(client, path: Path, payload: dict) -> None:
-    """Send one spooled run (``write_spool``'s payload), rewriting ``path`` after each part."""
-    from mlflow.entities import Metric
-
-    run_id = payload["run_id"]
-    sent = 0
-    while payload["metrics"]:
-        chunk = [Metric(key, value, timestamp, step) for key, value, timestamp, step in payload["metrics"][:500]]
-        try:
-            client.log_batch(run_id, metrics=chunk)
-        except tracking_errors() as error:
-            if not _permanent(error):
-                raise
-            for metric in chunk:  # only the refused values are lost
-                _refused_is_dropped(f"{metric.key} at step {metric.step} of run {run_id}", client.log_batch, run_id,
-                                    metrics=[metric])
-        payload["metrics"] = payload["metrics"][len(chunk):]
-        sent += len(chunk)
-        write_json_atomic(payload, path)
-    artifacts = payload.setdefault("artifacts", [])
-    count = len(artifacts)
-    while artifacts:
-        local, folder = artifacts[0]
-        if Path(local).is_file():
-            _refused_is_dropped(f"artifact {local}", client.log_artifact, run_id, local, folder)
-        else:
-            log.warning("MLflow: the spooled artifact %s of run %s is gone; not sent", local, run_id)
-        artifacts.pop(0)
-        write_json_atomic(payload, path)
-    for key, value in payload["tags"].items():
-        _refused_is_dropped(f"tag {key} of run {run_id}", client.set_tag, run_id, key, value)
-    _refused_is_dropped(f"the end of run {run_id}", client.set_terminated, run_id, status=payload["status"])
-    log.info("MLflow: sent the spooled run %s (%d metric values, %d artifacts, %d tags; ended %s)", run_id, sent,
-             count, len(payload["tags"]), payload["status"])
-
-
-def _refused_is_dropped(what: str, call, *args, **kwargs) -> None:
-    """``call(...)``; what the store refuses (sending it again cannot work) is dropped with a
-    warning, any other error raised (the server is down: try again later)."""
-    try:
-        call(*args, **kwargs)
-    except tracking_errors() as error:
-        if not _permanent(error):
-            raise
-        log.warning("MLflow: %s refused (%s); dropped", what, mask_secrets(str(error)))
-
-
-# A run's spool folder, inside its output folder.
-SPOOL_DIR = "tracking-spool"
-
 
 NOTE_TAG = "mlflow.note.content"
 DESCRIPTION_DIGEST_TAG = "ssod.description_sha1"
@@ -880,37 +669,6 @@ DESCRIPTION_DIGEST_TAG = "ssod.description_sha1"
 
 def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _permanent(error: BaseException) -> bool:
-    return getattr(error, "error_code", None) in _PERMANENT
-
-
-@contextlib.contextmanager
-def _process_tracking_uri(uri: str):
-    """MLflow's process-wide tracking URI set to ``uri`` for a call of MLflow's fluent API,
-    then both it and ``$MLFLOW_TRACKING_URI`` (which ``mlflow.set_tracking_uri`` also sets,
-    and ``default_tracking_uri`` reads) exactly as they were."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    before, variable = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
-        if variable is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = variable
-
-
-def tracking_errors() -> tuple[type[BaseException], ...]:
-    """What an unreachable server or a busy store raises (requests' errors are OSErrors)."""
-    from mlflow.exceptions import MlflowException
-
-    return MlflowException, OSError
 
 
 def _now_ms() -> int:

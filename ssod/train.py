@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 
 from ssod.cli import USER_ERRORS, user_error_status
 from ssod.config import CONF_DIR
-from ssod.tracking import mask_console
 from ssod.loop import TRACKING_INCOMPLETE_STATUS
+from ssod.masking import mask_console
 from ssod.step import TrainingStopped
 from ssod.training import run
 

@@ -36,6 +36,7 @@ from ssod.data.sampling import infinite_loader, shut_down_workers
 from ssod.inference import eval_loader, shard
 from ssod.io import write_json_atomic, write_text_atomic
 from ssod.loop import TRACKING_INCOMPLETE_STATUS, EvalCallback, Loaders, RunResult, evaluate_both, train_loop
+from ssod.masking import mask_secrets
 from ssod.methods import Method, build_method
 from ssod.mlflow_view import FINAL_STUDENT_AP, FINAL_TEACHER_AP
 from ssod.outputs import launch_command, point_latest, run_description, short_params, write_hydra_files
@@ -45,7 +46,7 @@ from ssod.run_state import RunState, optimizer_parameter_names
 from ssod.session import RunSession
 from ssod.step import Training
 from ssod.sweep import sweep_parent_run_id
-from ssod.tracking import Tracker, machine_description, mask_secrets, provenance_tags
+from ssod.tracking import Tracker, machine_description, provenance_tags
 
 __all__ = ["TRACKING_INCOMPLETE_STATUS", "RunResult", "describe_run", "run"]
 

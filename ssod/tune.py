@@ -30,7 +30,8 @@ from typing import Optional
 import optuna
 
 from ssod.cli import user_error_status
-from ssod.tracking import bound_requests, mask_console, mask_secrets
+from ssod.masking import mask_console, mask_secrets
+from ssod.mlflow_client import bound_requests
 from ssod.tuning.burn_in import check_burn_in_space
 from ssod.tuning.child import child_main
 from ssod.tuning.confirm import confirm, markdown

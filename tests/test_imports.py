@@ -13,7 +13,8 @@ ENTRY_POINTS = {"ssod.train", "ssod.eval", "ssod.predict", "ssod.bench", "ssod.t
 LOWER = ("ssod.data", "ssod.models")
 BASE = ("ssod.config", "ssod.io")
 # Infrastructure every layer may use: it knows nothing of data, models, methods or training.
-INFRASTRUCTURE = ("ssod.io", "ssod.config", "ssod.checkpoint", "ssod.tracking", "ssod.mlflow_view", "ssod.interrupts")
+INFRASTRUCTURE = ("ssod.io", "ssod.config", "ssod.checkpoint", "ssod.masking", "ssod.mlflow_client", "ssod.spool",
+                  "ssod.tracking", "ssod.mlflow_view", "ssod.interrupts")
 
 
 def _graph() -> tuple[dict[str, set[str]], list[str]]:

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssod.tracking import CHECKPOINT_STEP_TAG, Tracker, artifact_location_for, default_tracking_uri, mask_secrets
+from ssod.masking import mask_secrets
+from ssod.mlflow_client import artifact_location_for, default_tracking_uri
+from ssod.tracking import CHECKPOINT_STEP_TAG, Tracker
 
 SECRET_URI = "postgresql+psycopg2://mlflow:s3cr3t-Pa55@db.example.org:5432/mlflow"
 
@@ -271,7 +273,7 @@ def _closed_port() -> int:
 def test_an_unreachable_tracking_server_fails_fast_in_one_masked_line(monkeypatch):
     import socket
 
-    from ssod.tracking import TrackingUnreachable, check_reachable
+    from ssod.mlflow_client import TrackingUnreachable, check_reachable
 
     uri = f"http://user:s3cret@127.0.0.1:{_closed_port()}"
     attempts = []
@@ -295,7 +297,7 @@ def test_an_unreachable_tracking_server_fails_fast_in_one_masked_line(monkeypatc
 def test_masked_console_streams_hide_passwords_from_anything_written():
     import io
 
-    from ssod.tracking import MaskedStream
+    from ssod.masking import MaskedStream
 
     sink = io.StringIO()
     stream = MaskedStream(sink)
@@ -400,7 +402,8 @@ def test_tags_texts_pictures_and_files_the_server_never_took_are_spooled_and_sen
     picture) reaches the run when the spool is replayed, as if the server had been there."""
     from mlflow.tracking import MlflowClient
 
-    from ssod.tracking import NOTE_TAG, replay_spool
+    from ssod.spool import replay_spool
+    from ssod.tracking import NOTE_TAG
 
     spool = tmp_path / "out" / "tracking-spool"
     console = tmp_path / "out" / "console.log"
@@ -432,7 +435,7 @@ def test_a_replay_cut_short_sends_nothing_twice(mlflow_uri: str, mlflow_store, m
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from ssod.tracking import replay_spool
+    from ssod.spool import replay_spool
 
     spool = tmp_path / "tracking-spool"
     tracker = Tracker(mlflow_uri, "unit", spool_dir=spool)
@@ -452,7 +455,7 @@ def test_a_replay_cut_short_sends_nothing_twice(mlflow_uri: str, mlflow_store, m
 
 
 def test_mlflow_http_calls_are_bounded_by_the_config_else_the_environment_else_seconds(monkeypatch):
-    import ssod.tracking as tracking
+    import ssod.mlflow_client as tracking
 
     names = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
     for name in names:

@@ -30,7 +30,7 @@ from pathlib import Path
 from ssod.data.check import check_dataset, format_report
 from ssod.data.splits import make_split, scheme_name
 from ssod.data.voc import voc_to_coco
-from ssod.tracking import mask_console
+from ssod.masking import mask_console
 
 
 def _year_split(text: str) -> tuple[str, str]:

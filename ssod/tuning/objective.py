@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from ssod.tracking import mask_secrets
+from ssod.masking import mask_secrets
 from ssod.tuning.child import TrialSpec, accelerate_command, ack_path, completed, read_relay, write_ack
 from ssod.tuning.processes import group_alive, signal_group, terminate_group
 from ssod.tuning.report import mark_trial_run, trial_tags

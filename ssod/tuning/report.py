@@ -23,7 +23,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ssod.config import flatten
-from ssod.tracking import Tracker, mask_secrets
+from ssod.masking import mask_secrets
+from ssod.tracking import Tracker
 from ssod.tuning.settings import StudySetup
 from ssod.tuning.storage import ENQUEUED_ATTR, INTERRUPTED_ATTR, INTERRUPTED_TRIALS, SURPLUS_ATTR
 

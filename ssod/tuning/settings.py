@@ -28,7 +28,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ssod.config import compose
-from ssod.tracking import default_tracking_uri
+from ssod.mlflow_client import default_tracking_uri
 from ssod.tuning.schema import ParamSpec, PrunerSpec, SamplerSpec, TuneConfig
 from ssod.tuning.space import check_space, override
 

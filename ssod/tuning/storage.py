@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ssod.tracking import mask_secrets
+from ssod.masking import mask_secrets
 from ssod.tuning.processes import machine_id, process_alive, start_ticks
 
 log = logging.getLogger(__name__)
