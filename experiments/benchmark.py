@@ -29,12 +29,15 @@ numbers between its markers. Protocol (``--profile`` sets the sizes; every flag 
   setting the ablations pt_no_polish (networks trained, neither used), pt_box_only,
   pt_cls_only. ``--ablation-seeds`` limits them.
 - Each method's own learning rate for the phase after the burn-in, chosen on validation with
-  the same budget for every method: supervised, soft_teacher and polish_teacher each train one
-  arm per ``--lr-grid`` value of ``train.lr_gamma`` (the factor on the burn-in's rate from its
-  end) at the main setting's first seed; the value with the best final validation teacher AP
-  is that method's for every seed and fraction (the oracle and the ablations take
-  polish_teacher's). The selection runs are ordinary arms (the chosen one is that seed's arm);
-  the test AP of the others is never read. ``--lr-grid`` with no value skips the selection.
+  the same budget for every method, by ``ssod-tune``: one study per method
+  (``conf/tune/method_lr.yaml``, a journal storage in ``<outputs>/lr-selection``), every
+  ``--lr-grid`` value of ``train.lr_gamma`` (the factor on the burn-in's rate from its end)
+  enqueued and trained to the end, none pruned, each trial continuing the main setting's
+  first seed's burn-in exactly as an arm does. The value with the best final validation
+  teacher AP is that method's for every seed and fraction (the oracle and the ablations take
+  polish_teacher's). The chosen trial is that seed's arm (its folder, linked: a trial trains
+  exactly what the arm would, bit for bit; tests/e2e/test_benchmark_selection.py); the test AP
+  of the others is never read. ``--lr-grid`` with no value skips the selection.
 - The scored model is the teacher (the EMA detector, the model the paper reports), at the
   run's last step; the primary metric its COCO AP on the test split. Intervals: 95%, from a
   paired bootstrap over seeds and test images (``ssod.bootstrap``), from each run's kept test
@@ -209,6 +212,79 @@ def selection_runs(args: argparse.Namespace) -> list[Run]:
             for method in SELECTED_METHODS for gamma in (args.lr_grid or [])]
 
 
+def arm_overrides(args: argparse.Namespace, run: Run, burn_in: Path) -> list[str]:
+    """What trains ``run``: the arm's settings, continuing ``burn_in`` alike for every arm."""
+    total = args.burn_in + args.iterations
+    mid = args.burn_in + args.iterations // 2
+    return [
+        *common_overrides(args, run.percent, run.seed), *(o.format(mid=mid) for o in ARMS[run.arm]),
+        *([] if run.lr_gamma is None else [f"train.lr_gamma={run.lr_gamma}"]),
+        f"train.init_from={burn_in.resolve()}", "train.init_continue=true",
+        f"train.iterations={total}", f"method.unsup_start={args.burn_in}", f"method.unsup_warmup={args.unsup_warmup}",
+        f"train.eval_every={max(args.iterations // 2, 1)}", f"train.ckpt_every={max(args.iterations // 2, 1)}",
+        *args.overrides,
+    ]
+
+
+def select_with_tuner(plan: Plan, threads: int) -> dict | None:
+    """Each method's phase learning rate, chosen by ``ssod-tune``: one study per method
+    (``conf/tune/method_lr.yaml``: every ``--lr-grid`` value enqueued and trained to the end,
+    none pruned, so every method gets the same budget), its trials continuing the main
+    setting's first seed's burn-in exactly as the arms do. The chosen trial's folder becomes
+    that seed's arm (the trial is the arm: the same overrides). None when a study did not finish."""
+    import optuna
+
+    from ssod.tuning.storage import open_storage
+
+    args = plan.args
+    percent, seed = args.percents[0], args.seeds[0]
+    burn_in = ensure_burn_in(plan, percent, seed, threads * args.jobs)
+    prepare_data(args, [(percent, seed)])
+    folder = Path(args.outputs).resolve() / "lr-selection"
+    journal = f"journal:{folder / 'optuna.journal'}"
+    choices = ", ".join(f"{gamma:g}" for gamma in args.lr_grid)
+    rows, studies = [], {}
+    for method in SELECTED_METHODS:
+        study = f"mb-lr-{method}-{percent:g}pct-s{seed}"
+        base = [o for o in arm_overrides(args, Run(method, percent, seed), burn_in) if not o.startswith("train.lr_gamma=")]
+        command = [sys.executable, "-m", "ssod.tune", "--workers", str(args.jobs), "--gpus", "cpu", "--storage", journal,
+                   "tune=method_lr", f"tune.study_name={study}", f"tune.output_dir={folder}",
+                   f"tune.n_trials={len(args.lr_grid)}",
+                   f"tune.space={{train.lr_gamma: {{type: categorical, choices: [{choices}]}}}}", *base]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        print("$", shlex.join(command), flush=True)
+        started = time.perf_counter()
+        (Path(args.outputs) / "logs").mkdir(parents=True, exist_ok=True)
+        with open(Path(args.outputs) / "logs" / f"{study}.log", "a") as log:
+            status = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"  {study}: exit {status}, {time.perf_counter() - started:.0f} s", flush=True)
+        trials = optuna.load_study(study_name=study, storage=open_storage(journal, None, None, None)).get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        by_gamma = {t.params["train.lr_gamma"]: t for t in trials}
+        if sorted(by_gamma) != sorted(args.lr_grid):
+            return None
+        studies[method] = study
+        for gamma in args.lr_grid:
+            trial = by_gamma[gamma]
+            final = json.loads((Path(trial.user_attrs["output_dir"]) / "final_metrics.json").read_text())
+            rows.append({"method": method, "lr_gamma": gamma, "val_teacher_AP": trial.value, "trial": trial.number,
+                         "output_dir": trial.user_attrs["output_dir"], "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
+                         "machine": final.get("machine"),
+                         "val_curve": [[step, value] for step, value in sorted(trial.intermediate_values.items())]})
+    chosen = choose_lr(rows)
+    for row in rows:  # the chosen trial is its method's arm at this seed
+        arm = plan.output_dir(Run(row["method"], percent, seed, row["lr_gamma"]).name)
+        if chosen.get(row["method"]) == row["lr_gamma"] and not arm.exists():
+            arm.symlink_to(Path(row["output_dir"]), target_is_directory=True)
+    return {"grid": args.lr_grid, "percent": percent, "seed": seed, "metric": "val_teacher_AP", "via": "ssod-tune",
+            "storage": journal, "studies": studies, "runs": rows, "chosen": chosen}
+
+
+def selection_done(selection: dict | None, args: argparse.Namespace) -> bool:
+    """Whether the stored selection is ssod-tune's, over this grid."""
+    return selection is not None and selection.get("grid") == args.lr_grid and selection.get("via") == "ssod-tune"
+
+
 def choose_lr(entries: list[dict]) -> dict[str, float]:
     """Per method, the grid value with the highest final validation teacher AP (a tie: the
     first in the grid)."""
@@ -293,15 +369,7 @@ def ensure_burn_in(plan: Plan, percent: float, seed: int, threads: int) -> Path:
 def run_arm(plan: Plan, run: Run, burn_in: Path, threads: int) -> dict:
     args = plan.args
     total = args.burn_in + args.iterations
-    mid = args.burn_in + args.iterations // 2
-    overrides = [
-        *common_overrides(args, run.percent, run.seed), *(o.format(mid=mid) for o in ARMS[run.arm]),
-        *([] if run.lr_gamma is None else [f"train.lr_gamma={run.lr_gamma}"]),
-        f"train.init_from={burn_in.resolve()}", "train.init_continue=true",
-        f"train.iterations={total}", f"method.unsup_start={args.burn_in}", f"method.unsup_warmup={args.unsup_warmup}",
-        f"train.eval_every={max(args.iterations // 2, 1)}", f"train.ckpt_every={max(args.iterations // 2, 1)}",
-        *args.overrides,
-    ]
+    overrides = arm_overrides(args, run, burn_in)
     try:  # finished before its record was written (the benchmark was stopped in between)
         return record(plan, run, total)
     except LookupError:
@@ -660,19 +728,15 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = Plan(args, plan_runs(args))
         wanted = selection_runs(args)
-        if wanted and (selection is None or selection.get("grid") != args.lr_grid):
-            entries = {}
-            print(f"choosing each method's phase learning rate on validation: train.lr_gamma in {args.lr_grid}, "
-                  f"{len(wanted)} runs", flush=True)
-            run_all(plan, wanted, lambda run, entry: entries.__setitem__(run.name, entry))
-            if len(entries) == len(wanted):
-                rows = [{key: entry.get(key) for key in ("method", "lr_gamma", "val_teacher_AP", "val_curve",
-                                                        "mlflow_run_id", "machine")} for entry in entries.values()]
-                selection = {"grid": args.lr_grid, "percent": wanted[0].percent, "seed": wanted[0].seed,
-                             "metric": "val_teacher_AP", "runs": rows, "chosen": choose_lr(rows)}
+        if wanted and not selection_done(selection, args):
+            print(f"choosing each method's phase learning rate on validation with ssod-tune: train.lr_gamma in "
+                  f"{args.lr_grid}, {len(wanted)} trials", flush=True)
+            made = select_with_tuner(plan, threads)
+            if made is not None:
+                selection = made
                 save_results(json_path, records, summary, selection=selection)
                 print(f"chosen: {selection['chosen']}", flush=True)
-        if wanted and (selection is None or selection.get("grid") != args.lr_grid):
+        if wanted and not selection_done(selection, args):
             print("the learning-rate selection did not finish; no arm runs before it (run the command again):\n  "
                   + "\n  ".join(failed), file=sys.stderr)
             return 1

@@ -82,6 +82,10 @@ class TuneConfig:
     # out takes the trials' base config value, so ``default: {}`` is the recipe as shipped.
     # Enqueued once, when the study is created: the study can only improve on them.
     enqueue: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Also enqueue every combination of the categorical keys' choices (a grid), after the named
+    # ones: with n_trials the grid's size, every value trains once (the method benchmark's
+    # learning-rate choice, conf/tune/method_lr.yaml). The other keys take the base config's value.
+    enqueue_grid: bool = False
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     output_dir: str = "outputs/tune"

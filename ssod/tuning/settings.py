@@ -20,6 +20,8 @@ override fails now, not in trial 1) and resolves every path and URI once.
 
 from __future__ import annotations
 
+import itertools
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +63,18 @@ class StudySetup:
     request_bounds: tuple[Optional[int], Optional[int]] = (None, None)
 
     def enqueued_params(self) -> list[tuple[str, dict[str, Any]]]:
-        """``tune.enqueue`` as (name, full parameter dict) pairs, in order."""
-        return [(name, {key: values.get(key, self.space_defaults.get(key)) for key in self.tune.space})
-                for name, values in self.tune.enqueue.items()]
+        """``tune.enqueue`` as (name, full parameter dict) pairs, in order, then with
+        ``tune.enqueue_grid`` every combination of the categorical choices (named
+        ``key=value,...``)."""
+        named = [(name, {key: values.get(key, self.space_defaults.get(key)) for key in self.tune.space})
+                 for name, values in self.tune.enqueue.items()]
+        if not self.tune.enqueue_grid:
+            return named
+        grid = {key: list(spec.choices) for key, spec in self.tune.space.items() if spec.type == "categorical"}
+        combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        return named + [(",".join(f"{key}={value}" for key, value in combo.items()),
+                         {key: combo.get(key, self.space_defaults.get(key)) for key in self.tune.space})
+                        for combo in combos]
 
 
 def is_tune_override(text: str) -> bool:

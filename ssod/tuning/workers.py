@@ -141,10 +141,10 @@ def open_study(setup: StudySetup, worker_index: int = 0) -> optuna.Study:
 
 
 def enqueue_named(study: optuna.Study, setup: StudySetup) -> None:
-    """``tune.enqueue``, once: into a study that has no trial yet (a worker joining later, or a
-    restart, finds them there). Workers on several machines that create the study in the
+    """``tune.enqueue`` (and ``tune.enqueue_grid``), once: into a study that has no trial yet
+    (a worker joining later, or a restart, finds them there). Workers on several machines that create the study in the
     same second could both enqueue; ``ssod-tune --workers N`` enqueues before it starts them."""
-    if not setup.tune.enqueue or study.get_trials(deepcopy=False):
+    if not (setup.tune.enqueue or setup.tune.enqueue_grid) or study.get_trials(deepcopy=False):
         return
     for name, params in setup.enqueued_params():
         study.enqueue_trial(params, user_attrs={ENQUEUED_ATTR: name}, skip_if_exists=True)
