@@ -39,3 +39,12 @@ def test_space_becomes_overrides_that_compose(project: Project) -> None:
         tune_config({"space": {"method.unsup_weight": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}})
     with pytest.raises(ValueError, match="pruner.name"):
         tune_config({"pruner": {"name": "sometimes"}})
+
+
+def test_enqueue_grid_enqueues_every_choice_after_the_named_configurations(project: Project) -> None:
+    setup = prepare(["tune=method_lr", "tune.space={train.lr_gamma: {type: categorical, choices: [0.5, 2.0]}}",
+                     "+tune.enqueue.mine={train.lr_gamma: 0.7}"], project_dir=project.root)
+    assert setup.enqueued_params() == [("mine", {"train.lr_gamma": 0.7}), ("train.lr_gamma=0.5", {"train.lr_gamma": 0.5}),
+                                       ("train.lr_gamma=2.0", {"train.lr_gamma": 2.0})]
+    assert [name for name, _ in prepare(["tune=method_lr"], project_dir=project.root).enqueued_params()] == [
+        "train.lr_gamma=0.1", "train.lr_gamma=0.3", "train.lr_gamma=1.0"]
