@@ -26,7 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ssod.models.host_waits import indices_where_all
+from ssod.models.rcnn import indices_where_all
 
 BackgroundWeights = Callable[[list[Tensor]], list[Tensor]]
 

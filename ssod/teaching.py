@@ -26,7 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from ssod.data.transforms import map_boxes, project_target
 from ssod.losses import box_outputs, detector_losses
-from ssod.models.host_waits import indices_where_all
+from ssod.models.rcnn import indices_where_all
 from ssod.models.polish import Polisher
 from ssod.models.teacher import PseudoLabels
 

@@ -38,7 +38,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from ssod.config import ModelConfig
 from ssod.models import efficientnet
 from ssod.models.boxes import device_constant
-from ssod.models.host_waits import OneWaitRoIHeads, OneWaitRPN
+from ssod.models.rcnn import OneWaitRoIHeads, OneWaitRPN
 from ssod.models.roi_align import PyramidRoIAlign
 
 WEIGHT_ENUMS = {
@@ -209,7 +209,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> GeneralizedRCNN:
     """Faster R-CNN for ``num_classes`` object classes (plus background, label 0).
 
     torchvision's Faster R-CNN assembled from parts that wait for a GPU less (see
-    ``ssod.models.host_waits``); torchvision's standard IoU thresholds (RPN 0.7/0.3, RoI
+    ``ssod.models.rcnn``); torchvision's standard IoU thresholds (RPN 0.7/0.3, RoI
     0.5) and NMS (RPN 0.7). Parameter names are those of ``FasterRCNN``.
     """
     backbone, anchors = build_backbone(cfg)

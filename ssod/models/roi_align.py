@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torchvision.ops.poolers import _convert_to_roi_format
 
-from ssod.models.host_waits import LevelSortedRoIAlign
+from ssod.models.rcnn import LevelSortedRoIAlign
 
 
 class _WeightedRowSum(torch.autograd.Function):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ssod.models.boxes import jitter_boxes, valid_boxes_mask
-from ssod.models.host_waits import indices_where_all
+from ssod.models.rcnn import indices_where_all
 
 
 def ema_momentum(step: int, max_momentum: float, warmup: int = 0) -> float:

@@ -1,11 +1,12 @@
-"""torchvision's Faster R-CNN parts, rebuilt to make the host wait for the GPU less.
+"""Faster R-CNN's parts (RPN, RoI heads, their sampler and box coder, the RoI pooler) as
+torchvision has them, rebuilt to make the host wait for the GPU less.
 
 A GPU step is fastest when the host queues kernels far ahead of the GPU. Every time the
 host needs a value from the GPU (a count, an index list) or copies a tensor made from
 Python numbers to it, it waits until the GPU has caught up, and the GPU then idles while
 the host queues the next kernels. torchvision's detection code does that hundreds of times
 per semi-supervised step. The classes here do the same work with fewer waits, and give
-torchvision's values (same operations, same random draws; ``tests/models/test_host_waits.py``
+torchvision's values (same operations, same random draws; ``tests/models/test_rcnn.py``
 compares each with torchvision's own):
 
 - ``ConstantWeightsBoxCoder``: box-coder weights made on the device once, not per call.

@@ -1,4 +1,4 @@
-"""ssod.models.host_waits: each part gives torchvision's values, with fewer waits for the GPU."""
+"""ssod.models.rcnn: each part gives torchvision's values, with fewer waits for the GPU."""
 
 import copy
 
@@ -11,7 +11,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from ssod.config import ModelConfig
 from ssod.models.detector import build_detector
-from ssod.models.host_waits import OneWaitRoIHeads, OneWaitRPN, OneWaitSampler
+from ssod.models.rcnn import OneWaitRoIHeads, OneWaitRPN, OneWaitSampler
 
 # CI has no GPU; experiments/gpu_check.sh runs these on one too.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -142,7 +142,7 @@ def test_level_sorted_roi_align_equals_torchvision(dtype, device):
     and gradients as torchvision's MultiScaleRoIAlign, an image without boxes included."""
     from torchvision.ops import MultiScaleRoIAlign
 
-    from ssod.models.host_waits import LevelSortedRoIAlign
+    from ssod.models.rcnn import LevelSortedRoIAlign
 
     torch.manual_seed(0)
     features = {name: torch.randn(2, 4, size, size) for name, size in zip("0123", (176, 88, 44, 22))}
