@@ -61,6 +61,7 @@ def parent_run(setup: StudySetup, reopen: bool = False) -> str:
     if found:
         if reopen:
             tracker.start(f"study-{setup.tune.study_name}", run_id=found[0])
+            _say_where(tracker)
         return found[0]
     own = tracker.start(f"study-{setup.tune.study_name}", tags)
     tracker.log_params(_study_params(setup))
@@ -70,7 +71,14 @@ def parent_run(setup: StudySetup, reopen: bool = False) -> str:
         tracker.set_tags({"optuna.role": "duplicate"})
         tracker.end("KILLED")
         return found[0]
+    _say_where(tracker)
     return own
+
+
+def _say_where(tracker: Tracker) -> None:
+    """The study's parent run in MLflow's UI (its trials nest under it), for the console."""
+    if tracker.run_id:
+        log.info("the study's MLflow run %s; see it: %s", tracker.run_id, tracker.links())
 
 
 def _study_params(setup: StudySetup) -> dict:

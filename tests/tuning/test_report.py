@@ -37,12 +37,13 @@ def test_the_report_names_a_tie_for_best_and_drops_it_once_broken(project: Proje
 
 
 @pytest.mark.slow
-def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> None:
+def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project, caplog) -> None:
     # Left by another study of the same name (another storage, or deleted and made again):
     # trial 0 must not resume it with its own parameters.
     from ssod.checkpoint import save_checkpoint
 
     foreign = save_checkpoint(project.root / "outputs/tune" / STUDY / "trial-0000" / "checkpoints", 2, {"step": 2})
+    caplog.set_level("INFO")
     assert main(project.overrides) == 0
     assert (project.root / "optuna.db").is_file()
     study = project.study(f"sqlite:///{project.root / 'optuna.db'}")
@@ -50,6 +51,11 @@ def test_sqlite_study_completes_with_nested_mlflow_runs(project: Project) -> Non
     check_trial_runs(project, study)
     parent, runs = project.runs()
     assert len(runs) == 3 and parent.info.status == "FINISHED"
+    # The console names the study's run and where to see it, in MLflow's model-training view.
+    (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the study's MLflow run")]
+    assert said.startswith(f"the study's MLflow run {parent.info.run_id}; see it: ")
+    link = said.split("see it: ", 1)[1]
+    assert f"runs/{parent.info.run_id}" in link and "workflowType=machine_learning" in link
     best = max(study.trials, key=lambda t: t.value)
     best_run = {r.data.tags["optuna.trial_number"]: r.info.run_id for r in runs}[str(best.number)]
     assert parent.data.tags["optuna.best_run_id"] == best_run
