@@ -123,7 +123,7 @@ def detector_losses(
         losses["unsup/roi_cls"] = (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
         reg_labels = torch.cat(unsup.reg_labels)
         losses["unsup/roi_reg"] = box_regression_loss(
-            torch.cat(regression[count + 1 :: 2]).float(), reg_labels, torch.cat(unsup.reg_deltas), unsup.reg_samples
+            torch.cat(regression[count + 1 :: 2]).float(), reg_labels, torch.cat(unsup.reg_deltas), unsup.roi_regression_samples
         )
     return losses
 
@@ -138,7 +138,7 @@ class _UnsupervisedSamples:
     reg_proposals: list[Tensor]  # positives only
     reg_labels: list[Tensor]
     reg_deltas: list[Tensor]
-    reg_samples: int  # the size of the whole regression sampling: its loss's normaliser
+    roi_regression_samples: int  # the size of the whole RoI regression sampling: its loss's normaliser
 
 
 def _sample_unsupervised(heads, rpn: _RPNPass, first: int, pseudo_targets: Mapping[str, list[dict]]) -> _UnsupervisedSamples:
