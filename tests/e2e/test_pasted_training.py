@@ -32,9 +32,9 @@ def test_two_iterations_evaluate_on_validation_and_test(make_config, mlflow_stor
     for key in ("val/teacher/bbox_AP", "val/student/bbox_AP", "test/teacher/bbox_AP"):
         assert 0.0 <= metrics[key] <= 1.0 and mlflow_store.steps(run_.info.run_id, key) == [2]
     assert "val/teacher/bbox_AP/person" in run_.data.metrics  # classes under the source's names
-    logged = run_.data.metrics
-    assert (logged["data/train/images"], logged["data/unlabeled/images"]) == (4, 12 + 4)  # the open images too
-    assert (logged["data/eval/images"], logged["data/test/images"]) == (4, 3)
+    counts = run_.data.params  # static dataset counts are params
+    assert (counts["data/train/images"], counts["data/unlabeled/images"]) == ("4", str(12 + 4))  # the open images too
+    assert (counts["data/eval/images"], counts["data/test/images"]) == ("4", "3")
     contexts = {tag.value: entry.dataset.name for entry in run_.inputs.dataset_inputs for tag in entry.tags
                 if tag.key == "mlflow.data.context"}
     assert contexts["unlabeled"] == "pasted/train.1@25-unlabeled+open.json"
