@@ -242,7 +242,7 @@ def select_with_tuner(plan: Plan, threads: int) -> dict | None:
     prepare_data(args, [(percent, seed)])
     folder = Path(args.outputs).resolve() / "lr-selection"
     journal = f"journal:{folder / 'optuna.journal'}"
-    choices = ", ".join(f"{gamma:g}" for gamma in args.lr_grid)
+    choices = ", ".join(repr(float(gamma)) for gamma in args.lr_grid)  # 1.0 stays a float
     rows, studies = [], {}
     for method in SELECTED_METHODS:
         study = f"mb-lr-{method}-{percent:g}pct-s{seed}"
