@@ -238,7 +238,7 @@ def test_a_study_refuses_a_searched_key_the_trials_config_lacks(project: Project
     ("train.no_such_key=1", "Could not override 'train.no_such_key'. To append to your config use +train.no_such_key=1"),
     ("tune.pruner.name=fastest", "fastest"),
     ("train.lr=abc", "Error merging override train.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
-    ("tune=no_such_study", "Could not find 'tune/no_such_study' Available options in 'tune': coco, synthetic, tiny"),
+    ("tune=no_such_study", "Could not find 'tune/no_such_study' Available options in 'tune': coco, method_lr, synthetic, tiny"),
 ])
 def test_a_bad_override_is_one_error_line_and_status_2(project: Project, capsys, bad: str, says: str) -> None:
     assert main(["report", *project.overrides, bad]) == 2
