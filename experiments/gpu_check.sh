@@ -3,7 +3,7 @@
 #   1. ssod-bench at the paper's setting (ResNet-50 FPN, ~1333x800, 1 labeled + 3 unlabeled,
 #      bf16), with and without channels_last, and in float32 (TF32);
 #   2. the tests that run on CUDA when it is there (tests/test_performance.py, tests/test_step.py,
-#      tests/models/test_host_waits.py).
+#      tests/models/test_rcnn.py).
 # Usage, from the repository root:  bash experiments/gpu_check.sh [OUT_DIR]
 # PROFILE=3 adds a torch.profiler table of 3 polish_teacher steps to each bench; ONLY_FIRST=1
 # stops after the first bench and the tests; BENCH_TIMEOUT / TEST_TIMEOUT bound each part.
@@ -52,7 +52,7 @@ bench() {  # bench NAME PRECISION OVERRIDES...
     echo | tee -a "$OUT/bench.md"
 }
 bench bf16 bf16
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_performance.py tests/test_step.py tests/models/test_host_waits.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_performance.py tests/test_step.py tests/models/test_rcnn.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 [ -n "${ONLY_FIRST:-}" ] && exit 0
 bench bf16-channels-last bf16 train.channels_last=true
 bench fp32-tf32 fp32
