@@ -251,13 +251,8 @@ def select_with_tuner(plan: Plan, threads: int) -> dict | None:
                    "tune=method_lr", f"tune.study_name={study}", f"tune.output_dir={folder}",
                    f"tune.n_trials={len(args.lr_grid)}",
                    f"tune.space={{train.lr_gamma: {{type: categorical, choices: [{choices}]}}}}", *base]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        print("$", shlex.join(command), flush=True)
-        started = time.perf_counter()
-        (Path(args.outputs) / "logs").mkdir(parents=True, exist_ok=True)
-        with open(Path(args.outputs) / "logs" / f"{study}.log", "a") as log:
-            status = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        print(f"  {study}: exit {status}, {time.perf_counter() - started:.0f} s", flush=True)
+        status, seconds = run_logged(study, command, threads, Path(args.outputs) / "logs")
+        print(f"  {study}: exit {status}, {seconds:.0f} s", flush=True)
         trials = optuna.load_study(study_name=study, storage=open_storage(journal, None, None, None)).get_trials(
             deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         by_gamma = {t.params["train.lr_gamma"]: t for t in trials}
@@ -324,15 +319,22 @@ def train(name: str, overrides: list[str], output_dir: Path, threads: int, log_d
     resume = ["train.resume=auto"] if (output_dir / "checkpoints").is_dir() else []
     command = [sys.executable, "-m", "ssod.train", *overrides, f"train.run_name={name}",
                f"train.output_dir={output_dir}", *resume]
+    status, seconds = run_logged(name, command, threads, log_dir)
+    if status != 0:
+        raise RuntimeError(f"{name} failed (exit {status}); see {log_dir / f'{name}.log'}")
+    print(f"  {name}: {seconds:.0f} s", flush=True)
+
+
+def run_logged(name: str, command: list[str], threads: int, log_dir: Path) -> tuple[int, float]:
+    """Run ``command`` with ``threads`` threads, its output appended to ``<log_dir>/<name>.log``;
+    returns its exit status and wall seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log_dir.mkdir(parents=True, exist_ok=True)
     print("$", shlex.join(command), flush=True)
     started = time.perf_counter()
     with open(log_dir / f"{name}.log", "a") as log:
         result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {result.returncode}); see {log_dir / f'{name}.log'}")
-    print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return result.returncode, time.perf_counter() - started
 
 
 def prepare_data(args: argparse.Namespace, keys: list[tuple[float, int]]) -> None:
