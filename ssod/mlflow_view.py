@@ -65,4 +65,9 @@ def runs_url(base: str, experiment_id: str) -> str:
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
     """One run's page, model-training view."""
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{WORKFLOW}"
+    return f"{base}/{run_route(experiment_id, run_id)}"
+
+
+def run_route(experiment_id: str, run_id: str) -> str:
+    """One run's page relative to the UI's address (a link inside MLflow, e.g. in a description)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{WORKFLOW}"

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ssod.config import flatten
 from ssod.masking import mask_secrets
+from ssod.mlflow_view import run_route
 from ssod.tracking import Tracker
 from ssod.tuning.settings import StudySetup
 from ssod.tuning.storage import ENQUEUED_ATTR, INTERRUPTED_ATTR, INTERRUPTED_TRIALS, SURPLUS_ATTR
@@ -199,8 +200,8 @@ def describe_study(tracker: Tracker, setup: StudySetup, study: optuna.Study) -> 
     best = best_trial(study)
     if best is not None:
         run_id = trial_run_id(setup, best.number)
-        link = f" ([its run](#/experiments/{tracker.client.get_run(tracker.run_id).info.experiment_id}/runs/{run_id}))" \
-            if run_id else ""
+        experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+        link = f" ([its run]({run_route(experiment_id, run_id)}))" if run_id else ""
         values = ", ".join(f"`{name}={value:.4g}`" if isinstance(value, float) else f"`{name}={value}`"
                            for name, value in best.params.items())
         lines += ["", f"Best: trial {best.number}{link}, `{tune.metric}` {best.value:.4f}, with {values}."]

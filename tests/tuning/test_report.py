@@ -141,7 +141,7 @@ def test_confirm_trains_best_default_and_paper_on_other_seeds_and_bootstraps_the
     assert note.startswith(f"**Optuna study `{STUDY}`**: maximize `val/teacher/bbox_AP` over `")
     (best_run,) = [r for r in trial_runs if r.data.tags["optuna.trial_number"] == str(document["best_trial"])]
     assert (f"Best: trial {document['best_trial']} ([its run](#/experiments/{parent.info.experiment_id}/runs/"
-            f"{best_run.info.run_id})), `val/teacher/bbox_AP` ") in note
+            f"{best_run.info.run_id}?workflowType=machine_learning)), `val/teacher/bbox_AP` ") in note
     assert "\n\nConfirmed on the held-out test split (seeds [1, 2], best = trial" in note
     # Run again: everything is read back, nothing trained anew.
     made = {r["config"]: r["mlflow_run_id"] for r in document["runs"]}
